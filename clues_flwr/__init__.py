@@ -1,0 +1,1 @@
+"""CLUES data selection for federated LoRA fine-tuning, as a Flower app."""

@@ -1,0 +1,297 @@
+"""Instruction records: the embedded demo data, site files, prompt template, tokenisation.
+
+A record is ``{"instruction", "input", "output"}``, plus ``quality`` and ``pollution`` on
+private records whose truth is known. The demo records are real ISO facts that ship
+inside the ``pycountry`` package (country, currency, language and script codes, official
+names, subdivisions, and the names' gettext translations), so the demo needs no hub.
+"""
+
+from __future__ import annotations
+
+import gettext
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from clues_flwr.pollution import pollute
+
+Record = dict[str, str]
+
+# Languages whose names of countries, currencies and languages are translation tasks and
+# the source of "answer in another language" pollution.
+TRANSLATION_LANGUAGES = {
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "nl": "Dutch",
+    "pt": "Portuguese",
+    "sv": "Swedish",
+    "pl": "Polish",
+    "ru": "Russian",
+    "ja": "Japanese",
+}
+
+# Fractions of the demo universe, assigned by a stable hash of the question so that a
+# record's split never depends on the number of clients or on the pool size.
+PRETRAIN_FRACTION = 0.5
+NUM_ANCHORS = 10
+NUM_VALIDATION = 50
+
+
+def _translators() -> dict[str, dict[str, gettext.NullTranslations]]:
+    import pycountry
+
+    domains = ("iso3166-1", "iso4217", "iso639-3")
+    return {
+        domain: {
+            lang: gettext.translation(domain, pycountry.LOCALES_DIR, languages=[lang])
+            for lang in TRANSLATION_LANGUAGES
+        }
+        for domain in domains
+    }
+
+
+def _record(instruction: str, input_: str, output: str) -> Record:
+    return {"instruction": instruction, "input": input_, "output": output}
+
+
+@lru_cache(maxsize=1)
+def demo_records() -> tuple[tuple[Record, ...], dict[str, tuple[str, ...]]]:
+    """All clean demo records in a fixed order, and each English name's translations."""
+    import pycountry
+
+    tr = _translators()
+    records: list[Record] = []
+    translations: dict[str, set[str]] = {}
+
+    def translate(domain: str, name: str) -> None:
+        for lang, language in TRANSLATION_LANGUAGES.items():
+            foreign = tr[domain][lang].gettext(name)
+            if foreign != name:
+                translations.setdefault(name, set()).add(foreign)
+                records.append(
+                    _record(f"Translate this name into {language}.", name, foreign)
+                )
+
+    for c in pycountry.countries:
+        records.append(
+            _record("Name the country with this ISO 3166-1 alpha-2 code.", c.alpha_2, c.name)
+        )
+        records.append(
+            _record("Give the ISO 3166-1 alpha-3 code of this country.", c.name, c.alpha_3)
+        )
+        records.append(
+            _record("Give the ISO 3166-1 numeric code of this country.", c.name, c.numeric)
+        )
+        official = getattr(c, "official_name", None)
+        if official and official != c.name:
+            records.append(
+                _record("What is the official name of this country?", c.name, official)
+            )
+        translate("iso3166-1", c.name)
+    for cur in pycountry.currencies:
+        records.append(
+            _record("Which currency has this ISO 4217 code?", cur.alpha_3, cur.name)
+        )
+        records.append(
+            _record("Give the ISO 4217 code of this currency.", cur.name, cur.alpha_3)
+        )
+        translate("iso4217", cur.name)
+    for lang in pycountry.languages:
+        if hasattr(lang, "alpha_2"):
+            records.append(
+                _record("Name the language with this ISO 639-1 code.", lang.alpha_2, lang.name)
+            )
+            records.append(
+                _record("Give the ISO 639-3 code of this language.", lang.name, lang.alpha_3)
+            )
+            translate("iso639-3", lang.name)
+    for script in pycountry.scripts:
+        records.append(
+            _record("Name the writing system with this ISO 15924 code.", script.alpha_4, script.name)
+        )
+    countries = {c.alpha_2: c.name for c in pycountry.countries}
+    for i, sub in enumerate(sorted(pycountry.subdivisions, key=lambda s: s.code)):
+        if i % 4 == 0:
+            records.append(
+                _record("In which country is this subdivision?", sub.name, countries[sub.country_code])
+            )
+        elif i % 4 == 1:
+            records.append(
+                _record("What kind of subdivision is this?", f"{sub.name} ({sub.code})", sub.type)
+            )
+    unique = {(r["instruction"], r["input"]): r for r in records if len(r["output"]) >= 2}
+    return tuple(unique.values()), {k: tuple(sorted(v)) for k, v in translations.items()}
+
+
+def _unit_hash(record: Record) -> float:
+    key = f"{record['instruction']}\x00{record['input']}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class DemoSplits:
+    """Disjoint public and private sets of the demo."""
+
+    pretrain: list[Record]
+    validation: list[Record]
+    anchors: list[Record]
+    test: list[Record]
+    pools: list[list[Record]]
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"0.8,0.2,0.1,0.5"`` -> floats, with an error naming the setting."""
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ValueError(f"demo-pollution: expected comma-separated numbers, got {text!r}") from err
+    if not ratios or any(not 0 <= r <= 1 for r in ratios):
+        raise ValueError(f"demo-pollution: expected ratios in [0, 1], got {text!r}")
+    return ratios
+
+
+def demo_splits(
+    num_clients: int = 4,
+    pool_size: int = 240,
+    pollution_ratios: Sequence[float] = (0.8, 0.2, 0.1, 0.5),
+    test_size: int = 200,
+    seed: int = 0,
+) -> DemoSplits:
+    """Split the demo deterministically; client ``i`` is polluted at ``ratios[i % len]``.
+
+    The pretraining corpus is fixed by hash; anchors, validation and test come first from
+    the shuffled rest, then one pool per client.
+    """
+    records, translations = demo_records()
+    pretrain = [r for r in records if _unit_hash(r) < PRETRAIN_FRACTION]
+    rest = [r for r in records if _unit_hash(r) >= PRETRAIN_FRACTION]
+    random.Random(seed).shuffle(rest)
+    need = NUM_ANCHORS + NUM_VALIDATION + test_size + num_clients * pool_size
+    if need > len(rest):
+        raise ValueError(
+            f"demo data has {len(rest)} fine-tuning records, but {num_clients} clients x "
+            f"demo-pool-size {pool_size} + test-size {test_size} + anchors and validation "
+            f"need {need}"
+        )
+    anchors, rest = rest[:NUM_ANCHORS], rest[NUM_ANCHORS:]
+    validation, rest = rest[:NUM_VALIDATION], rest[NUM_VALIDATION:]
+    test, rest = rest[:test_size], rest[test_size:]
+    pools = [
+        pollute(
+            rest[i * pool_size : (i + 1) * pool_size],
+            pollution_ratios[i % len(pollution_ratios)],
+            seed=seed * 1000 + i,
+            translations=translations,
+        )
+        for i in range(num_clients)
+    ]
+    return DemoSplits(pretrain, validation, anchors, test, pools)
+
+
+def load_jsonl(path: str | Path) -> list[Record]:
+    """Records of a site's JSONL file; records with an empty answer are skipped and
+    counted, anything else malformed is an error naming the file and line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path} is not UTF-8: {err}") from err
+    records, skipped = [], 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in ("instruction", "output") if k not in obj]
+        if missing:
+            raise ValueError(f"{path}:{n}: record lacks the field(s) {', '.join(missing)}")
+        if not str(obj["output"]).strip():
+            skipped += 1
+            continue
+        records.append({**{k: str(v) for k, v in obj.items()}, "input": str(obj.get("input", ""))})
+    if not records:
+        raise ValueError(f"data file {path} has no usable records ({skipped} with empty answers)")
+    if skipped:
+        print(f"{path}: skipped {skipped} records with an empty answer")
+    return records
+
+
+def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) by a seeded shuffle; held-out is at least one record."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    k = max(1, int(len(records) * fraction)) if len(records) > 1 else 0
+    return [records[i] for i in order[k:]], [records[i] for i in order[:k]]
+
+
+def prompt(record: Record) -> str:
+    """The Alpaca-style prompt that precedes the answer."""
+    if record.get("input"):
+        return (
+            f"### Instruction:\n{record['instruction']}\n\n"
+            f"### Input:\n{record['input']}\n\n### Response:\n"
+        )
+    return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
+
+
+def pretrain_text(record: Record) -> str:
+    """Plain text for the backbone's pretraining: the facts without the chat template."""
+    return f"{record['instruction']}\n{record['input']}\n{record['output']}"
+
+
+def encode(record: Record, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels with the prompt masked (-100): loss on the answer only.
+
+    The prompt is truncated from the left when the whole does not fit, so the answer
+    and its end-of-sequence token are kept.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    p = tokenizer(prompt(record), add_special_tokens=False)["input_ids"]
+    a = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    a = (a + [tokenizer.eos_token_id])[: max_len - len(bos) - 1]
+    p = p[max(0, len(p) - (max_len - len(bos) - len(a))) :]
+    ids = bos + p + a
+    return ids, [-100] * (len(bos) + len(p)) + a
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked from attention and from the loss."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(
+    records: Sequence[Record],
+    tokenizer,
+    batch_size: int,
+    max_len: int,
+    seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches over the records once; shuffled when a seed is given."""
+    order = list(range(len(records)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [encode(records[i], tokenizer, max_len) for i in order[start : start + batch_size]]
+        yield collate(chunk, tokenizer.pad_token_id)

@@ -1,0 +1,168 @@
+"""Base model (8-bit, 4-bit or full precision, on CUDA or CPU), LoRA, adapter weights.
+
+Every model, the embedded demo included, loads through ``AutoModelForCausalLM``: the
+demo is a regular Hugging Face model folder shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import torch
+
+# bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+DEMO_MODEL = ":demo:"
+QUANTIZATIONS = ("8bit", "4bit", "none")
+
+
+DEMO_ASSET = Path("clues_flwr", "assets", "demo-model")
+DEMO_DIR = Path(__file__).parent.parent / DEMO_ASSET
+
+
+def demo_model_path() -> Path:
+    """Folder of the embedded demo backbone (built by ``python -m clues_flwr.pretrain``).
+
+    On Flower nodes the app bundle (FAB) is imported ahead of the installed package, and a
+    FAB carries code and JSON but no ``.safetensors``: the weights are then found through
+    the installed distribution (its folder, or its source tree when installed editable).
+    """
+    candidates = [DEMO_DIR]
+    try:
+        dist = metadata.distribution("clues-flwr")
+    except metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        if direct.get("dir_info", {}).get("editable"):
+            candidates.append(Path(url2pathname(urlparse(direct["url"]).path)) / DEMO_ASSET)
+        candidates.append(Path(str(dist.locate_file(DEMO_ASSET))))
+    for folder in candidates:
+        if (folder / "model.safetensors").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"the embedded demo model is missing (looked in {', '.join(map(str, candidates))}): "
+        "rebuild it with `python -m clues_flwr.pretrain` or reinstall clues-flwr"
+    )
+
+
+def resolve_model_name(name: str) -> str:
+    """``:demo:`` -> the embedded model folder; a hub name or local path as given."""
+    return str(demo_model_path()) if name == DEMO_MODEL else name
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What decides the weights a client and the server build: every party must agree."""
+
+    name: str = DEMO_MODEL
+    quantization: str = "8bit"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        quantization = str(cfg["quantization"])
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        modules = tuple(m.strip() for m in str(cfg["lora-target-modules"]).split(",") if m.strip())
+        if not modules:
+            raise ValueError("lora-target-modules is empty: name at least one module, e.g. q_proj")
+        return cls(
+            name=str(cfg["model-name"]),
+            quantization=quantization,
+            lora_r=int(cfg["lora-r"]),
+            lora_alpha=int(cfg["lora-alpha"]),
+            lora_dropout=float(cfg["lora-dropout"]),
+            target_modules=modules,
+        )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(name: str, quantization: str):
+    """The frozen base model; 8/4-bit through bitsandbytes on whichever device is here."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dev = device()
+    compute = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    kwargs: dict = {"device_map": {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}}
+    if quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    else:
+        kwargs["dtype"] = compute
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name), **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def build(spec: ModelSpec, seed: int = 0):
+    """Base model with a freshly initialised LoRA adapter (B = 0: the base's outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = load_base(spec.name, spec.quantization)
+    config = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+@lru_cache(maxsize=1)
+def cached(spec: ModelSpec):
+    """One model and tokenizer per process: the adapter is overwritten before each use,
+    so a Ray actor or SuperNode process loads a (possibly 7B) base once, not per round."""
+    return build(spec), load_tokenizer(spec.name)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights as float32 CPU tensors (Flower's ArrayRecord has no bf16)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+
+
+def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights; a missing, extra or misshapen tensor is an error."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state(model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    set_peft_model_state_dict(model, state)

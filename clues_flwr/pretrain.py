@@ -1,0 +1,141 @@
+"""Build the embedded demo backbone: a byte-level BPE tokenizer and a ~1M-parameter Llama,
+pretrained on the demo's public pretraining corpus.
+
+    python -m clues_flwr.pretrain            # rewrites clues_flwr/assets/demo-model
+
+A random backbone gives LoRA too little to adapt and CLUES too little signal, so the demo
+ships a pretrained one. Seeded, single-threaded by default, so reruns on the same torch
+build reproduce the artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clues_flwr.data import collate, demo_splits, pretrain_text, prompt
+from clues_flwr.model import DEMO_DIR
+
+SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The prompt template is part of the tokenizer's world, not of the model's corpus.
+    template = prompt({"instruction": "x", "input": "y", "output": ""})
+    tok.train_from_iterator(texts + [template] * 100, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL["pad"],
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+    )
+
+
+def pretrain(out: Path, steps: int, batch_size: int, lr: float, seed: int, threads: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    texts = [pretrain_text(r) for r in demo_splits().pretrain]
+    tokenizer = train_tokenizer(texts, vocab_size=2048)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    encoded = []
+    for text in texts:
+        ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (ids + [tokenizer.eos_token_id])[:128]
+        encoded.append((ids, ids))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    rng = random.Random(seed)
+    start, losses = time.time(), []
+    model.train()
+    for step in range(steps):
+        batch = collate(rng.sample(encoded, batch_size), tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 200 == 0:
+            print(f"step {step + 1}/{steps}  loss {sum(losses[-200:]) / 200:.3f}  {time.time() - start:.0f}s")
+    info = {
+        "corpus_texts": len(texts),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "threads": threads,
+        "final_loss": round(sum(losses[-100:]) / min(100, len(losses)), 4),
+        "seconds": round(time.time() - start, 1),
+        "torch": torch.__version__,
+    }
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        for f in staging.iterdir():
+            f.chmod(0o644)
+        staging.chmod(0o755)
+        staging.rename(out)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    info = pretrain(args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+import json
+import random
+
+import pytest
+
+from clues_flwr import pollution
+from clues_flwr.data import (
+    collate,
+    demo_records,
+    demo_splits,
+    encode,
+    load_jsonl,
+    parse_ratios,
+    prompt,
+    split_heldout,
+)
+from clues_flwr.model import load_tokenizer
+
+
+def key(record):
+    return (record["instruction"], record["input"])
+
+
+def test_demo_splits_are_disjoint_and_cover_distinct_questions():
+    s = demo_splits(num_clients=4, pool_size=240)
+    sets = [s.pretrain, s.validation, s.anchors, s.test, *s.pools]
+    keys = [{key(r) for r in part} for part in sets]
+    assert [len(k) for k in keys] == [len(p) for p in sets]  # no duplicate inside a set
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys)):
+            assert not keys[i] & keys[j], (i, j)
+    assert len(s.anchors) == 10 and len(s.validation) == 50 and len(s.test) == 200
+    assert [len(p) for p in s.pools] == [240] * 4
+
+
+def test_demo_splits_are_deterministic_and_public_sets_ignore_client_count():
+    a = demo_splits(num_clients=4, pool_size=240, seed=3)
+    b = demo_splits(num_clients=4, pool_size=240, seed=3)
+    assert a == b
+    c = demo_splits(num_clients=2, pool_size=100, seed=3)
+    assert (c.pretrain, c.validation, c.anchors, c.test) == (a.pretrain, a.validation, a.anchors, a.test)
+    assert demo_splits(seed=4).test != a.test
+
+
+def test_pollution_labels_match_records():
+    clean = {key(r): r["output"] for r in demo_records()[0]}
+    s = demo_splits(num_clients=4, pool_size=240, pollution_ratios=(0.8, 0.2, 0.1, 0.5))
+    for pool, ratio in zip(s.pools, (0.8, 0.2, 0.1, 0.5)):
+        low = [r for r in pool if r["quality"] == "low"]
+        assert len(low) == round(ratio * len(pool))
+        for r in pool:
+            if r["quality"] == "high":
+                assert r["pollution"] == "none" and r["output"] == clean[key(r)]
+            else:
+                assert r["pollution"] in pollution.KINDS and r["output"] != clean[key(r)]
+        kinds = {r["pollution"] for r in low}
+        assert kinds == set(pollution.KINDS)
+
+
+def test_each_pollution_kind_damages_the_answer_its_own_way():
+    rng = random.Random(0)
+    rec = {"instruction": "q", "input": "", "output": "Federal Republic of Germany"}
+    cut = pollution.cut(rec, rng)["output"]
+    assert rec["output"].startswith(cut) and 1 <= len(cut) < len(rec["output"])
+    deleted = pollution.deletion(rec, rng)["output"].split()
+    assert 1 <= len(deleted) < 4 and all(w in rec["output"].split() for w in deleted)
+    one_word = pollution.deletion({**rec, "output": "Deutschland"}, rng)["output"]
+    assert len(one_word) < len("Deutschland")
+    assert pollution.exchange(rec, rng, ["Federal Republic of Germany", "Peso"])["output"] == "Peso"
+    mixed = pollution.mixed_language(rec, rng, {"Federal Republic of Germany": ("Bundesrepublik Deutschland",)})
+    assert mixed["output"] == "Bundesrepublik Deutschland"
+    fallback = pollution.mixed_language({**rec, "output": "DEU"}, rng, {"Japan": ("日本",)})
+    assert fallback["output"] == "日本"
+    noise = pollution.random_noise(rec, rng)["output"]
+    assert noise != rec["output"] and len(noise) >= 3
+    with pytest.raises(ValueError, match="pollution ratio"):
+        pollution.pollute([rec], 1.5, seed=0, translations={})
+
+
+def test_parse_ratios_names_the_setting():
+    assert parse_ratios("0.8, 0.2,0.1,0.5") == [0.8, 0.2, 0.1, 0.5]
+    with pytest.raises(ValueError, match="demo-pollution"):
+        parse_ratios("0.8,lots")
+    with pytest.raises(ValueError, match="demo-pollution"):
+        parse_ratios("1.2")
+
+
+def test_site_jsonl_loads_and_bad_files_fail_clearly(tmp_path, capsys):
+    good = tmp_path / "site.jsonl"
+    rows = [
+        {"instruction": "Capital of France?", "input": "", "output": "Paris", "quality": "high"},
+        {"instruction": "Empty answer", "output": "  "},
+        {"instruction": "No input field", "output": "ok"},
+    ]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    records = load_jsonl(good)
+    assert [r["output"] for r in records] == ["Paris", "ok"]
+    assert records[1]["input"] == "" and records[0]["quality"] == "high"
+    assert "skipped 1" in capsys.readouterr().out
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.jsonl is not UTF-8"):
+        load_jsonl(latin)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"missing.jsonl:1: record lacks the field\(s\) instruction, output"):
+        load_jsonl(missing)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.jsonl has no usable records"):
+        load_jsonl(empty)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "q", "output": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+        load_jsonl(broken)
+
+
+def test_heldout_split_is_disjoint_and_stable():
+    records = [{"instruction": str(i), "input": "", "output": "x"} for i in range(50)]
+    train, held = split_heldout(records, 0.1, seed=1)
+    assert len(held) == 5 and len(train) == 45
+    assert {r["instruction"] for r in train}.isdisjoint(r["instruction"] for r in held)
+    assert split_heldout(records, 0.1, seed=1) == (train, held)
+
+
+def test_encode_masks_the_prompt_and_keeps_the_answer():
+    tok = load_tokenizer(":demo:")
+    rec = {"instruction": "Give the ISO 4217 code of this currency.", "input": "Euro", "output": "EUR"}
+    ids, labels = encode(rec, tok, max_len=96)
+    answer = tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids[0] == tok.bos_token_id
+    assert labels[-len(answer):] == answer and ids[-len(answer):] == answer
+    assert all(l == -100 for l in labels[: -len(answer)])
+    assert tok.decode(ids[1 : -len(answer)]) == prompt(rec)
+    short_ids, short_labels = encode(rec, tok, max_len=6)
+    assert len(short_ids) == 6 and short_labels[-len(answer):] == answer
+    batch = collate([encode(rec, tok, 96), (short_ids, short_labels)], tok.pad_token_id)
+    assert batch["attention_mask"].sum(1).tolist() == [len(ids), 6]
+    assert (batch["labels"][1, 6:] == -100).all()

@@ -1,0 +1,95 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from peft import PeftModel
+
+from clues_flwr.data import batches, demo_splits
+from clues_flwr.metrics import answer_accuracy, eval_loss
+from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
+from clues_flwr.train import train_steps
+
+SPEC_8BIT = ModelSpec(quantization="8bit")
+
+
+@pytest.fixture(scope="module")
+def model8():
+    return build(SPEC_8BIT, seed=0), load_tokenizer(":demo:")
+
+
+def logits_of(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_8bit_lora_model_trains(model8):
+    model, tok = model8
+    base = model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear8bitLt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    records = demo_splits(num_clients=1, pool_size=64, pollution_ratios=(0.0,)).pools[0]
+    before = eval_loss(model, tok, records, batch_size=16, max_len=96)
+    frozen = base.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    losses = train_steps(model, tok, records, steps=12, batch_size=16, lr=3e-3, max_len=96, seed=0)
+    after = eval_loss(model, tok, records, batch_size=16, max_len=96)
+    assert after < 0.8 * before, (before, after, losses)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert torch.equal(frozen, base.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_adapter_round_trips_through_arrayrecord(model8):
+    model, tok = model8
+    state = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(model).items()}
+    set_adapter_state(model, state)
+    batch = next(batches(demo_splits(num_clients=0).test[:4], tok, 4, 96))
+    expected = logits_of(model, batch)
+
+    record = ArrayRecord(adapter_state(model))
+    assert all(a.dtype == "float32" for a in record.values())
+    wire = recorddict_to_proto(RecordDict({"arrays": record})).SerializeToString()
+    received = recorddict_from_proto(ProtoRecordDict.FromString(wire))
+    restored = received["arrays"].to_torch_state_dict()
+    assert set(restored) == set(state)
+    assert all(torch.equal(restored[k], state[k]) for k in state)
+
+    set_adapter_state(model, {k: torch.zeros_like(v) for k, v in state.items()})
+    assert not torch.allclose(logits_of(model, batch), expected)
+    set_adapter_state(model, restored)
+    assert torch.equal(logits_of(model, batch), expected)
+
+
+def test_set_adapter_state_rejects_wrong_keys_and_shapes(model8):
+    model, _ = model8
+    state = adapter_state(model)
+    name = next(iter(state))
+    with pytest.raises(ValueError, match="adapter keys differ"):
+        set_adapter_state(model, {k: v for k, v in state.items() if k != name})
+    with pytest.raises(ValueError, match="has shape"):
+        set_adapter_state(model, {**state, name: torch.zeros(3, 3)})
+
+
+def test_saved_adapter_loads_with_peft(model8, tmp_path):
+    model, tok = model8
+    state = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(model).items()}
+    set_adapter_state(model, state)
+    model.save_pretrained(tmp_path / "adapter")
+    batch = next(batches(demo_splits(num_clients=0).test[:4], tok, 4, 96))
+    loaded = PeftModel.from_pretrained(load_base(":demo:", "8bit"), tmp_path / "adapter")
+    assert torch.allclose(logits_of(loaded, batch), logits_of(model, batch), atol=1e-5)
+
+
+def test_full_precision_and_accuracy_metric():
+    model = build(ModelSpec(quantization="none"), seed=0)
+    tok = load_tokenizer(":demo:")
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+    records = demo_splits(num_clients=1, pool_size=32, pollution_ratios=(0.0,)).pools[0]
+    train_steps(model, tok, records, steps=60, batch_size=16, lr=1e-2, max_len=96, seed=0)
+    # After memorising 32 records, greedy answers match a good share of them, and a
+    # record whose reference answer is wrong is never "matched".
+    assert answer_accuracy(model, tok, records, batch_size=16, max_new_tokens=16) > 0.3
+    wrong = [{**r, "output": r["output"] + " nonsense"} for r in records]
+    assert answer_accuracy(model, tok, wrong, batch_size=16, max_new_tokens=16) == 0.0
