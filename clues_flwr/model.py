@@ -7,7 +7,7 @@ demo is a regular Hugging Face model folder shipped inside the package.
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -17,8 +17,11 @@ from urllib.request import url2pathname
 
 import torch
 
-# bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16 (always
+# so on CPU): one line per layer per step would drown the run's output.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+)
 
 DEMO_MODEL = ":demo:"
 QUANTIZATIONS = ("8bit", "4bit", "none")
