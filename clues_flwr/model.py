@@ -114,6 +114,11 @@ def load_base(name: str, quantization: str):
     if quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif quantization == "4bit":
+        if dev.type != "cuda":
+            raise ValueError(
+                "quantization=4bit needs a CUDA GPU: bitsandbytes' CPU 4-bit kernels have no "
+                "backward, so LoRA would silently not train; use 8bit or none on CPU"
+            )
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )

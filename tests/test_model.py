@@ -93,3 +93,19 @@ def test_full_precision_and_accuracy_metric():
     assert answer_accuracy(model, tok, records, batch_size=16, max_new_tokens=16) > 0.3
     wrong = [{**r, "output": r["output"] + " nonsense"} for r in records]
     assert answer_accuracy(model, tok, wrong, batch_size=16, max_new_tokens=16) == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal only applies without CUDA")
+def test_4bit_on_cpu_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="4bit needs a CUDA GPU"):
+        load_base(":demo:", "4bit")
+
+
+def test_model_spec_checks_settings():
+    cfg = {"model-name": ":demo:", "quantization": "8bit", "lora-r": 8, "lora-alpha": 16,
+           "lora-dropout": 0.0, "lora-target-modules": "q_proj, v_proj,k_proj"}
+    assert ModelSpec.from_config(cfg).target_modules == ("q_proj", "v_proj", "k_proj")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        ModelSpec.from_config({**cfg, "quantization": "int3"})
+    with pytest.raises(ValueError, match="lora-target-modules is empty"):
+        ModelSpec.from_config({**cfg, "lora-target-modules": " , "})
