@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer = _model_with(msg, context)
     records, _ = local_split(context)
     server_round = int(msg.content["config"]["server-round"])
-    losses = train_steps(
+    losses, _ = train_steps(
         model,
         tokenizer,
         records,

@@ -32,16 +32,18 @@ def train_steps(
     lr: float,
     max_len: int,
     seed: int,
-) -> list[float]:
-    """Run ``steps`` AdamW steps on the trainable (LoRA) parameters; returns the losses.
+    optimizer: torch.optim.AdamW | None = None,
+) -> tuple[list[float], torch.optim.AdamW]:
+    """Run ``steps`` AdamW steps on the trainable (LoRA) parameters.
 
-    A fresh optimizer per call: in federated rounds the moments of a client's previous
-    round belong to a different global model.
+    Returns the losses and the optimizer, whose moments make the trajectory checkpoint.
+    Pass the optimizer back to continue a local trajectory; a federated round starts a
+    fresh one, since the previous round's moments belong to another global model.
     """
     if not records:
         raise ValueError("no training records: the client's data is empty")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = optimizer or torch.optim.AdamW(params, lr=lr)
     data = endless_batches(records, tokenizer, batch_size, max_len, seed)
     model.train()
     losses = []
@@ -51,4 +53,4 @@ def train_steps(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses
+    return losses, opt

@@ -1,0 +1,227 @@
+"""CLUES scores: batched per-sample gradients of the scoring layer, preconditioned like
+AdamW's update, aligned with the validation set along a trajectory.
+
+    Γ(z; θ_t)  per-sample update direction of the scoring layer's LoRA A and B at checkpoint t
+    G_t        Σ_{z' ∈ val} Γ(z'; θ_t), computed once per checkpoint
+    S(z)       Σ_t η_t ⟨G_t, Γ(z; θ_t)⟩
+
+Cost O(T·(|D| + |D_val|)·d): the validation sum is shared by every sample, so there is no
+loop over validation × train pairs. Per-sample gradients come from one forward and one
+backward per padded batch: hooks keep each LoRA matrix's input and output gradient, and one
+einsum per matrix gives every sample's gradient (a Linear layer's weight gradient is the
+sum over positions of output-gradient ⊗ input).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clues_flwr.data import Record, batches
+from clues_flwr.model import set_adapter_state
+from clues_flwr.trajectory import Checkpoint
+from clues_flwr.train import to_device
+
+log = logging.getLogger(__name__)
+
+PRECONDITIONERS = ("adam", "adam-eps-inside", "sgd")
+THRESHOLD_RULES = ("anchor-mean", "anchor-quantile")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How to score. ``paper()`` is the paper's equations 5-8; ``official()`` its code's."""
+
+    layer: int = 0
+    modules: tuple[str, ...] = ("q_proj", "v_proj")
+    precondition: str = "adam"  # adam | adam-eps-inside | sgd
+    bias_correction: bool = True
+    precondition_validation: bool = True  # paper eq. 6; the official code uses raw gradients
+    cosine: bool = True
+    batch_size: int = 16
+    max_len: int = 96
+
+    def __post_init__(self):
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {self.precondition!r}")
+
+    @classmethod
+    def paper(cls, **kw) -> "ScoreConfig":
+        return cls(precondition="adam", bias_correction=True, precondition_validation=True, cosine=False, **kw)
+
+    @classmethod
+    def official(cls, **kw) -> "ScoreConfig":
+        return cls(precondition="adam-eps-inside", bias_correction=False, precondition_validation=False, cosine=False, **kw)
+
+
+def scoring_names(model, layer: int = 0, modules: Sequence[str] = ("q_proj", "v_proj")) -> list[str]:
+    """Names of the LoRA A and B weights of ``modules`` in transformer layer ``layer``.
+
+    ``layers.0.`` is matched with its dots, so layer 0 never picks up layers 10, 11, ...
+    """
+    layer_re = re.compile(rf"(^|\.)layers\.{layer}\.")
+    names = sorted(
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and layer_re.search(n) and any(f".{m}.lora_" in n for m in modules)
+    )
+    if not names:
+        raise ValueError(f"no LoRA weights of {list(modules)} in layer {layer}: is LoRA attached there?")
+    return names
+
+
+@contextmanager
+def capture(model, names: Sequence[str]):
+    """Hooks that keep, per LoRA matrix, its input and the gradient of its output."""
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name.removesuffix(".weight"))
+
+        def hook(mod, args, out, name=name):
+            inputs[name] = args[0].detach()
+            out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield inputs, grads
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each sample's answer tokens (labels != -100): one per row."""
+    labels = labels[:, 1:]
+    token = F.cross_entropy(
+        logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
+        labels.clamp(min=0),
+        reduction="none",
+    )
+    mask = (labels != -100).to(token.dtype)
+    return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def per_sample_grads(model, batch: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """Per-sample gradients of the named LoRA weights, flattened: [batch, d], at least float32.
+
+    One forward and one backward of Σ_b loss_b; sample b's weight gradient is
+    Σ_positions grad_out[b] ⊗ input[b]. Dropout is off (eval mode); padding has zero
+    output gradient and so adds nothing.
+    """
+    model.eval()
+    batch = to_device(batch, model)
+    params = dict(model.named_parameters())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else nullcontext()
+    with capture(model, names) as (inputs, grads), autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = per_sample_loss(logits, batch["labels"]).sum()
+        torch.autograd.grad(loss, [params[n] for n in names])
+    out = []
+    for name in names:
+        dtype = torch.promote_types(grads[name].dtype, torch.float32)
+        g, a = grads[name].to(dtype), inputs[name].to(dtype)
+        out.append(torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], -1))
+    return torch.cat(out, dim=1)
+
+
+def flat(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([tensors[n].reshape(-1).float() for n in names])
+
+
+def precondition(g: torch.Tensor, ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig) -> torch.Tensor:
+    """Γ: the AdamW update direction a single sample's gradient ``g`` [B, d] would cause
+    from the checkpoint's moments (paper eqs. 5-8), or ``g`` itself for ``sgd``."""
+    if cfg.precondition == "sgd":
+        return g
+    b1, b2 = ckpt.betas
+    m = b1 * flat(ckpt.exp_avg, names).to(g) + (1 - b1) * g
+    v = b2 * flat(ckpt.exp_avg_sq, names).to(g) + (1 - b2) * g * g
+    if cfg.bias_correction:
+        t = ckpt.step + 1
+        m, v = m / (1 - b1**t), v / (1 - b2**t)
+    if cfg.precondition == "adam":
+        return m / (v.sqrt() + ckpt.eps)
+    return m / (v + ckpt.eps).sqrt()
+
+
+def gammas(
+    model, tokenizer, records: Sequence[Record], ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig, raw: bool = False
+) -> torch.Tensor:
+    """Γ(z; θ_t) of every record, [N, d]; ``raw`` skips preconditioning."""
+    set_adapter_state(model, ckpt.adapter)
+    rows = []
+    for batch in batches(records, tokenizer, cfg.batch_size, cfg.max_len):
+        g = per_sample_grads(model, batch, names)
+        rows.append(g if raw else precondition(g, ckpt, names, cfg))
+    out = torch.cat(rows)
+    return F.normalize(out, dim=1) if cfg.cosine else out
+
+
+def validation_sums(
+    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
+) -> list[torch.Tensor]:
+    """G_t = Σ_{z' ∈ val} Γ(z'; θ_t) for each checkpoint, once: clients need only these."""
+    names = scoring_names(model, cfg.layer, cfg.modules)
+    raw = not cfg.precondition_validation
+    return [gammas(model, tokenizer, validation, c, names, cfg, raw=raw).sum(0) for c in trajectory]
+
+
+def scores(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    trajectory: Sequence[Checkpoint],
+    val_sums: Sequence[torch.Tensor],
+    cfg: ScoreConfig,
+) -> torch.Tensor:
+    """S(z) = Σ_t η_t ⟨G_t, Γ(z; θ_t)⟩ for every record, [N] in float64."""
+    if len(trajectory) != len(val_sums):
+        raise ValueError(f"{len(trajectory)} checkpoints but {len(val_sums)} validation sums")
+    names = scoring_names(model, cfg.layer, cfg.modules)
+    total = torch.zeros(len(records), dtype=torch.float64)
+    for ckpt, g_val in zip(trajectory, val_sums):
+        gamma = gammas(model, tokenizer, records, ckpt, names, cfg)
+        total += ckpt.lr * (gamma.double() @ g_val.double().to(gamma.device)).cpu()
+    return total
+
+
+def threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str = "anchor-mean", recall: float = 0.9) -> float:
+    """The global threshold τ from the anchors' scores.
+
+    ``anchor-mean`` (the paper): τ = mean anchor score. Anchors drawn like clean data sit
+    around the middle of the clean scores, so about half of the clean data falls below.
+
+    ``anchor-quantile``: τ = the k-th smallest of the n anchor scores, k = ⌊(1 − r)(n + 1)⌋.
+    If anchors and clean samples are exchangeable, a clean sample ranks below the k-th
+    anchor with probability k/(n + 1), so it is kept with probability ≥ 1 − k/(n + 1) ≥ r.
+    When k < 1 (n < 1/(1 − r) − 1: too few anchors for the asked recall) no anchor gives
+    that guarantee; τ falls back to the smallest anchor score, which guarantees only
+    1 − 1/(n + 1), and a warning says so.
+    """
+    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+    if s.numel() == 0:
+        raise ValueError("no anchor scores: the threshold needs at least one anchor")
+    if rule == "anchor-mean":
+        return float(s.mean())
+    if rule != "anchor-quantile":
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    if not 0 < recall < 1:
+        raise ValueError(f"target recall must be in (0, 1), got {recall}")
+    n = s.numel()
+    k = math.floor((1 - recall) * (n + 1) + 1e-9)  # 1e-9: (1 - 0.9) * 20 is 1.99999...
+    if k < 1:
+        log.warning(
+            "anchor-quantile: %d anchors cannot guarantee recall %.2f; using the smallest anchor "
+            "score (guarantee %.3f)", n, recall, 1 - 1 / (n + 1),
+        )
+        k = 1
+    return float(s.sort().values[k - 1])
