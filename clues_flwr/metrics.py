@@ -63,3 +63,45 @@ def answer_accuracy(
             text = tokenizer.decode(generated, skip_special_tokens=True)
             hits += normalise(text) == normalise(record["output"])
     return hits / max(len(records), 1)
+
+
+def confusion(kept: Sequence[bool], clean: Sequence[bool]) -> dict[str, int]:
+    """Selection counts with positive = clean: what a client may share about its labels."""
+    pairs = list(zip(kept, clean, strict=True))
+    return {
+        "tp": sum(k and c for k, c in pairs),
+        "fp": sum(k and not c for k, c in pairs),
+        "fn": sum(c and not k for k, c in pairs),
+        "tn": sum(not k and not c for k, c in pairs),
+    }
+
+
+def selection_scores(counts: dict[str, int]) -> dict[str, float]:
+    """Precision, recall, F1 and accuracy (in %) from confusion counts, which add up
+    across clients, so the server can report the federation without per-sample data."""
+    tp, fp, fn, tn = (counts[k] for k in ("tp", "fp", "fn", "tn"))
+    precision = 100 * tp / (tp + fp) if tp + fp else 0.0
+    recall = 100 * tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    accuracy = 100 * (tp + tn) / max(tp + fp + fn + tn, 1)
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos = [s for s, p in zip(scores, positive, strict=True) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return float("nan")
+    ranked = sorted((s, i) for i, s in enumerate(list(pos) + list(neg)))
+    ranks = [0.0] * len(ranked)
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[ranked[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(ranks[: len(pos)])
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))

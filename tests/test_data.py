@@ -140,3 +140,23 @@ def test_encode_masks_the_prompt_and_keeps_the_answer():
     batch = collate([encode(rec, tok, 96), (short_ids, short_labels)], tok.pad_token_id)
     assert batch["attention_mask"].sum(1).tolist() == [len(ids), 6]
     assert (batch["labels"][1, 6:] == -100).all()
+
+
+def test_selection_metrics_and_auroc_against_hand_counts():
+    from clues_flwr.metrics import auroc, confusion, selection_scores
+
+    kept = [True, True, False, False, True]
+    clean = [True, False, True, False, True]
+    c = confusion(kept, clean)
+    assert c == {"tp": 2, "fp": 1, "fn": 1, "tn": 1}
+    m = selection_scores(c)
+    assert m["precision"] == pytest.approx(200 / 3) and m["recall"] == pytest.approx(200 / 3)
+    assert m["f1"] == pytest.approx(200 / 3) and m["accuracy"] == pytest.approx(60.0)
+    assert auroc([3, 2, 1], [True, False, False]) == 1.0
+    assert auroc([1, 2, 3], [True, False, False]) == 0.0
+    assert auroc([1, 1, 2, 0], [True, False, True, False]) == pytest.approx(0.875)  # one tie
+    rng = random.Random(0)
+    s = [rng.random() for _ in range(300)]
+    lab = [rng.random() < 0.4 for _ in range(300)]
+    pairs = [(a > b) + 0.5 * (a == b) for a, la in zip(s, lab) if la for b, lb in zip(s, lab) if not lb]
+    assert auroc(s, lab) == pytest.approx(sum(pairs) / len(pairs))

@@ -109,3 +109,13 @@ def test_model_spec_checks_settings():
         ModelSpec.from_config({**cfg, "quantization": "int3"})
     with pytest.raises(ValueError, match="lora-target-modules is empty"):
         ModelSpec.from_config({**cfg, "lora-target-modules": " , "})
+
+
+def test_fedavg_weights_by_examples():
+    from clues_flwr.aggregation import fedavg
+
+    a = {"w": torch.tensor([1.0, 2.0])}
+    b = {"w": torch.tensor([4.0, -1.0])}
+    assert torch.allclose(fedavg([a, b], [1, 3])["w"], torch.tensor([3.25, -0.25]))
+    with pytest.raises(ValueError, match="sum to zero"):
+        fedavg([a, b], [0, 0])
