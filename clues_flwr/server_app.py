@@ -75,13 +75,16 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=min_nodes,
         min_available_nodes=min_nodes,
     )
+    initial = ArrayRecord(adapter_state(model))
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(adapter_state(model)),
+        initial_arrays=initial,
         num_rounds=int(run["num-server-rounds"]),
         evaluate_fn=central_evaluate,
     )
-    set_adapter_state(model, result.arrays.to_torch_state_dict())
+    if not result.arrays:
+        print("[clues] no round produced an aggregate: the run folder keeps the initial adapter", flush=True)
+    set_adapter_state(model, (result.arrays or initial).to_torch_state_dict())
     rounds = per_round(result)
     run_dir = write_run(Path(str(run["output-dir"])).expanduser().resolve(), context.run_id, model, run, rounds)
     print("[clues] per-round metrics:", flush=True)
