@@ -110,14 +110,24 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def dropout_off(model) -> None:
+    """Training mode with every dropout off: in eval mode bitsandbytes' 8-bit layers take
+    an int8 inference kernel on CPU that is slower and depends on the other rows of the
+    batch, while the gradients worth scoring are the ones training computes."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+
+
 def per_sample_grads(model, batch: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Per-sample gradients of the named LoRA weights, flattened: [batch, d], at least float32.
 
     One forward and one backward of Σ_b loss_b; sample b's weight gradient is
-    Σ_positions grad_out[b] ⊗ input[b]. Dropout is off (eval mode); padding has zero
-    output gradient and so adds nothing.
+    Σ_positions grad_out[b] ⊗ input[b]. Dropout is off; padding has zero output gradient
+    and so adds nothing.
     """
-    model.eval()
+    dropout_off(model)
     batch = to_device(batch, model)
     params = dict(model.named_parameters())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else nullcontext()

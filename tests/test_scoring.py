@@ -11,6 +11,7 @@ from clues_flwr.data import batches, collate, demo_splits
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 from clues_flwr.scoring import (
     ScoreConfig,
+    dropout_off,
     gammas,
     per_sample_grads,
     per_sample_loss,
@@ -53,7 +54,7 @@ def random_batch(vocab, lengths, seed):
 
 def loop_grads(model, batch, names):
     """Reference: one sample at a time, unpadded, autograd on the loss of that sample."""
-    model.eval()
+    dropout_off(model)
     params = dict(model.named_parameters())
     out = []
     for b in range(batch["input_ids"].shape[0]):
@@ -100,27 +101,12 @@ def test_per_sample_grads_on_the_8bit_base_match_a_loop():
     tok = load_tokenizer(":demo:")
     batch = next(batches(demo_splits(num_clients=0).test[:6], tok, 6, 96))
     names = scoring_names(model)
-    params = dict(model.named_parameters())
-    batched = per_sample_grads(model, batch, names)
-
-    # The decomposition itself: sample b's loss backpropagated alone through the same
-    # padded batch gives the same numbers.
-    same_batch = []
-    for b in range(6):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        grads = torch.autograd.grad(per_sample_loss(logits, batch["labels"])[b], [params[k] for k in names])
-        same_batch.append(torch.cat([g.reshape(-1) for g in grads]))
-    assert rel_err(batched, torch.stack(same_batch)) <= 1e-6
-
-    # Against one unpadded sample at a time the int8 kernels see other rows (bitsandbytes
-    # picks outlier columns over the whole batch), so the numbers move by about the int8
-    # rounding: measured 2.4% relative, cosine >= 0.9995 (the 8-bit base itself differs
-    # from the fp32 base by 4.7%). Scores use directions, so bound the cosine tightly.
-    loop = loop_grads(model, batch, names)
-    err = rel_err(batched, loop)
-    cos = torch.nn.functional.cosine_similarity(batched.double(), loop, dim=1)
-    print(f"8-bit base vs single-sample loop: relative error {err:.2e}, min cosine {cos.min():.5f}")
-    assert err <= 0.05 and cos.min() >= 0.999
+    err = rel_err(per_sample_grads(model, batch, names), loop_grads(model, batch, names))
+    print(f"8-bit base vs single-sample loop: relative error {err:.2e}")
+    # float32 on both sides; what is left is float32 reduction order over padded vs
+    # unpadded rows (measured 1.5e-6). In eval mode bitsandbytes' CPU int8 kernel would
+    # make this 2.4%, since it depends on the other rows of the batch: see dropout_off.
+    assert err <= 1e-5
 
 
 def make_trajectory(model, names_all, seeds, lrs):
