@@ -163,17 +163,26 @@ def precondition(g: torch.Tensor, ckpt: Checkpoint, names: Sequence[str], cfg: S
     return m / (v + ckpt.eps).sqrt()
 
 
+def gamma_from_grads(
+    g: torch.Tensor, ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig, raw: bool = False
+) -> torch.Tensor:
+    """Γ from per-sample gradients [B, d]: preconditioned unless ``raw``, then unit rows if
+    ``cfg.cosine``. Lets drivers cache raw gradients once and score many variants."""
+    out = g if raw else precondition(g, ckpt, names, cfg)
+    return F.normalize(out, dim=1) if cfg.cosine else out
+
+
 def gammas(
     model, tokenizer, records: Sequence[Record], ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig, raw: bool = False
 ) -> torch.Tensor:
     """Γ(z; θ_t) of every record, [N, d]; ``raw`` skips preconditioning."""
     set_adapter_state(model, ckpt.adapter)
-    rows = []
-    for batch in batches(records, tokenizer, cfg.batch_size, cfg.max_len):
-        g = per_sample_grads(model, batch, names)
-        rows.append(g if raw else precondition(g, ckpt, names, cfg))
-    out = torch.cat(rows)
-    return F.normalize(out, dim=1) if cfg.cosine else out
+    return torch.cat(
+        [
+            gamma_from_grads(per_sample_grads(model, batch, names), ckpt, names, cfg, raw)
+            for batch in batches(records, tokenizer, cfg.batch_size, cfg.max_len)
+        ]
+    )
 
 
 def validation_sums(

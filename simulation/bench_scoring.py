@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.model import ModelSpec, adapter_state, build, device, load_base, load_tokenizer, set_adapter_state
-from clues_flwr.scoring import ScoreConfig, per_sample_grads, precondition, scores, scoring_names, validation_sums
+from clues_flwr.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scores, scoring_names, validation_sums
 from clues_flwr.train import train_steps
 from clues_flwr.trajectory import Checkpoint
 
@@ -184,8 +183,7 @@ def gamma_one(model, tok, record, ckpt, names, cfg, raw=False) -> torch.Tensor:
     """Γ(z; θ_t) of one record from a batch of one, as a per-sample loop computes it;
     the adapter of ``ckpt`` must already be loaded."""
     g = per_sample_grads(model, next(batches([record], tok, 1, cfg.max_len)), names)
-    g = g if raw else precondition(g, ckpt, names, cfg)
-    return (F.normalize(g, dim=1) if cfg.cosine else g)[0].double()
+    return gamma_from_grads(g, ckpt, names, cfg, raw)[0].double()
 
 
 def official(model, tok, train, val, traj, cfg):

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from clues_flwr.aggregation import fedavg
 from clues_flwr.data import demo_splits, parse_ratios
 from clues_flwr.metrics import auroc, confusion, selection_scores
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer, set_adapter_state
-from clues_flwr.scoring import ScoreConfig, gammas, precondition, scoring_names, threshold
+from clues_flwr.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names, threshold
 from clues_flwr.train import train_steps
 from clues_flwr.trajectory import Checkpoint, moments
 
@@ -72,13 +71,10 @@ def variant_scores(raw, trajectory, names, cfg):
     total = {k: 0.0 for k in raw[0] if k != "validation"}
     for ckpt, grads in zip(trajectory, raw):
 
-        def gamma(g, pre=True):
-            out = precondition(g, ckpt, names, cfg) if pre else g
-            return F.normalize(out, dim=1) if cfg.cosine else out
-
-        g_val = gamma(grads["validation"], cfg.precondition_validation).sum(0).double()
+        raw_val = not cfg.precondition_validation
+        g_val = gamma_from_grads(grads["validation"], ckpt, names, cfg, raw_val).sum(0).double()
         for key in total:
-            total[key] = total[key] + ckpt.lr * (gamma(grads[key]).double() @ g_val)
+            total[key] = total[key] + ckpt.lr * (gamma_from_grads(grads[key], ckpt, names, cfg).double() @ g_val)
     return total
 
 

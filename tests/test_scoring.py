@@ -12,7 +12,6 @@ from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 from clues_flwr.scoring import (
     ScoreConfig,
     dropout_off,
-    gammas,
     per_sample_grads,
     per_sample_loss,
     precondition,
