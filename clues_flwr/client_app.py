@@ -1,16 +1,158 @@
-"""ClientApp: local LoRA training and held-out evaluation on a site's own records."""
+"""ClientApp: the client side of CLUES on a site's own records.
+
+``CluesClient`` holds the CLUES handlers (trace and tune training, the score query) for
+any ClientApp: a project gives it a function that returns the site's model, tokenizer and
+records, and registers it. This app does that for the demo and for site files, and adds
+held-out evaluation.
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clues_flwr.data import Record, demo_splits, load_jsonl, parse_ratios, split_heldout
-from clues_flwr.metrics import eval_loss
+from clues_flwr.messages import (
+    MOMENTS_KEY,
+    SCORE_CONFIG_KEY,
+    moments_record,
+    score_config_from,
+    trajectory_from,
+    trajectory_records,
+)
+from clues_flwr.metrics import confusion, eval_loss, histogram
 from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
+from clues_flwr.scoring import scores, scoring_names
 from clues_flwr.train import train_steps
+from clues_flwr.trajectory import checkpoint, moments
 
-app = ClientApp()
+SELECTION_KEY = "clues-selection"
+
+
+@dataclass
+class Site:
+    """What CLUES needs of a site: a PEFT model, its tokenizer, the records to select from."""
+
+    model: Any
+    tokenizer: Any
+    records: list[Record]
+
+
+def selected(records: list[Record], selection: str, context: Context) -> list[Record]:
+    """The records a tuning round trains on: all (``none``), the clean ones by label
+    (``oracle``, benchmarks only) or those that passed τ in the score phase (``clues``)."""
+    if selection == "none":
+        return records
+    if selection == "oracle":
+        if any("quality" not in r for r in records):
+            raise ValueError("selection 'oracle' needs a quality label on every record")
+        return [r for r in records if r["quality"] == "high"]
+    if selection != "clues":
+        raise ValueError(f"unknown selection {selection!r}: expected none, clues or oracle")
+    if SELECTION_KEY not in context.state:
+        raise RuntimeError("no CLUES selection on this node: it did not take part in the score phase")
+    keep = context.state[SELECTION_KEY]["keep"].numpy()
+    if len(keep) != len(records):
+        raise RuntimeError(f"the stored selection covers {len(keep)} records but the site now has {len(records)}")
+    return [r for r, k in zip(records, keep) if k]
+
+
+class CluesClient:
+    """CLUES handlers for a ClientApp; ``site(context)`` gives the model, tokenizer, records.
+
+    The hyperparameters come in each message's config, so a project needs no run-config
+    keys of its own. The selection stays on the node (``context.state``); only counts leave.
+    """
+
+    def __init__(self, site: Callable[[Context], Site]):
+        self.site = site
+
+    def register(self, app: ClientApp) -> None:
+        app.train()(self.train)
+        app.query("score")(self.score)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        cfg = msg.content["config"]
+        site = self.site(context)
+        set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
+        phase = str(cfg["phase"])
+        if phase == "trace":
+            return self._trace(msg, cfg, site)
+        if phase == "trace-local":
+            return self._trace_local(msg, cfg, site)
+        if phase != "tune":
+            raise ValueError(f"unknown phase {phase!r} in the train config")
+        records = selected(site.records, str(cfg["selection"]), context)
+        loss = 0.0  # a site with nothing selected trains nothing and takes no weight
+        if records:
+            epochs = int(cfg.get("local-epochs", 0))
+            steps = math.ceil(epochs * len(records) / int(cfg["batch-size"])) if epochs else int(cfg["local-steps"])
+            losses, _ = self._steps(site, records, cfg, steps)
+            loss = sum(losses) / len(losses)
+        return _reply(msg, site, {"train-loss": loss, "num-examples": len(records), "adam-step": 0})
+
+    def _steps(self, site: Site, records: list[Record], cfg: ConfigRecord, steps: int, optimizer=None):
+        seed = int(cfg["seed"]) + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0)
+        return train_steps(
+            site.model,
+            site.tokenizer,
+            records,
+            steps=steps,
+            batch_size=int(cfg["batch-size"]),
+            lr=float(cfg["lr"]),
+            max_len=int(cfg["max-seq-len"]),
+            seed=seed,
+            optimizer=optimizer,
+        )
+
+    def _trace(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
+        """One federated trace round; the scoring layer's moments go back for averaging."""
+        names = scoring_names(site.model, int(cfg["score-layer"]), tuple(cfg["score-modules"]))
+        losses, opt = self._steps(site, site.records, cfg, int(cfg["local-steps"]))
+        m, v, step = moments(site.model, opt, names)
+        metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": step}
+        reply = _reply(msg, site, metrics)
+        reply.content[MOMENTS_KEY] = moments_record(m, v)
+        return reply
+
+    def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
+        """Merge mode: a local trajectory of ``trace-rounds`` checkpoints, one optimizer."""
+        names = scoring_names(site.model, int(cfg["score-layer"]), tuple(cfg["score-modules"]))
+        trajectory, losses, opt = [], [], None
+        for t in range(1, int(cfg["trace-rounds"]) + 1):
+            chunk, opt = self._steps(site, site.records, cfg, int(cfg["local-steps"]), optimizer=opt)
+            losses += chunk
+            trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=t))
+        metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": trajectory[-1].step}
+        reply = _reply(msg, site, metrics)
+        for key, record in trajectory_records(trajectory).items():
+            reply.content[key] = record
+        return reply
+
+    def score(self, msg: Message, context: Context) -> Message:
+        """Score every record on the server's trajectory, keep S(z) ≥ τ, reply with counts."""
+        content = msg.content
+        cfg = content["config"]
+        site = self.site(context)
+        trajectory, val_sums = trajectory_from(content)
+        s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score_config_from(content[SCORE_CONFIG_KEY]))
+        keep = (s >= float(cfg["threshold"])).tolist()
+        context.state[SELECTION_KEY] = ArrayRecord({"keep": torch.tensor(keep, dtype=torch.int8)})
+        metrics = {"kept": sum(keep), "total": len(keep), "histogram": histogram(s.tolist(), list(cfg["histogram-edges"]))}
+        if site.records and all("quality" in r for r in site.records):
+            metrics.update(confusion(keep, [r["quality"] == "high" for r in site.records]))
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _reply(msg: Message, site: Site, metrics: dict) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(adapter_state(site.model)), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
 
 
 def site_records(context: Context) -> list[Record]:
@@ -40,37 +182,20 @@ def local_split(context: Context) -> tuple[list[Record], list[Record]]:
     return split_heldout(site_records(context), float(run["heldout-fraction"]), int(run["seed"]))
 
 
-def _model_with(msg: Message, context: Context):
+def demo_site(context: Context) -> Site:
     model, tokenizer = cached(ModelSpec.from_config(context.run_config))
-    set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    return model, tokenizer
+    return Site(model, tokenizer, local_split(context)[0])
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    run = context.run_config
-    model, tokenizer = _model_with(msg, context)
-    records, _ = local_split(context)
-    server_round = int(msg.content["config"]["server-round"])
-    losses, _ = train_steps(
-        model,
-        tokenizer,
-        records,
-        steps=int(run["local-steps"]),
-        batch_size=int(run["batch-size"]),
-        lr=float(run["learning-rate"]),
-        max_len=int(run["max-seq-len"]),
-        seed=int(run["seed"]) + 1009 * server_round,
-    )
-    metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "num-examples": len(records)})
-    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+app = ClientApp()
+CluesClient(demo_site).register(app)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     run = context.run_config
-    model, tokenizer = _model_with(msg, context)
+    model, tokenizer = cached(ModelSpec.from_config(run))
+    set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     _, heldout = local_split(context)
     loss = eval_loss(model, tokenizer, heldout, int(run["batch-size"]), int(run["max-seq-len"]))
     metrics = MetricRecord({"eval-loss": loss, "num-examples": len(heldout)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -105,3 +106,12 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
         i = j + 1
     rank_sum = sum(ranks[: len(pos)])
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+    """Counts over fixed ``edges`` plus an underflow and an overflow bin (len(edges) + 1
+    counts): the server chooses the edges, so every client's histogram adds up."""
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        counts[bisect.bisect_right(edges, v)] += 1
+    return counts

@@ -76,6 +76,7 @@ class ModelSpec:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0  # LoRA initialisation
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
@@ -92,6 +93,7 @@ class ModelSpec:
             lora_alpha=int(cfg["lora-alpha"]),
             lora_dropout=float(cfg["lora-dropout"]),
             target_modules=modules,
+            seed=int(cfg["seed"]),
         )
 
 
@@ -129,11 +131,11 @@ def load_base(name: str, quantization: str):
     return model
 
 
-def build(spec: ModelSpec, seed: int = 0):
+def build(spec: ModelSpec):
     """Base model with a freshly initialised LoRA adapter (B = 0: the base's outputs)."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     base = load_base(spec.name, spec.quantization)
     config = LoraConfig(
         r=spec.lora_r,
@@ -146,10 +148,21 @@ def build(spec: ModelSpec, seed: int = 0):
 
 
 @lru_cache(maxsize=1)
+def _loaded(spec: ModelSpec):
+    model = build(spec)
+    return model, load_tokenizer(spec.name), adapter_state(model)
+
+
 def cached(spec: ModelSpec):
     """One model and tokenizer per process: the adapter is overwritten before each use,
     so a Ray actor or SuperNode process loads a (possibly 7B) base once, not per round."""
-    return build(spec), load_tokenizer(spec.name)
+    model, tokenizer, _ = _loaded(spec)
+    return model, tokenizer
+
+
+def initial_adapter(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The adapter as built, whatever the cached model has been set to since."""
+    return _loaded(spec)[2]
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -64,9 +64,10 @@ class ScoreConfig:
 def scoring_names(model, layer: int = 0, modules: Sequence[str] = ("q_proj", "v_proj")) -> list[str]:
     """Names of the LoRA A and B weights of ``modules`` in transformer layer ``layer``.
 
-    ``layers.0.`` is matched with its dots, so layer 0 never picks up layers 10, 11, ...
+    The block list is ``layers`` (Llama, Mistral, Qwen, OPT), ``h`` (GPT-2, Falcon, BLOOM)
+    or ``blocks``; ``layers.0.`` is matched with its dots, so layer 0 never picks up 10, 11, ...
     """
-    layer_re = re.compile(rf"(^|\.)layers\.{layer}\.")
+    layer_re = re.compile(rf"(^|\.)(layers|h|blocks)\.{layer}\.")
     names = sorted(
         n
         for n, p in model.named_parameters()
@@ -244,3 +245,20 @@ def threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str = "anchor
         )
         k = 1
     return float(s.sort().values[k - 1])
+
+
+def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int = 10) -> list[float]:
+    """Fixed bin edges around the anchors (their range, widened by that range on each side),
+    chosen by the server before any client score exists, so histograms reveal only counts."""
+    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+    lo, hi = float(s.min()), float(s.max())
+    spread = hi - lo or max(abs(hi), 1e-12)
+    return torch.linspace(lo - spread, hi + spread, bins + 1).tolist()
+
+
+def anchor_scores(
+    model, tokenizer, validation: Sequence[Record], anchors: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The server's side of the score phase: (G_t per checkpoint, S of every anchor)."""
+    val_sums = validation_sums(model, tokenizer, validation, trajectory, cfg)
+    return val_sums, scores(model, tokenizer, anchors, trajectory, val_sums, cfg)

@@ -1,93 +1,115 @@
-"""ServerApp: FedAvg over the LoRA adapter, centralized evaluation on the public test set,
-and a run folder with the final adapter (PEFT format) and the per-round metrics."""
+"""ServerApp: reads the run config, runs the CLUES strategy, writes the run folder."""
 
 from __future__ import annotations
 
-import json
-import time
+import functools
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from clues_flwr.data import Record, demo_splits, load_jsonl
 from clues_flwr.metrics import answer_accuracy, eval_loss
-from clues_flwr.model import ModelSpec, adapter_state, cached, resolve_model_name, set_adapter_state
+from clues_flwr.model import ModelSpec, cached, initial_adapter, resolve_model_name, set_adapter_state
+from clues_flwr.report import per_round, write_run
+from clues_flwr.scoring import ScoreConfig, anchor_scores
+from clues_flwr.strategy import CluesStrategy, say
 
 app = ServerApp()
 
 
-def public_test(run) -> list[Record]:
-    """The public test set: ``test-path`` when given, else the demo's."""
-    if run["test-path"]:
-        return load_jsonl(str(run["test-path"]))
-    return demo_splits(num_clients=0, test_size=int(run["test-size"]), seed=int(run["seed"])).test
+def public_sets(run) -> dict[str, list[Record]]:
+    """Validation, anchors and test: the ``*-path`` JSONL files where given, else the demo's."""
+    demo = demo_splits(num_clients=0, test_size=int(run["test-size"]), seed=int(run["seed"]))
+    defaults = {"validation": demo.validation, "anchor": demo.anchors, "test": demo.test}
+    return {name: load_jsonl(str(run[f"{name}-path"])) if run[f"{name}-path"] else records for name, records in defaults.items()}
 
 
-def per_round(result) -> list[dict]:
-    """One row per round (0 = before training) joining client and server metrics."""
-    rows: dict[int, dict] = {}
-    for source in (
-        result.train_metrics_clientapp,
-        result.evaluate_metrics_clientapp,
-        result.evaluate_metrics_serverapp,
-    ):
-        for rnd, record in source.items():
-            rows.setdefault(rnd, {"round": rnd}).update(
-                {k: v for k, v in record.items() if k != "num-examples"}
-            )
-    return [rows[r] for r in sorted(rows)]
+def score_config(run) -> ScoreConfig:
+    return ScoreConfig(
+        layer=int(run["score-layer"]),
+        modules=tuple(m.strip() for m in str(run["score-modules"]).split(",") if m.strip()),
+        precondition=str(run["precondition"]),
+        bias_correction=bool(run["bias-correction"]),
+        precondition_validation=bool(run["precondition-validation"]),
+        cosine=bool(run["cosine"]),
+        batch_size=int(run["batch-size"]),
+        max_len=int(run["max-seq-len"]),
+    )
 
 
-def write_run(out_dir: Path, run_id: int, model, run, rounds: list[dict]) -> Path:
-    """Stage the run folder and rename it into place, so no half-written run remains."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-    staging = final.with_name(final.name + ".partial")
-    model.save_pretrained(staging / "adapter")
-    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (staging / "metrics.json").write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
-    staging.rename(final)
-    return final
+def strategy_from(run, score_anchors) -> CluesStrategy:
+    min_train = int(run["min-train-nodes"])
+    return CluesStrategy(
+        score_anchors=score_anchors,
+        score_config=score_config(run),
+        mode=str(run["mode"]),
+        selection=str(run["selection"]),
+        trace_rounds=int(run["trace-rounds"]),
+        threshold_rule=str(run["threshold-rule"]),
+        target_recall=float(run["target-recall"]),
+        aggregation=str(run["aggregation"]),
+        ties_density=float(run["ties-density"]),
+        local_epochs=int(run["local-epochs"]),
+        histogram_bins=int(run["histogram-bins"]),
+        fraction_train=float(run["fraction-train"]),
+        fraction_evaluate=float(run["fraction-evaluate"]),
+        min_train_nodes=min_train,
+        min_evaluate_nodes=min_train,
+        min_available_nodes=int(run["min-available-nodes"]),
+    )
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = context.run_config
-    model, tokenizer = cached(ModelSpec.from_config(run))
-    test = public_test(run)
-    batch_size, max_len = int(run["batch-size"]), int(run["max-seq-len"])
+    run_clues(grid, context.run_config, context.run_id)
+
+
+def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
+    """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder."""
+    spec = ModelSpec.from_config(run)
+    model, tokenizer = cached(spec)
+    public = public_sets(run)
+    cfg = score_config(run)
+    batch_size = int(run["batch-size"])
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_adapter_state(model, arrays.to_torch_state_dict())
-        loss = eval_loss(model, tokenizer, test, batch_size, max_len)
-        accuracy = answer_accuracy(model, tokenizer, test, 4 * batch_size, int(run["max-new-tokens"]))
-        print(f"[clues] round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}", flush=True)
+        loss = eval_loss(model, tokenizer, public["test"], batch_size, cfg.max_len)
+        accuracy = answer_accuracy(model, tokenizer, public["test"], 4 * batch_size, int(run["max-new-tokens"]))
+        say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
-    min_nodes = int(run["min-nodes"])
-    strategy = FedAvg(
-        fraction_train=float(run["fraction-train"]),
-        fraction_evaluate=float(run["fraction-evaluate"]),
-        min_train_nodes=min_nodes,
-        min_evaluate_nodes=min_nodes,
-        min_available_nodes=min_nodes,
+    strategy = strategy_from(
+        run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg)
     )
-    initial = ArrayRecord(adapter_state(model))
+    train_config = ConfigRecord(
+        {
+            "lr": float(run["learning-rate"]),
+            "local-steps": int(run["local-steps"]),
+            "batch-size": batch_size,
+            "max-seq-len": cfg.max_len,
+            "seed": int(run["seed"]),
+        }
+    )
+    initial = ArrayRecord(initial_adapter(spec))
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=int(run["num-server-rounds"]),
+        train_config=train_config,
         evaluate_fn=central_evaluate,
     )
     if not result.arrays:
-        print("[clues] no round produced an aggregate: the run folder keeps the initial adapter", flush=True)
+        say("no tuning round produced an aggregate: the run folder keeps the initial adapter")
     set_adapter_state(model, (result.arrays or initial).to_torch_state_dict())
-    rounds = per_round(result)
-    run_dir = write_run(Path(str(run["output-dir"])).expanduser().resolve(), context.run_id, model, run, rounds)
-    print("[clues] per-round metrics:", flush=True)
+    rounds = per_round(result.train_metrics_clientapp, result.evaluate_metrics_clientapp, result.evaluate_metrics_serverapp)
+    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
+    run_dir = write_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, model, config, rounds, strategy.report)
+    say("per-round metrics:")
     for row in rounds:
-        print("[clues]   " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-    print(f"[clues] run folder: {run_dir}", flush=True)
+        say("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if strategy.report["failures"]:
+        say(f"{len(strategy.report['failures'])} failure(s): " + "; ".join(f"{f['where']} node {f['node']}: {f['reason']}" for f in strategy.report["failures"]))
+    say(f"run folder: {run_dir}")
+    return run_dir

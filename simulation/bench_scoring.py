@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
         progress(f"{name}:")
         train, val = records(args.samples, args)
         if name == "demo":
-            model = build(ModelSpec(quantization="8bit"), seed=args.seed)
+            model = build(ModelSpec(quantization="8bit", seed=args.seed))
         else:
             model = big_model(args, len(tok))
         results[name] = bench(model, tok, train, val, args)

@@ -98,7 +98,7 @@ def main() -> None:
     start = time.time()
     ratios = parse_ratios(args.pollution)
     splits = demo_splits(len(ratios), args.pool_size, ratios, seed=args.seed)
-    model = build(ModelSpec(name=args.model_name, quantization=args.quantization), seed=args.seed)
+    model = build(ModelSpec(name=args.model_name, quantization=args.quantization, seed=args.seed))
     tok = load_tokenizer(args.model_name)
     names = scoring_names(model, args.layer)
     trajectory = trace(model, tok, splits.pools, args.trace_rounds, args.local_steps, args.batch_size, args.lr, args.max_len, names)

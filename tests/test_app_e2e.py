@@ -63,12 +63,12 @@ def superlink(tmp_path):
 
 
 @pytest.mark.slow
-def test_flwr_run_trains_and_writes_a_loadable_adapter(superlink, tmp_path):
+def test_flwr_run_selects_tunes_and_writes_a_loadable_adapter(superlink, tmp_path):
     runs = tmp_path / "runs"
     cmd = [
         "flwr", "run", str(ROOT), "--stream",
-        "--run-config", f"num-server-rounds=2 local-steps=8 output-dir='{runs}'",
-        "--federation-config", "num-supernodes=2",
+        "--run-config", f"num-server-rounds=2 trace-rounds=1 local-steps=8 output-dir='{runs}'",
+        "--federation-config", "num-supernodes=3",
     ]
     done = subprocess.run(cmd, env=superlink, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr
@@ -78,10 +78,14 @@ def test_flwr_run_trains_and_writes_a_loadable_adapter(superlink, tmp_path):
     assert run_dir.parent == runs and run_dir.is_dir()
     assert not list(runs.glob("*.partial"))
 
-    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert rounds[-1]["test-loss"] < rounds[0]["test-loss"]
-    assert {"train-loss", "eval-loss", "test-accuracy"} <= set(rounds[-1])
+    assert "[clues] score: threshold" in out and "[clues] selection (positive = clean)" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and metrics["failures"] == []
+    assert {"train-loss", "eval-loss", "test-loss", "test-accuracy"} <= set(metrics["rounds"][-1])
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert len(selection["clients"]) == 3
+    assert all(0 < c["kept"] <= c["total"] for c in selection["clients"].values())
+    assert (run_dir / "selection.png").is_file()
 
     tok = load_tokenizer(":demo:")
     base = load_base(":demo:", "8bit")

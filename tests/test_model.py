@@ -16,7 +16,7 @@ SPEC_8BIT = ModelSpec(quantization="8bit")
 
 @pytest.fixture(scope="module")
 def model8():
-    return build(SPEC_8BIT, seed=0), load_tokenizer(":demo:")
+    return build(SPEC_8BIT), load_tokenizer(":demo:")
 
 
 def logits_of(model, batch):
@@ -83,7 +83,7 @@ def test_saved_adapter_loads_with_peft(model8, tmp_path):
 
 
 def test_full_precision_and_accuracy_metric():
-    model = build(ModelSpec(quantization="none"), seed=0)
+    model = build(ModelSpec(quantization="none"))
     tok = load_tokenizer(":demo:")
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
     records = demo_splits(num_clients=1, pool_size=32, pollution_ratios=(0.0,)).pools[0]
@@ -103,8 +103,9 @@ def test_4bit_on_cpu_is_refused_with_a_reason():
 
 def test_model_spec_checks_settings():
     cfg = {"model-name": ":demo:", "quantization": "8bit", "lora-r": 8, "lora-alpha": 16,
-           "lora-dropout": 0.0, "lora-target-modules": "q_proj, v_proj,k_proj"}
+           "lora-dropout": 0.0, "lora-target-modules": "q_proj, v_proj,k_proj", "seed": 3}
     assert ModelSpec.from_config(cfg).target_modules == ("q_proj", "v_proj", "k_proj")
+    assert ModelSpec.from_config(cfg).seed == 3
     with pytest.raises(ValueError, match="quantization must be one of"):
         ModelSpec.from_config({**cfg, "quantization": "int3"})
     with pytest.raises(ValueError, match="lora-target-modules is empty"):

@@ -93,7 +93,7 @@ def test_layer_zero_is_matched_exactly_and_other_layers_selectable():
 
 
 def test_per_sample_grads_on_the_8bit_base_match_a_loop():
-    model = build(ModelSpec(quantization="8bit"), seed=0)
+    model = build(ModelSpec(quantization="8bit"))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
@@ -198,7 +198,7 @@ def test_precondition_formulas_on_numbers():
 
 
 def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
-    model = build(ModelSpec(quantization="none"), seed=0)
+    model = build(ModelSpec(quantization="none"))
     tok = load_tokenizer(":demo:")
     records = demo_splits(num_clients=1, pool_size=32).pools[0]
     from clues_flwr.train import train_steps

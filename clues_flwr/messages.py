@@ -1,0 +1,120 @@
+"""What CLUES messages carry, encoded for Flower records and decoded on the other side.
+
+Both directions are defined here so a site can audit them in one place:
+
+server → client, ``train`` (trace and tune): the global adapter (``arrays``) and a config
+    of hyperparameters, ``phase`` and ``selection``.
+client → server, ``train``: the trained adapter, in a trace round also the scoring layer's
+    AdamW moments (``moments``) or, in merge mode, the whole local trajectory; metrics
+    ``train-loss``, ``num-examples`` (records trained on) and ``adam-step``.
+server → client, ``query.score``: the trajectory (adapters, scoring-layer moments), the
+    validation sums G_t, η_t, τ, the histogram edges and the scoring settings.
+client → server, ``query.score``: counts only: ``kept``, ``total``, a histogram over the
+    server's fixed edges and, when records carry a quality label, ``tp fp fn tn``.
+
+No sample and no per-sample score is ever encoded.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from clues_flwr.scoring import ScoreConfig
+from clues_flwr.trajectory import Checkpoint
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAJECTORY_KEY = "trajectory"
+SCORE_CONFIG_KEY = "score-config"
+MOMENTS_KEY = "moments"
+
+
+def moments_record(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor]) -> ArrayRecord:
+    tensors = {f"exp_avg/{k}": v for k, v in exp_avg.items()}
+    tensors.update({f"exp_avg_sq/{k}": v for k, v in exp_avg_sq.items()})
+    return ArrayRecord({k: v.float().contiguous() for k, v in tensors.items()})
+
+
+def moments_from(record: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    tensors = record.to_torch_state_dict()
+    return _strip(tensors, "exp_avg/"), _strip(tensors, "exp_avg_sq/")
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def trajectory_records(trajectory: list[Checkpoint], val_sums: list[torch.Tensor] | None = None) -> dict:
+    """One ArrayRecord per checkpoint (adapter, moments, G_t if given) and one ConfigRecord
+    with the per-checkpoint scalars, as entries of a RecordDict."""
+    out = {}
+    for t, ckpt in enumerate(trajectory):
+        tensors = {f"adapter/{k}": v.float().contiguous() for k, v in ckpt.adapter.items()}
+        tensors.update(moments_record(ckpt.exp_avg, ckpt.exp_avg_sq).to_torch_state_dict())
+        if val_sums is not None:
+            tensors["validation-sum"] = val_sums[t].float().cpu().contiguous()
+        out[f"{CHECKPOINT_PREFIX}{t}"] = ArrayRecord(tensors)
+    out[TRAJECTORY_KEY] = ConfigRecord(
+        {
+            "lr": [float(c.lr) for c in trajectory],
+            "step": [int(c.step) for c in trajectory],
+            "round": [int(c.round) for c in trajectory],
+            "beta1": [float(c.betas[0]) for c in trajectory],
+            "beta2": [float(c.betas[1]) for c in trajectory],
+            "eps": [float(c.eps) for c in trajectory],
+        }
+    )
+    return out
+
+
+def trajectory_from(content: RecordDict) -> tuple[list[Checkpoint], list[torch.Tensor]]:
+    """Checkpoints and validation sums (empty list when the sender sent none)."""
+    if TRAJECTORY_KEY not in content:
+        raise ValueError("message carries no trajectory")
+    info = content[TRAJECTORY_KEY]
+    trajectory, val_sums = [], []
+    for t in range(len(info["lr"])):
+        tensors = content[f"{CHECKPOINT_PREFIX}{t}"].to_torch_state_dict()
+        trajectory.append(
+            Checkpoint(
+                adapter=_strip(tensors, "adapter/"),
+                exp_avg=_strip(tensors, "exp_avg/"),
+                exp_avg_sq=_strip(tensors, "exp_avg_sq/"),
+                step=int(info["step"][t]),
+                lr=float(info["lr"][t]),
+                round=int(info["round"][t]),
+                betas=(float(info["beta1"][t]), float(info["beta2"][t])),
+                eps=float(info["eps"][t]),
+            )
+        )
+        if "validation-sum" in tensors:
+            val_sums.append(tensors["validation-sum"])
+    return trajectory, val_sums
+
+
+def score_config_record(cfg: ScoreConfig) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "layer": cfg.layer,
+            "modules": list(cfg.modules),
+            "precondition": cfg.precondition,
+            "bias-correction": cfg.bias_correction,
+            "precondition-validation": cfg.precondition_validation,
+            "cosine": cfg.cosine,
+            "batch-size": cfg.batch_size,
+            "max-len": cfg.max_len,
+        }
+    )
+
+
+def score_config_from(record: ConfigRecord) -> ScoreConfig:
+    return ScoreConfig(
+        layer=int(record["layer"]),
+        modules=tuple(record["modules"]),
+        precondition=str(record["precondition"]),
+        bias_correction=bool(record["bias-correction"]),
+        precondition_validation=bool(record["precondition-validation"]),
+        cosine=bool(record["cosine"]),
+        batch_size=int(record["batch-size"]),
+        max_len=int(record["max-len"]),
+    )

@@ -1,0 +1,188 @@
+"""The CLUES strategy end to end through an in-process grid (no Ray), with faults."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from clues_flwr import client_app, server_app
+from clues_flwr.client_app import SELECTION_KEY
+from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
+from flwr.app import ArrayRecord, Context, RecordDict
+from safetensors.torch import load_file
+
+NUM_NODES = 3
+SMALL = {
+    "demo-pool-size": 40,
+    "test-size": 24,
+    "trace-rounds": 1,
+    "local-steps": 2,
+    "num-server-rounds": 2,
+    "batch-size": 8,
+    "max-new-tokens": 4,
+    "fraction-evaluate": 0.0,
+}
+
+
+def run_config(tmp_path, **overrides) -> dict:
+    return {**app_defaults(), **SMALL, "output-dir": str(tmp_path), **overrides}
+
+
+def run(tmp_path, before=None, after=None, **overrides):
+    """Run the ServerApp's main on a local grid of NUM_NODES demo sites; (grid, run folder)."""
+    cfg = run_config(tmp_path, **overrides)
+    grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), cfg, before=before, after=after)
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return grid, folder
+
+
+def load(folder, name):
+    return json.loads((folder / name).read_text())
+
+
+def test_federated_run_traces_scores_and_tunes(tmp_path):
+    grid, folder = run(tmp_path)
+    assert not folder.name.endswith(".partial")
+    selection = load(folder, "selection.json")
+    metrics = load(folder, "metrics.json")
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all(math.isfinite(r["test-loss"]) for r in metrics["rounds"])
+    assert list(metrics["trace"]) == ["1"] and metrics["failures"] == []
+    clients = selection["clients"]
+    assert sorted(clients) == ["100", "101", "102"]
+    taus = {c["threshold"] for c in clients.values()}
+    assert len(taus) == 1, "federated mode has one global threshold"
+    for node, c in clients.items():
+        pool = 36  # 40 records minus the 10% held out
+        assert c["total"] == pool and sum(c["histogram"]) == pool
+        assert c["tp"] + c["fp"] == c["kept"] and c["tp"] + c["fp"] + c["fn"] + c["tn"] == pool
+        kept = grid.contexts[int(node)].state[SELECTION_KEY]["keep"].numpy()
+        assert int(kept.sum()) == c["kept"]
+    assert 0 <= selection["f1"] <= 100 and (folder / "selection.png").stat().st_size > 1000
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_clients_send_only_counts(tmp_path):
+    grid, _ = run(tmp_path)
+    for reply in grid.replies:
+        content = reply.content
+        assert not content.config_records, "no strings leave a client"
+        for metrics in content.metric_records.values():
+            for key, value in metrics.items():
+                if isinstance(value, list):
+                    assert key == "histogram" and len(value) == 12
+        for name, arrays in content.array_records.items():
+            for key, array in arrays.items():
+                assert ".lora_" in key, f"{name}/{key} is not an adapter or moment tensor"
+
+
+def fail_on(node_id, message_type):
+    def hook(node, msg):
+        if node == node_id and msg.metadata.message_type == message_type:
+            raise RuntimeError("site down")
+
+    return hook
+
+
+def test_score_failure_leaves_the_node_out_and_is_named(tmp_path):
+    grid, folder = run(tmp_path, before=fail_on(101, "query.score"))
+    selection, metrics = load(folder, "selection.json"), load(folder, "metrics.json")
+    assert sorted(selection["clients"]) == ["100", "102"]
+    assert [(f["where"], f["node"]) for f in metrics["failures"]] == [("score", 101)]
+    trained = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 101]
+    assert len(trained) == SMALL["trace-rounds"], "an unscored node is not asked to tune"
+    assert len(metrics["rounds"]) == 3
+
+
+def test_tuning_failure_is_survived_and_named(tmp_path):
+    _, folder = run(tmp_path, before=fail_on(102, "train"), **{"trace-rounds": 1})
+    metrics = load(folder, "metrics.json")
+    assert {(f["where"].split()[0], f["node"]) for f in metrics["failures"]} == {("trace", 102), ("tune", 102)}
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all("train-loss" in r for r in metrics["rounds"][1:])
+
+
+def test_too_few_replies_skip_the_round(tmp_path):
+    def only_100_tunes(node, msg):
+        if msg.metadata.message_type == "train" and msg.content["config"]["phase"] == "tune" and node != 100:
+            raise RuntimeError("site down")
+
+    _, folder = run(tmp_path, before=only_100_tunes)
+    metrics = load(folder, "metrics.json")
+    skipped = [f for f in metrics["failures"] if f["node"] is None]
+    assert len(skipped) == 2 and "round not aggregated" in skipped[0]["reason"]
+
+
+def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
+    def nothing_passes(node, msg):
+        if node == 100 and msg.metadata.message_type == "query.score":
+            msg.content["config"]["threshold"] = 1e30
+
+    grid, folder = run(tmp_path, before=nothing_passes)
+    assert load(folder, "selection.json")["clients"]["100"]["kept"] == 0
+    tune = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 100][-1]
+    assert tune.content["metrics"]["num-examples"] == 0
+    assert load(folder, "metrics.json")["failures"] == []
+
+
+@pytest.mark.parametrize("poison", ["nan", "shape", "key"])
+def test_bad_adapter_replies_are_rejected(tmp_path, poison):
+    def corrupt(node, reply):
+        if node != 101 or reply.metadata.message_type != "train":
+            return
+        state = reply.content["arrays"].to_torch_state_dict()
+        name = sorted(state)[0]
+        if poison == "nan":
+            state[name] = torch.full_like(state[name], float("nan"))
+        elif poison == "shape":
+            state[name] = state[name][:, :-1]
+        else:
+            state["extra.lora_A.weight"] = state.pop(name)
+        reply.content["arrays"] = ArrayRecord(state)
+
+    _, folder = run(tmp_path, after=corrupt)
+    failures = load(folder, "metrics.json")["failures"]
+    assert failures and all(f["node"] == 101 and "adapter rejected" in f["reason"] for f in failures)
+    assert len(failures) == 1 + SMALL["num-server-rounds"]  # the trace round and each tuning round
+    adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_merge_mode_thresholds_each_client_on_its_own_trajectory(tmp_path):
+    grid, folder = run(tmp_path, mode="merge", aggregation="ties", **{"trace-rounds": 2})
+    selection, metrics = load(folder, "selection.json"), load(folder, "metrics.json")
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1], "merge mode tunes in one round"
+    assert len({c["threshold"] for c in selection["clients"].values()}) == NUM_NODES
+    trace = [r for r in grid.replies if r.metadata.message_type == "train" and "trajectory" in r.content]
+    assert len(trace) == NUM_NODES and all(len(r.content["trajectory"]["lr"]) == 2 for r in trace)
+
+
+@pytest.mark.parametrize("selection", ["none", "oracle"])
+def test_selection_baselines_skip_scoring(tmp_path, selection):
+    grid, folder = run(tmp_path, selection=selection)
+    assert not any(r.metadata.message_type == "query.score" for r in grid.replies)
+    assert not (folder / "selection.json").exists()
+    tune = [r for r in grid.replies if r.metadata.message_type == "train"]
+    sizes = {r.content["metrics"]["num-examples"] for r in tune}
+    assert sizes == {36} if selection == "none" else max(sizes) < 36
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("mode", "gossip", "mode must be one of"),
+        ("aggregation", "median", "aggregation must be one of"),
+        ("threshold-rule", "anchor-max", "threshold-rule must be one of"),
+        ("target-recall", 1.0, "target-recall must be in"),
+        ("ties-density", 0.0, "ties-density must be in"),
+        ("trace-rounds", 0, "trace-rounds must be at least 1"),
+    ],
+)
+def test_bad_settings_fail_before_any_round(key, value, message):
+    cfg = {**app_defaults(), key: value}
+    with pytest.raises(ValueError, match=message):
+        server_app.strategy_from(cfg, score_anchors=None)
