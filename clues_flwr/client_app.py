@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clues_flwr.data import Record, demo_splits, load_jsonl, parse_ratios, split_heldout
+from clues_flwr.data import Record, demo_splits, parse_ratios, split_heldout
 from clues_flwr.messages import (
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
@@ -29,6 +29,7 @@ from clues_flwr.messages import (
 from clues_flwr.metrics import confusion, eval_loss, histogram
 from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
 from clues_flwr.scoring import scores, scoring_names
+from clues_flwr.sources import load_records, parse_mapping
 from clues_flwr.train import train_steps
 from clues_flwr.trajectory import checkpoint, moments
 
@@ -156,11 +157,20 @@ def _reply(msg: Message, site: Site, metrics: dict) -> Message:
 
 
 def site_records(context: Context) -> list[Record]:
-    """The site's private records: its ``data-path`` JSONL file when the node config
-    names one, else its demo pool chosen by ``partition-id`` (simulation)."""
+    """The site's private records: its ``data-path`` (file, folder or hub dataset, read
+    with the optional ``data-format``, ``data-mapping``, ``data-preset``, ``data-split``,
+    ``data-subset``) when the node config names one, else its demo pool chosen by
+    ``partition-id`` (simulation)."""
     node, run = context.node_config, context.run_config
     if node.get("data-path"):
-        return load_jsonl(str(node["data-path"]))
+        return load_records(
+            str(node["data-path"]),
+            format=str(node.get("data-format", "auto")),
+            mapping=parse_mapping(str(node.get("data-mapping", ""))),
+            preset=str(node.get("data-preset", "")) or None,
+            split=str(node.get("data-split", "train")),
+            subset=str(node.get("data-subset", "")) or None,
+        )
     if "partition-id" not in node:
         raise ValueError(
             "node config has neither data-path nor partition-id: start the SuperNode with "

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import gettext
 import hashlib
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
@@ -194,40 +192,6 @@ def demo_splits(
         for i in range(num_clients)
     ]
     return DemoSplits(pretrain, validation, anchors, test, pools)
-
-
-def load_jsonl(path: str | Path) -> list[Record]:
-    """Records of a site's JSONL file; records with an empty answer are skipped and
-    counted, anything else malformed is an error naming the file and line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"data file {path} is not UTF-8: {err}") from err
-    records, skipped = [], 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in ("instruction", "output") if k not in obj]
-        if missing:
-            raise ValueError(f"{path}:{n}: record lacks the field(s) {', '.join(missing)}")
-        if not str(obj["output"]).strip():
-            skipped += 1
-            continue
-        records.append({**{k: str(v) for k, v in obj.items()}, "input": str(obj.get("input", ""))})
-    if not records:
-        raise ValueError(f"data file {path} has no usable records ({skipped} with empty answers)")
-    if skipped:
-        print(f"{path}: skipped {skipped} records with an empty answer")
-    return records
 
 
 def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

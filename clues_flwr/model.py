@@ -166,11 +166,12 @@ def initial_adapter(spec: ModelSpec) -> dict[str, torch.Tensor]:
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The LoRA weights as float32 CPU tensors (Flower's ArrayRecord has no bf16)."""
+    """A copy of the LoRA weights as float32 CPU tensors (Flower's ArrayRecord has no bf16);
+    a copy, since on a float32 CPU model ``.to`` would return the live parameters."""
     from peft import get_peft_model_state_dict
 
     return {
-        k: v.detach().to("cpu", torch.float32).contiguous()
+        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
         for k, v in get_peft_model_state_dict(model).items()
     }
 

@@ -42,6 +42,7 @@ def train_steps(
     """
     if not records:
         raise ValueError("no training records: the client's data is empty")
+    torch.manual_seed(seed)  # LoRA dropout: the same round trains the same in any runtime
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=lr)
     data = endless_batches(records, tokenizer, batch_size, max_len, seed)

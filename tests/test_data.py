@@ -1,4 +1,3 @@
-import json
 import random
 
 import pytest
@@ -9,7 +8,6 @@ from clues_flwr.data import (
     demo_records,
     demo_splits,
     encode,
-    load_jsonl,
     parse_ratios,
     prompt,
     split_heldout,
@@ -83,39 +81,6 @@ def test_parse_ratios_names_the_setting():
         parse_ratios("0.8,lots")
     with pytest.raises(ValueError, match="demo-pollution"):
         parse_ratios("1.2")
-
-
-def test_site_jsonl_loads_and_bad_files_fail_clearly(tmp_path, capsys):
-    good = tmp_path / "site.jsonl"
-    rows = [
-        {"instruction": "Capital of France?", "input": "", "output": "Paris", "quality": "high"},
-        {"instruction": "Empty answer", "output": "  "},
-        {"instruction": "No input field", "output": "ok"},
-    ]
-    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    records = load_jsonl(good)
-    assert [r["output"] for r in records] == ["Paris", "ok"]
-    assert records[1]["input"] == "" and records[0]["quality"] == "high"
-    assert "skipped 1" in capsys.readouterr().out
-
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_jsonl(tmp_path / "nope.jsonl")
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
-    with pytest.raises(ValueError, match="latin.jsonl is not UTF-8"):
-        load_jsonl(latin)
-    missing = tmp_path / "missing.jsonl"
-    missing.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"missing.jsonl:1: record lacks the field\(s\) instruction, output"):
-        load_jsonl(missing)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("", encoding="utf-8")
-    with pytest.raises(ValueError, match="empty.jsonl has no usable records"):
-        load_jsonl(empty)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"instruction": "q", "output": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
-        load_jsonl(broken)
 
 
 def test_heldout_split_is_disjoint_and_stable():

@@ -120,3 +120,12 @@ def test_fedavg_weights_by_examples():
     assert torch.allclose(fedavg([a, b], [1, 3])["w"], torch.tensor([3.25, -0.25]))
     with pytest.raises(ValueError, match="sum to zero"):
         fedavg([a, b], [0, 0])
+
+
+def test_adapter_state_is_a_snapshot(model8):
+    model, tok = model8
+    before = adapter_state(model)
+    first = {k: v.clone() for k, v in before.items()}
+    train_steps(model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], steps=2, batch_size=8, lr=1e-2, max_len=96, seed=0)
+    assert all(torch.equal(before[k], first[k]) for k in before), "training changed an earlier snapshot"
+    assert any(not torch.equal(v, first[k]) for k, v in adapter_state(model).items())

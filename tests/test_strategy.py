@@ -186,3 +186,25 @@ def test_bad_settings_fail_before_any_round(key, value, message):
     cfg = {**app_defaults(), key: value}
     with pytest.raises(ValueError, match=message):
         server_app.strategy_from(cfg, score_anchors=None)
+
+
+def test_sites_read_their_own_files_through_the_node_config(tmp_path):
+    import csv
+
+    from clues_flwr.data import demo_splits
+
+    pools = demo_splits(num_clients=2, pool_size=30).pools
+    nodes = {}
+    for i, pool in enumerate(pools):
+        path = tmp_path / f"site{i}.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["task", "question", "answer", "quality"])
+            writer.writeheader()
+            writer.writerows({"task": r["instruction"], "question": r["input"], "answer": r["output"], "quality": r["quality"]} for r in pool)
+        nodes[200 + i] = {"data-path": str(path), "data-mapping": "instruction=task,input=question,output=answer"}
+    out = tmp_path / "runs"
+    cfg = run_config(out, **{"min-train-nodes": 2})
+    folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg), cfg)
+    clients = load(folder, "selection.json")["clients"]
+    assert {c["total"] for c in clients.values()} == {27}  # 30 records minus 10% held out
+    assert all("tp" in c for c in clients.values()), "quality labels came through the mapping"
