@@ -1,0 +1,113 @@
+"""Split one pool of records over clients with Flower Datasets partitioners.
+
+``iid`` deals a seeded shuffle out evenly; ``natural`` gives each client the records
+sharing one value of a column (the paper's MMedBench setting: one language per client).
+The partitioners see only row positions (and the ``natural`` column), never the records:
+``datasets`` would keep only the first record's keys and fill gaps with None, whereas
+positions hand back the very records given, whatever their keys.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+from datasets import Dataset
+from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
+
+from clues_flwr.pollution import KINDS, pollute
+
+Record = dict[str, str]
+
+SCHEMES = ("iid", "natural")
+_ROW = "__row__"
+
+
+def _split(
+    records: Sequence[Record], partitioner: Partitioner, columns: Mapping[str, list]
+) -> list[list[Record]]:
+    """Records of each partition, found by the row positions the partitioner returns."""
+    partitioner.dataset = Dataset.from_dict({_ROW: list(range(len(records))), **columns})
+    return [
+        [records[row] for row in partitioner.load_partition(i)[_ROW]]
+        for i in range(partitioner.num_partitions)
+    ]
+
+
+def _iid(records: Sequence[Record], num_partitions: int, seed: int) -> list[list[Record]]:
+    # IidPartitioner cuts contiguous shards without shuffling, so the seed acts here.
+    if len(records) < num_partitions:
+        raise ValueError(
+            f"partition: {len(records)} records cannot fill {num_partitions} clients"
+        )
+    shuffled = list(records)
+    random.Random(seed).shuffle(shuffled)
+    return _split(shuffled, IidPartitioner(num_partitions), {})
+
+
+def _natural(records: Sequence[Record], num_partitions: int, by: str | None) -> list[list[Record]]:
+    if by is None:
+        raise ValueError("partition-by: the 'natural' partition needs a column name")
+    missing = sum(by not in r for r in records)
+    if missing:
+        raise ValueError(
+            f"partition-by: column {by!r} is missing from {missing} of {len(records)} records"
+        )
+    values = sorted({r[by] for r in records})
+    if len(values) != num_partitions:
+        raise ValueError(
+            f"partition-by: column {by!r} has {len(values)} distinct values {values}, "
+            f"but there are {num_partitions} clients"
+        )
+    # NaturalIdPartitioner numbers the values in sorted order, so client i gets values[i].
+    return _split(records, NaturalIdPartitioner(partition_by=by), {by: [r[by] for r in records]})
+
+
+def partition(
+    records: Sequence[Record],
+    num_partitions: int,
+    scheme: str = "iid",
+    *,
+    by: str | None = None,
+    seed: int = 0,
+) -> list[list[Record]]:
+    """One list per client holding the given records themselves, not copies; ``natural``
+    keeps input order within a client, and ``seed`` matters to ``iid`` only."""
+    if num_partitions < 1:
+        raise ValueError(f"partition: need at least one client, got {num_partitions}")
+    if scheme == "iid":
+        return _iid(records, num_partitions, seed)
+    if scheme == "natural":
+        return _natural(records, num_partitions, by)
+    raise ValueError(f"partition: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+def pollute_partitions(
+    partitions: Sequence[Sequence[Record]],
+    ratios: Sequence[float],
+    seed: int,
+    translations: Mapping[str, Sequence[str]] | None = None,
+) -> list[list[Record]]:
+    """Client ``i`` polluted at ``ratios[i % len(ratios)]`` with the seed rule of
+    ``data.demo_splits``, so equal chunks give the demo's pools. Without translations
+    there is nothing to answer in another language, so that kind is left out."""
+    if not ratios:
+        raise ValueError("pollution ratios: need at least one")
+    kinds = KINDS if translations else tuple(k for k in KINDS if k != "mixed-language")
+    return [
+        pollute(
+            records,
+            ratios[i % len(ratios)],
+            seed=seed * 1000 + i,
+            translations=translations or {},
+            kinds=kinds,
+        )
+        for i, records in enumerate(partitions)
+    ]
+
+
+def take(records: Sequence[Record], n: int, seed: int) -> list[Record]:
+    """A seeded sample of ``n`` records, to cap a large set (e.g. Medical QA at 16k)."""
+    if not 0 <= n <= len(records):
+        raise ValueError(f"take: asked for {n} records, but {len(records)} are available")
+    return random.Random(seed).sample(list(records), n)
