@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clues_flwr.data import Record, demo_splits, parse_ratios, split_heldout
+from clues_flwr.data import Record, split_heldout
 from clues_flwr.messages import (
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
@@ -28,6 +28,7 @@ from clues_flwr.messages import (
 )
 from clues_flwr.metrics import confusion, eval_loss, histogram
 from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
+from clues_flwr.partition import splits_for
 from clues_flwr.scoring import scores, scoring_names
 from clues_flwr.sources import load_records, parse_mapping
 from clues_flwr.train import train_steps
@@ -159,8 +160,8 @@ def _reply(msg: Message, site: Site, metrics: dict) -> Message:
 def site_records(context: Context) -> list[Record]:
     """The site's private records: its ``data-path`` (file, folder or hub dataset, read
     with the optional ``data-format``, ``data-mapping``, ``data-preset``, ``data-split``,
-    ``data-subset``) when the node config names one, else its demo pool chosen by
-    ``partition-id`` (simulation)."""
+    ``data-subset``) when the node config names one, else (simulation) its partition of
+    the run's ``dataset`` or of the demo, chosen by ``partition-id``."""
     node, run = context.node_config, context.run_config
     if node.get("data-path"):
         return load_records(
@@ -176,14 +177,7 @@ def site_records(context: Context) -> list[Record]:
             "node config has neither data-path nor partition-id: start the SuperNode with "
             "--node-config 'data-path=\"/path/to/site.jsonl\"'"
         )
-    splits = demo_splits(
-        num_clients=int(node["num-partitions"]),
-        pool_size=int(run["demo-pool-size"]),
-        pollution_ratios=parse_ratios(str(run["demo-pollution"])),
-        test_size=int(run["test-size"]),
-        seed=int(run["seed"]),
-    )
-    return splits.pools[int(node["partition-id"])]
+    return splits_for(run, int(node["num-partitions"])).pools[int(node["partition-id"])]
 
 
 def local_split(context: Context) -> tuple[list[Record], list[Record]]:

@@ -150,9 +150,9 @@ def parse_ratios(text: str) -> list[float]:
     try:
         ratios = [float(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
-        raise ValueError(f"demo-pollution: expected comma-separated numbers, got {text!r}") from err
+        raise ValueError(f"pollution: expected comma-separated numbers, got {text!r}") from err
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
-        raise ValueError(f"demo-pollution: expected ratios in [0, 1], got {text!r}")
+        raise ValueError(f"pollution: expected ratios in [0, 1], got {text!r}")
     return ratios
 
 

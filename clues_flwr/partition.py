@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
 
+from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
 from clues_flwr.pollution import KINDS, pollute
-
-Record = dict[str, str]
+from clues_flwr.sources import load_records
 
 SCHEMES = ("iid", "natural")
 _ROW = "__row__"
@@ -111,3 +112,56 @@ def take(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     if not 0 <= n <= len(records):
         raise ValueError(f"take: asked for {n} records, but {len(records)} are available")
     return random.Random(seed).sample(list(records), n)
+
+
+@lru_cache(maxsize=2)
+def federated_splits(
+    source: str,
+    num_clients: int,
+    *,
+    preset: str = "",
+    split: str = "train",
+    subset: str = "",
+    num_samples: int = 0,
+    scheme: str = "iid",
+    by: str = "",
+    ratios: tuple[float, ...] = (0.0,),
+    test_size: int = 200,
+    seed: int = 0,
+) -> DemoSplits:
+    """A simulated federation from one dataset: anchors, validation and test drawn first
+    (kept clean, as public sets are), then ``num_samples`` records (0: all the rest)
+    partitioned over the clients and polluted per client. Deterministic, so the server
+    and every client derive the same splits from the run config alone."""
+    records = load_records(source, preset=preset or None, split=split, subset=subset or None, keep=(by,) if by else ())
+    public = NUM_ANCHORS + NUM_VALIDATION + test_size
+    if len(records) <= public:
+        raise ValueError(f"dataset {source} has {len(records)} records; anchors, validation and test-size {test_size} need more than {public}")
+    shuffled = take(records, len(records), seed)
+    anchors, validation = shuffled[:NUM_ANCHORS], shuffled[NUM_ANCHORS : NUM_ANCHORS + NUM_VALIDATION]
+    test, private = shuffled[NUM_ANCHORS + NUM_VALIDATION : public], shuffled[public:]
+    if num_samples:
+        private = take(private, num_samples, seed + 1)
+    pools = pollute_partitions(partition(private, num_clients, scheme, by=by or None, seed=seed), ratios, seed) if num_clients else []
+    return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=pools)
+
+
+def splits_for(run, num_clients: int) -> DemoSplits:
+    """The splits a run config describes: those of ``dataset`` when it names one, else the
+    demo's. ``num_clients`` 0 gives the public sets only (what the server needs)."""
+    ratios = parse_ratios(str(run["pollution"]))
+    if not run["dataset"]:
+        return demo_splits(num_clients, int(run["demo-pool-size"]), ratios, int(run["test-size"]), int(run["seed"]))
+    return federated_splits(
+        str(run["dataset"]),
+        num_clients,
+        preset=str(run["dataset-preset"]),
+        split=str(run["dataset-split"]),
+        subset=str(run["dataset-subset"]),
+        num_samples=int(run["num-samples"]),
+        scheme=str(run["partition"]),
+        by=str(run["partition-by"]),
+        ratios=tuple(ratios),
+        test_size=int(run["test-size"]),
+        seed=int(run["seed"]),
+    )

@@ -8,9 +8,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clues_flwr.data import Record, demo_splits
+from clues_flwr.data import Record
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, cached, initial_adapter, resolve_model_name, set_adapter_state
+from clues_flwr.partition import splits_for
 from clues_flwr.report import per_round, write_run
 from clues_flwr.scoring import ScoreConfig, anchor_scores
 from clues_flwr.sources import load_records
@@ -20,9 +21,10 @@ app = ServerApp()
 
 
 def public_sets(run) -> dict[str, list[Record]]:
-    """Validation, anchors and test: the ``*-path`` sources where given, else the demo's."""
-    demo = demo_splits(num_clients=0, test_size=int(run["test-size"]), seed=int(run["seed"]))
-    defaults = {"validation": demo.validation, "anchor": demo.anchors, "test": demo.test}
+    """Validation, anchors and test: the ``*-path`` sources where given, else those split
+    off the run's ``dataset`` (or the demo) exactly as the clients split it."""
+    split = splits_for(run, num_clients=0)
+    defaults = {"validation": split.validation, "anchor": split.anchors, "test": split.test}
     return {name: load_records(str(run[f"{name}-path"])) if run[f"{name}-path"] else records for name, records in defaults.items()}
 
 

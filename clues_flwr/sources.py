@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from clues_flwr.data import Record
@@ -246,12 +246,13 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _records(
-    rows: Iterable[Mapping], convert: Callable[[Mapping], Record], name: str, limit: int | None
+    rows: Iterable[Mapping], convert: Callable[[Mapping], Record], name: str, limit: int | None, keep: Sequence[str] = ()
 ) -> list[Record]:
     records, skipped, n = [], 0, 0
     for n, row in enumerate(rows, 1):
         try:
             record = convert(row)
+            record.update({column: _text(row[column]) for column in keep})
         except KeyError as err:
             raise ValueError(
                 f"{name}: row {n} has no column {err.args[0]!r}; its columns are "
@@ -285,6 +286,7 @@ def load_records(
     split: str = "train",
     subset: str | None = None,
     limit: int | None = None,
+    keep: Sequence[str] = (),
 ) -> list[Record]:
     """Records of a local file or folder, else of the Hugging Face dataset so named.
 
@@ -293,7 +295,8 @@ def load_records(
     folder named after ``split``; a file is all one split. Columns map onto
     record fields through ``mapping``, else the named ``preset``, else the preset for the
     source's name, else the fields' own names. Records with an empty answer are skipped
-    and counted; ``limit`` keeps the first that many records.
+    and counted; ``limit`` keeps the first that many records; ``keep`` names extra columns
+    to carry along as they are (e.g. the language a natural partition splits by).
     """
     if format != "auto" and format not in READERS:
         raise ValueError(f"unknown format {format!r}; expected auto, {', '.join(READERS)}")
@@ -324,7 +327,7 @@ def load_records(
         name = f"dataset {source} ({f'subset {subset}, ' if subset else ''}split {split})"
         failure = f"{source!r} is no local file or folder, and loading it as a Hugging Face {name} failed"
         rows = _load_dataset(failure, source, subset, split=split)
-    return _records(rows, convert, name, limit)
+    return _records(rows, convert, name, limit, keep)
 
 
 def parse_mapping(text: str) -> dict[str, str] | None:

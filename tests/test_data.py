@@ -77,9 +77,9 @@ def test_each_pollution_kind_damages_the_answer_its_own_way():
 
 def test_parse_ratios_names_the_setting():
     assert parse_ratios("0.8, 0.2,0.1,0.5") == [0.8, 0.2, 0.1, 0.5]
-    with pytest.raises(ValueError, match="demo-pollution"):
+    with pytest.raises(ValueError, match="pollution: expected"):
         parse_ratios("0.8,lots")
-    with pytest.raises(ValueError, match="demo-pollution"):
+    with pytest.raises(ValueError, match="pollution: expected"):
         parse_ratios("1.2")
 
 

@@ -401,3 +401,11 @@ def test_node_config_mapping_parses():
     assert parse_mapping("instruction==Answer., output = answer") == {"instruction": "=Answer.", "output": "answer"}
     with pytest.raises(ValueError, match="data-mapping: expected field=column"):
         parse_mapping("question")
+
+
+def test_keep_carries_extra_columns(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text("instruction,output,language\nQ?,A,fr\n", encoding="utf-8")
+    assert load_records(str(path), keep=("language",)) == [{"instruction": "Q?", "input": "", "output": "A", "language": "fr"}]
+    with pytest.raises(ValueError, match="no column 'lang'; its columns are instruction, output, language"):
+        load_records(str(path), keep=("lang",))

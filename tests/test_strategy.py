@@ -208,3 +208,25 @@ def test_sites_read_their_own_files_through_the_node_config(tmp_path):
     clients = load(folder, "selection.json")["clients"]
     assert {c["total"] for c in clients.values()} == {27}  # 30 records minus 10% held out
     assert all("tp" in c for c in clients.values()), "quality labels came through the mapping"
+
+
+def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
+    import json as js
+
+    from clues_flwr.data import demo_splits
+
+    languages = ["en", "fr", "ja"]
+    records = [{**r, "language": languages[i % 3]} for i, r in enumerate(demo_splits(num_clients=1, pool_size=240, pollution_ratios=(0.0,)).pools[0])]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(js.dumps({k: r[k] for k in ("instruction", "input", "output", "language")}) + "\n" for r in records), encoding="utf-8")
+    overrides = {"dataset": str(path), "partition": "natural", "partition-by": "language", "pollution": "0.5", "num-samples": 90, "test-size": 20}
+    grid, folder = run(tmp_path / "out", **overrides)
+    clients = load(folder, "selection.json")["clients"]
+    sizes = []
+    for node, ctx in grid.contexts.items():
+        site = client_app.site_records(ctx)
+        assert {r["language"] for r in site} == {languages[ctx.node_config["partition-id"]]}
+        sizes.append(len(site))
+        assert clients[str(node)]["total"] == len(site) - max(1, int(0.1 * len(site)))
+    assert sum(sizes) == 90
+    assert sum(c["tp"] + c["fn"] for c in clients.values()) < sum(c["total"] for c in clients.values())
