@@ -16,6 +16,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+UNSUPPORTED = "LocalGrid answers get_node_ids and send_and_receive only"
 # (node id, message) -> None; raise to make the node fail, or edit the message in place.
 Hook = Callable[[int, Message], None]
 
@@ -64,21 +65,23 @@ class LocalGrid(Grid):
         self.replies += replies
         return replies
 
+    # Strategies talk through send_and_receive; the lower-level calls have no in-process
+    # meaning (message ids come from a SuperLink), so they say so instead of half-working.
     def create_message(self, *args, **kwargs):
-        raise NotImplementedError
+        raise NotImplementedError(UNSUPPORTED)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        raise NotImplementedError(UNSUPPORTED)
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        raise NotImplementedError(UNSUPPORTED)
 
     def set_run(self, run_id):
-        raise NotImplementedError
+        raise NotImplementedError(UNSUPPORTED)
 
     @property
     def run(self):
-        raise NotImplementedError
+        raise NotImplementedError(UNSUPPORTED)
 
 
 def demo_nodes(num_nodes: int) -> dict[int, dict]:
