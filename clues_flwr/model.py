@@ -66,6 +66,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def module_names(text: str) -> tuple[str, ...]:
+    """``"q_proj, v_proj"`` (a run-config value) -> ("q_proj", "v_proj")."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What decides the weights a client and the server build: every party must agree."""
@@ -83,7 +88,7 @@ class ModelSpec:
         quantization = str(cfg["quantization"])
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        modules = tuple(m.strip() for m in str(cfg["lora-target-modules"]).split(",") if m.strip())
+        modules = module_names(str(cfg["lora-target-modules"]))
         if not modules:
             raise ValueError("lora-target-modules is empty: name at least one module, e.g. q_proj")
         return cls(

@@ -156,22 +156,21 @@ class CluesStrategy(FedAvg):
     def _score(self, grid: Grid, trajectories: dict[int | None, list[Checkpoint]], timeout: float) -> None:
         """Server-side anchor scores and τ per trajectory, then the clients' counts."""
         self.phase = "score"
-        public = {}
+        public = {}  # per trajectory: the message every client on it gets, and what the report keeps
         for key, trajectory in trajectories.items():
             val_sums, anchor_scores = self.score_anchors(trajectory)
-            tau = threshold(anchor_scores, self.threshold_rule, self.target_recall)
-            public[key] = (trajectory, val_sums, anchor_scores, tau)
-        nodes = list(self._nodes(grid)) if None in trajectories else list(trajectories)
-        messages = []
-        for node in nodes:
-            trajectory, val_sums, anchor_scores, tau = public[None if None in public else node]
+            info = {
+                "threshold": threshold(anchor_scores, self.threshold_rule, self.target_recall),
+                "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins),
+            }
             content = RecordDict(trajectory_records(trajectory, val_sums))
             content[SCORE_CONFIG_KEY] = score_config_record(self.score_config)
-            content["config"] = ConfigRecord(
-                {"threshold": tau, "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins)}
-            )
-            messages.append(Message(content=content, dst_node_id=node, message_type="query.score"))
-        taus = sorted({round(p[3], 6) for p in public.values()})
+            content["config"] = ConfigRecord(dict(info))
+            public[key] = (content, {**info, "anchor-scores": anchor_scores.tolist()})
+        shared = None in public
+        nodes = self._nodes(grid) if shared else list(public)
+        messages = [Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes]
+        taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
         say(f"score: threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule}); scoring {len(nodes)} client(s)")
         replies = grid.send_and_receive(messages, timeout=timeout)
         clients = {}
@@ -180,9 +179,7 @@ class CluesStrategy(FedAvg):
             row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(m["histogram"])}
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
-            key = None if None in public else node
-            row.update({"threshold": public[key][3], "histogram-edges": histogram_edges(public[key][2], self.histogram_bins)})
-            row["anchor-scores"] = public[key][2].tolist()
+            row.update(public[None if shared else node][1])
             clients[node] = row
             say(f"  client {node}: kept {row['kept']}/{row['total']}")
         self._enough(len(clients), "score")
