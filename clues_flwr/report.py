@@ -1,7 +1,7 @@
 """The run folder: final adapter, per-round metrics, the selection summary and its plot.
 
-Written into ``NAME.partial`` and renamed when complete, so a crash never leaves a folder
-that looks finished.
+Named ``NAME.partial`` until the run completes, so a crash never leaves a folder that looks
+finished; meanwhile ``state/`` (see ``resume``) lets ``resume-from`` continue it.
 """
 
 from __future__ import annotations
@@ -54,18 +54,42 @@ def plot_selection(selection: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(out_dir: Path, run_id: int, model, config: dict, rounds: list[dict], report: dict) -> Path:
-    """Stage the run folder and rename it into place."""
+PARTIAL = ".partial"
+
+
+def open_run(out_dir: Path, run_id: int, config: dict) -> Path:
+    """A new run folder, named ``NAME.partial`` until the run completes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
-    staging = final.with_name(final.name + ".partial")
-    model.save_pretrained(staging / "adapter")
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    folder = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}{PARTIAL}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def resumable(folder: Path, config: dict, free: tuple[str, ...]) -> Path:
+    """``folder`` if it is a run folder with a saved state and the same run config, up to
+    the ``free`` keys (e.g. the number of rounds); else one error that says why not."""
+    if not (folder / "state" / "state.json").is_file():
+        raise ValueError(f"resume-from {folder}: no saved state (state/state.json); not a run folder of this app, or the run stopped before its score phase")
+    saved = json.loads((folder / "config.json").read_text())["run_config"]
+    now = config["run_config"]
+    changed = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
+    if changed:
+        raise ValueError(f"resume-from {folder}: the run config differs in {', '.join(changed)}; only {', '.join(free)} may change")
+    return folder
+
+
+def finish_run(folder: Path, model, rounds: list[dict], report: dict) -> Path:
+    """Write the final adapter, metrics and selection, then drop the ``.partial`` suffix."""
+    model.save_pretrained(folder / "adapter")
     metrics = {"rounds": rounds, "trace": report.get("trace", {}), "failures": report.get("failures", [])}
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if report.get("selection"):
-        (staging / "selection.json").write_text(json.dumps(report["selection"], indent=2) + "\n")
+        (folder / "selection.json").write_text(json.dumps(report["selection"], indent=2) + "\n")
         if report["selection"].get("clients"):
-            plot_selection(report["selection"], staging / "selection.png")
-    staging.rename(final)
+            plot_selection(report["selection"], folder / "selection.png")
+    if not folder.name.endswith(PARTIAL):
+        return folder
+    final = folder.with_name(folder.name[: -len(PARTIAL)])
+    folder.rename(final)
     return final

@@ -12,12 +12,14 @@ from clues_flwr.data import Record
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, cached, initial_adapter, module_names, resolve_model_name, set_adapter_state
 from clues_flwr.partition import splits_for
-from clues_flwr.report import per_round, write_run
+from clues_flwr.report import finish_run, open_run, per_round, resumable
 from clues_flwr.scoring import ScoreConfig, anchor_scores
 from clues_flwr.sources import load_records
 from clues_flwr.strategy import CluesStrategy, say
 
 app = ServerApp()
+# Keys a resumed run may change: how far to go, and where the run folder was looked up.
+RESUME_FREE = ("num-server-rounds", "resume-from", "output-dir")
 
 
 def public_sets(run) -> dict[str, list[Record]]:
@@ -83,6 +85,11 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
+    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
+    if run["resume-from"]:
+        run_dir = resumable(Path(str(run["resume-from"])).expanduser().resolve(), config, RESUME_FREE)
+    else:
+        run_dir = open_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, config)
     strategy = strategy_from(
         run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg)
     )
@@ -102,13 +109,13 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         num_rounds=int(run["num-server-rounds"]),
         train_config=train_config,
         evaluate_fn=central_evaluate,
+        run_dir=run_dir,
     )
     if not result.arrays:
         say("no tuning round produced an aggregate: the run folder keeps the initial adapter")
     set_adapter_state(model, (result.arrays or initial).to_torch_state_dict())
     rounds = per_round(result.train_metrics_clientapp, result.evaluate_metrics_clientapp, result.evaluate_metrics_serverapp)
-    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
-    run_dir = write_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, model, config, rounds, strategy.report)
+    run_dir = finish_run(run_dir, model, rounds, strategy.report)
     say("per-round metrics:")
     for row in rounds:
         say("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

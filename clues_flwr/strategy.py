@@ -26,6 +26,7 @@ replies remain. A client that kept nothing replies 0 examples and takes no weigh
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from clues_flwr.aggregation import METHODS, aggregate, check_state, fedavg
 from clues_flwr.messages import MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
 from clues_flwr.metrics import selection_scores
+from clues_flwr.resume import RunState
 from clues_flwr.scoring import THRESHOLD_RULES, ScoreConfig, histogram_edges, threshold
 from clues_flwr.trajectory import Checkpoint
 
@@ -108,31 +110,86 @@ class CluesStrategy(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        run_dir: str | Path | None = None,
     ) -> Result:
+        """Trace, score and tune. With ``run_dir``, the state is saved there after the
+        score phase and every tuning round, and a run folder that holds a state continues
+        from it: the saved trajectory and τ are sent again (a selection lives on the nodes
+        for one run only), and tuning goes on after the last saved round."""
         base = dict(train_config or ConfigRecord())
         missing = [k for k in TRAIN_KEYS if k not in base]
         if missing:
             raise ValueError(f"train_config lacks {', '.join(missing)}: clients train with what the server sends")
         base.update({"score-layer": self.score_config.layer, "score-modules": list(self.score_config.modules)})
-        if self.selection == "clues":
+        store = RunState(run_dir) if run_dir is not None else None
+        saved = store.load() if store else None
+        if saved:
+            self.report = saved["report"]
+            say(f"resume: {run_dir} stands after tuning round {saved['round']}")
+        kept = saved.get("public") if saved else None  # the federated trajectory's τ and anchors
+        if self.mode == "merge":
+            num_rounds = 1
+        first = saved["round"] + 1 if saved and saved.get("adapter") else 1
+        if self.selection == "clues" and first <= num_rounds:
             self._trace_lr = float(base["lr"])
-            if self.mode == "federated":
-                trajectories = {None: self._trace_federated(grid, initial_arrays, base, timeout)}
+            if kept:
+                trajectory, val_sums = store.trajectory()
+                public = {None: (trajectory, val_sums, kept)}
+                say("resume: scoring again on the saved trajectory and threshold")
             else:
-                trajectories = self._trace_local(grid, initial_arrays, base, timeout)
-            self._score(grid, trajectories, timeout)
+                if self.mode == "federated":
+                    trajectories = {None: self._trace_federated(grid, initial_arrays, base, timeout)}
+                else:
+                    trajectories = self._trace_local(grid, initial_arrays, base, timeout)
+                public = self._public(trajectories)
+                if store and self.mode == "federated":
+                    trajectory, val_sums, kept = public[None]
+                    store.save_trajectory(trajectory, val_sums)
+                    store.save({"round": 0, "public": kept, "history": {}, "report": self.report})
+            self._score(grid, public, timeout)
         self.phase = "tune"
         tune = ConfigRecord({**base, "phase": "tune", "selection": self.selection})
         if self.mode == "merge":
             tune["local-epochs"] = self.local_epochs
-            num_rounds = 1
-        say(f"tune: {num_rounds} round(s) on {self.selection} data, aggregation {self.aggregation}")
-        return super().start(grid, initial_arrays, num_rounds, timeout, tune, evaluate_config, evaluate_fn)
+        history, arrays = Result(), initial_arrays
+        if first > 1:
+            history = _history_from(saved["history"])
+            arrays = history.arrays = ArrayRecord(saved["adapter"])
+        elif evaluate_fn:
+            _record(history.evaluate_metrics_serverapp, 0, evaluate_fn(0, initial_arrays))
+        say(f"tune: rounds {first}..{num_rounds} on {self.selection} data, aggregation {self.aggregation}")
+
+        def save(server_round: int, arrays: ArrayRecord, history: Result) -> None:
+            state = {"round": server_round, "public": kept, "history": _history_json(history), "report": self.report}
+            store.save(state, arrays.to_torch_state_dict())
+
+        rounds = range(first, num_rounds + 1)
+        return self._rounds(grid, arrays, rounds, tune, timeout, history, evaluate_config, evaluate_fn, save if store else None)
+
+    def _rounds(self, grid, arrays, rounds, config, timeout, history: Result, evaluate_config=None, evaluate_fn=None, after=None) -> Result:
+        """FedAvg's loop: train, aggregate, evaluate on clients and on the server; then
+        ``after(round, arrays, history)``. The trace rounds evaluate nothing."""
+        for server_round in rounds:
+            replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid), timeout=timeout)
+            merged, metrics = self.aggregate_train(server_round, replies)
+            if merged is not None:
+                arrays = history.arrays = merged
+            _record(history.train_metrics_clientapp, server_round, metrics)
+            if self.phase == "tune":
+                messages = list(self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid))
+                if messages:
+                    replies = grid.send_and_receive(messages, timeout=timeout)
+                    _record(history.evaluate_metrics_clientapp, server_round, self.aggregate_evaluate(server_round, replies))
+                if evaluate_fn:
+                    _record(history.evaluate_metrics_serverapp, server_round, evaluate_fn(server_round, arrays))
+            if after:
+                after(server_round, arrays, history)
+        return history
 
     def _trace_federated(self, grid, initial_arrays, base, timeout) -> list[Checkpoint]:
         say(f"trace: {self.trace_rounds} federated round(s) on all data")
         self.phase, self.trajectory = "trace", []
-        result = super().start(grid, initial_arrays, self.trace_rounds, timeout, ConfigRecord({**base, "phase": "trace"}))
+        result = self._rounds(grid, initial_arrays, range(1, self.trace_rounds + 1), ConfigRecord({**base, "phase": "trace"}), timeout, Result())
         self.report["trace"] = {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
         if not self.trajectory:
             raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
@@ -153,24 +210,32 @@ class CluesStrategy(FedAvg):
         self._enough(len(trajectories), "trace")
         return trajectories
 
-    def _score(self, grid: Grid, trajectories: dict[int | None, list[Checkpoint]], timeout: float) -> None:
-        """Server-side anchor scores and τ per trajectory, then the clients' counts."""
-        self.phase = "score"
-        public = {}  # per trajectory: the message every client on it gets, and what the report keeps
+    def _public(self, trajectories: dict[int | None, list[Checkpoint]]) -> dict[int | None, tuple]:
+        """Per trajectory: (trajectory, G_t, what the clients and the report learn: τ, the
+        histogram edges, the anchor scores)."""
+        public = {}
         for key, trajectory in trajectories.items():
             val_sums, anchor_scores = self.score_anchors(trajectory)
             info = {
                 "threshold": threshold(anchor_scores, self.threshold_rule, self.target_recall),
                 "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins),
+                "anchor-scores": anchor_scores.tolist(),
             }
-            content = RecordDict(trajectory_records(trajectory, val_sums))
-            content[SCORE_CONFIG_KEY] = score_config_record(self.score_config)
-            content["config"] = ConfigRecord(dict(info))
-            public[key] = (content, {**info, "anchor-scores": anchor_scores.tolist()})
+            public[key] = (trajectory, val_sums, info)
+        return public
+
+    def _score(self, grid: Grid, public: dict[int | None, tuple], timeout: float) -> None:
+        """Send each client its trajectory, G_t and τ; collect the counts."""
+        self.phase = "score"
+        content = {}
+        for key, (trajectory, val_sums, info) in public.items():
+            content[key] = RecordDict(trajectory_records(trajectory, val_sums))
+            content[key][SCORE_CONFIG_KEY] = score_config_record(self.score_config)
+            content[key]["config"] = ConfigRecord({k: info[k] for k in ("threshold", "histogram-edges")})
         shared = None in public
         nodes = self._nodes(grid) if shared else list(public)
-        messages = [Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes]
-        taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
+        messages = [Message(content=content[None if shared else n], dst_node_id=n, message_type="query.score") for n in nodes]
+        taus = sorted({round(info["threshold"], 6) for _, _, info in public.values()})
         say(f"score: threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule}); scoring {len(nodes)} client(s)")
         replies = grid.send_and_receive(messages, timeout=timeout)
         clients = {}
@@ -179,7 +244,7 @@ class CluesStrategy(FedAvg):
             row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(m["histogram"])}
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
-            row.update(public[None if shared else node][1])
+            row.update(public[None if shared else node][2])
             clients[node] = row
             say(f"  client {node}: kept {row['kept']}/{row['total']}")
         self._enough(len(clients), "score")
@@ -202,11 +267,6 @@ class CluesStrategy(FedAvg):
                 say(f"tune round {server_round}: nodes {dropped} have no selection (not scored) and are left out")
             messages = [m for m in messages if m.metadata.dst_node_id in self.scored_nodes]
         return messages
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.phase == "trace":
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = [
@@ -279,6 +339,25 @@ class CluesStrategy(FedAvg):
     def _enough(self, count: int, phase: str) -> None:
         if count < self.min_train_nodes:
             raise RuntimeError(f"{phase}: {count} client(s) replied, min-train-nodes is {self.min_train_nodes}")
+
+
+def _record(history: dict[int, MetricRecord], server_round: int, metrics: MetricRecord | None) -> None:
+    if metrics is not None:
+        history[server_round] = metrics
+
+
+def _history_json(history: Result) -> dict:
+    return {
+        name: {str(r): dict(m) for r, m in getattr(history, name).items()}
+        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")
+    }
+
+
+def _history_from(saved: dict) -> Result:
+    history = Result()
+    for name, rounds in saved.items():
+        getattr(history, name).update({int(r): MetricRecord(m) for r, m in rounds.items()})
+    return history
 
 
 def _mean_metrics(records: list[MetricRecord], weights: list[float]) -> dict[str, float]:

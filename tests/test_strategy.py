@@ -230,3 +230,66 @@ def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
         assert clients[str(node)]["total"] == len(site) - max(1, int(0.1 * len(site)))
     assert sum(sizes) == 90
     assert sum(c["tp"] + c["fn"] for c in clients.values()) < sum(c["total"] for c in clients.values())
+
+
+class Stopped(Exception):
+    """The server going down: raised out of the grid, as a lost SuperLink connection is."""
+
+
+class StopsAtTuneRound(LocalGrid):
+    def __init__(self, *args, round: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.round = round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        cfg = messages[0].content["config"] if messages else {}
+        if cfg.get("phase") == "tune" and cfg.get("server-round") == self.round:
+            raise Stopped
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_path):
+    rounds = {"num-server-rounds": 3}
+    _, whole = run(tmp_path / "whole", **rounds)
+    cfg = run_config(tmp_path / "stopped", **rounds)
+    with pytest.raises(Stopped):
+        server_app.run_clues(StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=3), cfg)
+    (partial,) = (tmp_path / "stopped").iterdir()
+    assert partial.name.endswith(".partial") and not (partial / "metrics.json").exists()
+    assert load(partial / "state", "state.json")["round"] == 2
+
+    resumed_cfg = {**cfg, "resume-from": str(partial)}
+    trained = set()
+
+    def note_training(node, msg):
+        if msg.metadata.message_type == "train":
+            trained.add((msg.content["config"]["phase"], msg.content["config"]["server-round"]))
+
+    grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), resumed_cfg, before=note_training)
+    folder = server_app.run_clues(grid, resumed_cfg)
+    assert folder == partial.with_name(partial.name.removesuffix(".partial")) and not partial.exists()
+    assert trained == {("tune", 3)}, "no trace round and no earlier tuning round runs again"
+    # Two uninterrupted runs already differ by ~1e-7 here (CPU float reductions), hence approx.
+    got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        assert a["test-loss"] == pytest.approx(b["test-loss"], rel=1e-5)
+    assert load(folder, "selection.json")["clients"].keys() == load(whole, "selection.json")["clients"].keys()
+    assert load(folder, "selection.json")["counts"] == load(whole, "selection.json")["counts"]
+    assert load_file(folder / "adapter" / "adapter_model.safetensors").keys() == load_file(whole / "adapter" / "adapter_model.safetensors").keys()
+    for key, value in load_file(whole / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(load_file(folder / "adapter" / "adapter_model.safetensors")[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
+    _, folder = run(tmp_path / "runs")
+    changed = run_config(tmp_path / "runs", **{"resume-from": str(folder), "learning-rate": 0.1})
+    with pytest.raises(ValueError, match="differs in learning-rate"):
+        server_app.run_clues(LocalGrid(client_app.app, demo_nodes(NUM_NODES), changed), changed)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = run_config(tmp_path / "runs", **{"resume-from": str(empty)})
+    with pytest.raises(ValueError, match="no saved state"):
+        server_app.run_clues(LocalGrid(client_app.app, demo_nodes(NUM_NODES), cfg), cfg)
