@@ -11,13 +11,13 @@ from __future__ import annotations
 import gettext
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-from clues_flwr.pollution import pollute
+from clues_flwr.pollution import KINDS, pollute
 
 Record = dict[str, str]
 
@@ -145,6 +145,11 @@ class DemoSplits:
     pools: list[list[Record]]
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"q_proj, v_proj"`` (a run-config value) -> ("q_proj", "v_proj")."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def parse_ratios(text: str) -> list[float]:
     """``"0.8,0.2,0.1,0.5"`` -> floats, with an error naming the setting."""
     try:
@@ -162,8 +167,10 @@ def demo_splits(
     pollution_ratios: Sequence[float] = (0.8, 0.2, 0.1, 0.5),
     test_size: int = 200,
     seed: int = 0,
+    kinds: Sequence[str] = (),
 ) -> DemoSplits:
-    """Split the demo deterministically; client ``i`` is polluted at ``ratios[i % len]``.
+    """Split the demo deterministically; client ``i`` is polluted at ``ratios[i % len]``
+    with ``kinds`` taking turns (default: all).
 
     The pretraining corpus is fixed by hash; anchors, validation and test come first from
     the shuffled rest, then one pool per client.
@@ -188,6 +195,7 @@ def demo_splits(
             pollution_ratios[i % len(pollution_ratios)],
             seed=seed * 1000 + i,
             translations=translations,
+            kinds=tuple(kinds) or KINDS,
         )
         for i in range(num_clients)
     ]
@@ -217,19 +225,37 @@ def pretrain_text(record: Record) -> str:
     return f"{record['instruction']}\n{record['input']}\n{record['output']}"
 
 
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _answer(record: Record, tokenizer, max_len: int) -> list[int]:
+    """The answer and its end-of-sequence token, cut to leave the prompt one token."""
+    a = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    return (a + [tokenizer.eos_token_id])[: max_len - len(_bos(tokenizer)) - 1]
+
+
 def encode(record: Record, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels with the prompt masked (-100): loss on the answer only.
 
     The prompt is truncated from the left when the whole does not fit, so the answer
     and its end-of-sequence token are kept.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = _bos(tokenizer)
     p = tokenizer(prompt(record), add_special_tokens=False)["input_ids"]
-    a = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    a = (a + [tokenizer.eos_token_id])[: max_len - len(bos) - 1]
+    a = _answer(record, tokenizer, max_len)
     p = p[max(0, len(p) - (max_len - len(bos) - len(a))) :]
     ids = bos + p + a
     return ids, [-100] * (len(bos) + len(p)) + a
+
+
+def encode_answer(record: Record, tokenizer, max_len: int) -> tuple[list[int], list[int]]:
+    """The answer with no prompt, all of it labelled: the same tokens ``encode`` scores,
+    so a loss ratio between the two compares like with like (IFD's s(A|Q) / s(A)).
+    Without a BOS token the first answer token has no context and drops out of the loss."""
+    bos = _bos(tokenizer)
+    a = _answer(record, tokenizer, max_len)
+    return bos + a, [-100] * len(bos) + a
 
 
 def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -251,11 +277,12 @@ def batches(
     batch_size: int,
     max_len: int,
     seed: int | None = None,
+    encoder: Callable[[Record, object, int], tuple[list[int], list[int]]] = encode,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches over the records once; shuffled when a seed is given."""
     order = list(range(len(records)))
     if seed is not None:
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        chunk = [encode(records[i], tokenizer, max_len) for i in order[start : start + batch_size]]
+        chunk = [encoder(records[i], tokenizer, max_len) for i in order[start : start + batch_size]]
         yield collate(chunk, tokenizer.pad_token_id)

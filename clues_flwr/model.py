@@ -17,6 +17,8 @@ from urllib.request import url2pathname
 
 import torch
 
+from clues_flwr.data import parse_names
+
 # bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16 (always
 # so on CPU): one line per layer per step would drown the run's output.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
@@ -66,11 +68,6 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def module_names(text: str) -> tuple[str, ...]:
-    """``"q_proj, v_proj"`` (a run-config value) -> ("q_proj", "v_proj")."""
-    return tuple(m.strip() for m in text.split(",") if m.strip())
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What decides the weights a client and the server build: every party must agree."""
@@ -88,7 +85,7 @@ class ModelSpec:
         quantization = str(cfg["quantization"])
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        modules = module_names(str(cfg["lora-target-modules"]))
+        modules = parse_names(str(cfg["lora-target-modules"]))
         if not modules:
             raise ValueError("lora-target-modules is empty: name at least one module, e.g. q_proj")
         return cls(

@@ -16,7 +16,7 @@ from functools import lru_cache
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
+from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_names, parse_ratios
 from clues_flwr.pollution import KINDS, pollute
 from clues_flwr.sources import load_records
 
@@ -88,13 +88,15 @@ def pollute_partitions(
     ratios: Sequence[float],
     seed: int,
     translations: Mapping[str, Sequence[str]] | None = None,
+    kinds: Sequence[str] = (),
 ) -> list[list[Record]]:
     """Client ``i`` polluted at ``ratios[i % len(ratios)]`` with the seed rule of
-    ``data.demo_splits``, so equal chunks give the demo's pools. Without translations
-    there is nothing to answer in another language, so that kind is left out."""
+    ``data.demo_splits``, so equal chunks give the demo's pools. ``kinds`` (default: all)
+    take turns; without translations there is nothing to answer in another language, so
+    that kind is then left out of the default and refused if named."""
     if not ratios:
         raise ValueError("pollution ratios: need at least one")
-    kinds = KINDS if translations else tuple(k for k in KINDS if k != "mixed-language")
+    kinds = tuple(kinds) or (KINDS if translations else tuple(k for k in KINDS if k != "mixed-language"))
     return [
         pollute(
             records,
@@ -123,15 +125,18 @@ def federated_splits(
     split: str = "train",
     subset: str = "",
     num_samples: int = 0,
+    client_samples: int = 0,
     scheme: str = "iid",
     by: str = "",
     ratios: tuple[float, ...] = (0.0,),
+    kinds: tuple[str, ...] = (),
     test_size: int = 200,
     seed: int = 0,
 ) -> DemoSplits:
     """A simulated federation from one dataset: anchors, validation and test drawn first
     (kept clean, as public sets are), then ``num_samples`` records (0: all the rest)
-    partitioned over the clients and polluted per client. Deterministic, so the server
+    partitioned over the clients, each client capped at ``client_samples`` (0: no cap;
+    the paper's 1,052 per MMedBench language) and polluted. Deterministic, so the server
     and every client derive the same splits from the run config alone."""
     records = load_records(source, preset=preset or None, split=split, subset=subset or None, keep=(by,) if by else ())
     public = NUM_ANCHORS + NUM_VALIDATION + test_size
@@ -142,16 +147,24 @@ def federated_splits(
     test, private = shuffled[NUM_ANCHORS + NUM_VALIDATION : public], shuffled[public:]
     if num_samples:
         private = take(private, num_samples, seed + 1)
-    pools = pollute_partitions(partition(private, num_clients, scheme, by=by or None, seed=seed), ratios, seed) if num_clients else []
+    if not num_clients:
+        return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=[])
+    parts = partition(private, num_clients, scheme, by=by or None, seed=seed)
+    if client_samples:
+        small = min(range(num_clients), key=lambda i: len(parts[i]))
+        if len(parts[small]) < client_samples:
+            raise ValueError(f"client-samples {client_samples}: client {small} has only {len(parts[small])} records")
+        parts = [take(part, client_samples, seed + 2 + i) for i, part in enumerate(parts)]
+    pools = pollute_partitions(parts, ratios, seed, kinds=kinds)
     return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=pools)
 
 
 def splits_for(run, num_clients: int) -> DemoSplits:
     """The splits a run config describes: those of ``dataset`` when it names one, else the
     demo's. ``num_clients`` 0 gives the public sets only (what the server needs)."""
-    ratios = parse_ratios(str(run["pollution"]))
+    ratios, kinds = parse_ratios(str(run["pollution"])), parse_names(str(run["pollution-kinds"]))
     if not run["dataset"]:
-        return demo_splits(num_clients, int(run["demo-pool-size"]), ratios, int(run["test-size"]), int(run["seed"]))
+        return demo_splits(num_clients, int(run["demo-pool-size"]), ratios, int(run["test-size"]), int(run["seed"]), kinds)
     return federated_splits(
         str(run["dataset"]),
         num_clients,
@@ -159,9 +172,11 @@ def splits_for(run, num_clients: int) -> DemoSplits:
         split=str(run["dataset-split"]),
         subset=str(run["dataset-subset"]),
         num_samples=int(run["num-samples"]),
+        client_samples=int(run["client-samples"]),
         scheme=str(run["partition"]),
         by=str(run["partition-by"]),
         ratios=tuple(ratios),
+        kinds=kinds,
         test_size=int(run["test-size"]),
         seed=int(run["seed"]),
     )

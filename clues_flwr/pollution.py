@@ -79,6 +79,11 @@ def pollute(
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"pollution ratio must be in [0, 1], got {ratio}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"pollution-kinds: unknown {', '.join(map(repr, unknown)) or '(none given)'}; known: {', '.join(KINDS)}")
+    if "mixed-language" in kinds and not translations:
+        raise ValueError("pollution-kinds: mixed-language needs translations, which only the demo data has")
     rng = random.Random(seed)
     answers = sorted({r["output"] for r in records})
     generators: dict[str, Callable[[Record], Record]] = {

@@ -8,9 +8,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clues_flwr.data import Record
+from clues_flwr.data import Record, parse_names
 from clues_flwr.metrics import answer_accuracy, eval_loss
-from clues_flwr.model import ModelSpec, cached, initial_adapter, module_names, resolve_model_name, set_adapter_state
+from clues_flwr.model import ModelSpec, cached, initial_adapter, resolve_model_name, set_adapter_state
 from clues_flwr.partition import splits_for
 from clues_flwr.report import finish_run, open_run, per_round, resumable
 from clues_flwr.scoring import ScoreConfig, anchor_scores
@@ -33,7 +33,7 @@ def public_sets(run) -> dict[str, list[Record]]:
 def score_config(run) -> ScoreConfig:
     return ScoreConfig(
         layer=int(run["score-layer"]),
-        modules=module_names(str(run["score-modules"])),
+        modules=parse_names(str(run["score-modules"])),
         precondition=str(run["precondition"]),
         bias_correction=bool(run["bias-correction"]),
         precondition_validation=bool(run["precondition-validation"]),

@@ -197,12 +197,17 @@ def _file_rows(path: Path, format: str) -> Iterable[dict]:
     return READERS[format](path)
 
 
+FILE_COLUMN = "file"
+
+
 def _folder_files(folder: Path, split: str, subset: str | None) -> list[Path] | None:
     """The data files of a folder's split, named after the subset if one is given, for
     layouts that ``datasets`` misreads: one file per subset (MMedBench's
     ``Train/English.jsonl``) or split folders named in capitals, which it merges into one
     train split. Those under a folder named after the split, else the subset's one file;
-    None leaves the folder to ``datasets``."""
+    None leaves the folder to ``datasets``. Their rows carry the file's stem in column
+    ``file`` (unless they have one), so ``partition-by = "file"`` gives each client one
+    file: one language per client for MMedBench."""
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in FORMATS]
     if subset is not None:
         matches = [p for p in files if p.stem.lower() == subset.lower()]
@@ -320,7 +325,7 @@ def load_records(
             name = f"folder {path} ({what}, {len(files)} files)"
             if len(files) == 1:
                 name = f"data file {files[0]}"
-            rows = (row for f in files for row in _file_rows(f, "auto"))
+            rows = ({FILE_COLUMN: f.stem, **row} for f in files for row in _file_rows(f, "auto"))
     elif format != "auto" or _looks_like_path(source):
         raise FileNotFoundError(f"data file {path} does not exist")
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from clues_flwr.data import demo_records, demo_splits
-from clues_flwr.partition import partition, pollute_partitions, take
+from clues_flwr.partition import federated_splits, partition, pollute_partitions, take
 from clues_flwr.pollution import LOW
 
 
@@ -109,6 +109,33 @@ def test_pollute_partitions_without_translations_skips_mixed_language():
     assert kinds == {"cut", "deletion", "exchange", "random-noise"}
     with pytest.raises(ValueError, match="ratios"):
         pollute_partitions([_records(4)], [], seed=0)
+
+
+def test_pollution_kinds_can_be_chosen_and_are_checked():
+    polluted = pollute_partitions([_records(20)], [1.0], seed=0, kinds=("random-noise",))
+    assert {r["pollution"] for r in polluted[0]} == {"random-noise"}
+    with pytest.raises(ValueError, match="pollution-kinds: unknown 'typo'"):
+        pollute_partitions([_records(4)], [1.0], seed=0, kinds=("typo",))
+    with pytest.raises(ValueError, match="mixed-language needs translations"):
+        pollute_partitions([_records(4)], [1.0], seed=0, kinds=("mixed-language",))
+    demo = demo_splits(2, 20, [0.5], test_size=10, kinds=("cut", "exchange"))
+    assert {r["pollution"] for p in demo.pools for r in p} == {"none", "cut", "exchange"}
+
+
+def test_natural_partitions_capped_per_client(tmp_path):
+    import json
+
+    rows = [{"instruction": "q", "input": f"{lang} {i}", "output": f"a{i}", "file": lang} for lang, n in (("en", 300), ("fr", 290), ("ja", 280)) for i in range(n)]
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = federated_splits(str(path), 3, client_samples=200, scheme="natural", by="file", ratios=(0.25,), kinds=("random-noise",), test_size=20)
+    assert [len(p) for p in splits.pools] == [200, 200, 200]
+    assert [{r["file"] for r in p} for p in splits.pools] == [{"en"}, {"fr"}, {"ja"}]
+    assert all(sum(r["quality"] == LOW for r in p) == 50 for p in splits.pools)
+    public = {r["input"] for r in splits.anchors + splits.validation + splits.test}
+    assert not public & {r["input"] for p in splits.pools for r in p}
+    with pytest.raises(ValueError, match="client-samples 300: client 2 has only"):
+        federated_splits(str(path), 3, client_samples=300, scheme="natural", by="file", test_size=20)
 
 
 def test_pollute_partitions_reproduces_demo_pools():

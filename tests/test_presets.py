@@ -23,3 +23,31 @@ def test_preset_keys_are_known(path):
     for key, value in preset.items():
         expected = type(defaults[key])
         assert isinstance(value, expected) or (expected is float and isinstance(value, int)), f"{path.name}: {key} = {value!r} is not {expected.__name__}"
+
+
+def test_demo_preset_states_the_defaults():
+    preset = tomllib.loads((PRESETS[0].parent / "demo.toml").read_text())
+    defaults = app_defaults()
+    assert {k: defaults[k] for k in preset} == preset
+
+
+def test_mmedbench_preset_gives_each_site_one_language(tmp_path):
+    import json
+
+    from clues_flwr.partition import splits_for
+
+    languages = ["Chinese", "English", "French", "Japanese", "Russian", "Spanish"]
+    for lang in languages:
+        rows = [
+            {"question": f"{lang} question {i}?", "options": {"A": "yes", "B": "no"}, "answer_idx": "A", "answer": "yes", "rationale": "Because."}
+            for i in range(30)
+        ]
+        (tmp_path / "Train").mkdir(exist_ok=True)
+        (tmp_path / "Train" / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    preset = tomllib.loads((PRESETS[0].parent / "mmedbench.toml").read_text())
+    run = {**app_defaults(), **preset, "dataset": str(tmp_path), "client-samples": 12, "test-size": 20}
+    pools = splits_for(run, 6).pools
+    assert [len(p) for p in pools] == [12] * 6
+    for lang, pool in zip(languages, pools):
+        assert {r["input"].split()[0] for r in pool} == {lang}
+        assert {r["pollution"] for r in pool} <= {"none", "random-noise"}

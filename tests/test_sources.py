@@ -229,6 +229,11 @@ def test_mmedbench_split_folder_without_subset_reads_every_language(mmedbench):
     assert len(load_records(str(mmedbench), preset="Henrychur/MMedBench", split="test")) == 1
 
 
+def test_rows_of_a_folder_read_file_by_file_carry_their_file(mmedbench):
+    train = load_records(str(mmedbench), preset="Henrychur/MMedBench", keep=("file",))
+    assert [r["file"] for r in train] == ["Chinese", "English"]  # one language per file
+
+
 def test_mmedbench_through_datasets_drops_the_letters_a_row_lacks(tmp_path, hf_cache):
     folder = tmp_path / "mmed"
     write_jsonl(
