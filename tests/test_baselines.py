@@ -1,0 +1,197 @@
+import copy
+
+import pytest
+import torch
+
+from clues_flwr.baselines import (
+    METHODS,
+    answer_losses,
+    baseline_scores,
+    datainf_direction,
+    datainf_scores,
+    direction_from_grads,
+    ifd_scores,
+    keep_top,
+    layer_slices,
+    lora_names,
+    oracle_scores,
+    random_scores,
+)
+from clues_flwr.data import batches, demo_splits, encode, encode_answer, prompt
+from clues_flwr.metrics import auroc
+from clues_flwr.model import ModelSpec, build, load_tokenizer
+from clues_flwr.scoring import dropout_off, per_sample_loss
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors this small gain nothing from threads and lose a lot when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo backbone with a fresh adapter (B = 0), a float64 copy whose B is random
+    (so every LoRA weight has a gradient), and a half-polluted pool."""
+    tok = load_tokenizer(":demo:")
+    model = build(ModelSpec(quantization="none"))
+    model64 = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(0)
+    for n, p in model64.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.05
+    splits = demo_splits(num_clients=1, pool_size=60, pollution_ratios=(0.5,))
+    return tok, model, model64, splits.validation, splits.pools[0]
+
+
+def hand_nll(model, ids, answer):
+    """Mean −log p of ``answer``, the last tokens of ``ids``, from one unpadded forward."""
+    dropout_off(model)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    start = len(ids) - len(answer)
+    return -sum(float(logp[start + j - 1, t]) for j, t in enumerate(answer)) / len(answer)
+
+
+def test_answer_losses_and_ifd_match_a_float64_hand_loop(demo):
+    tok, _, model, _, pool = demo
+    records = pool[:9]
+    conditioned = answer_losses(model, tok, records, batch_size=4, max_len=96)
+    direct = answer_losses(model, tok, records, batch_size=4, max_len=96, prompted=False)
+    ref_cond, ref_direct = [], []
+    for r in records:
+        p = [tok.bos_token_id] + tok(prompt(r), add_special_tokens=False)["input_ids"]
+        a = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ref_cond.append(hand_nll(model, p + a, a))
+        ref_direct.append(hand_nll(model, [tok.bos_token_id] + a, a))
+    ref_cond, ref_direct = torch.tensor(ref_cond, dtype=torch.float64), torch.tensor(ref_direct, dtype=torch.float64)
+    errs = rel_err(conditioned, ref_cond), rel_err(direct, ref_direct)
+    print(f"s(A|Q) relative error {errs[0]:.1e}, s(A) {errs[1]:.1e}")
+    assert conditioned.dtype == torch.float64 and max(errs) <= 1e-12  # measured 3e-16 and 1.5e-16
+    ifd = -ifd_scores(model, tok, records, batch_size=4, max_len=96)
+    assert rel_err(ifd, ref_cond / ref_direct) <= 1e-12
+    assert torch.equal(baseline_scores("perplexity", model, tok, records, batch_size=4, max_len=96), -conditioned)
+
+
+def test_answer_alone_scores_the_same_tokens_as_training_when_truncated(demo):
+    tok, *_, pool = demo
+    for r in pool[:10]:
+        for max_len in (6, 12, 96):
+            ids, labels = encode(r, tok, max_len)
+            alone_ids, alone_labels = encode_answer(r, tok, max_len)
+            assert [t for t in labels if t != -100] == [t for t in alone_labels if t != -100]
+            assert alone_ids[0] == tok.bos_token_id and alone_labels[0] == -100 and len(ids) <= max_len
+
+
+def brute_influence(hessian, val, test, slices, damping=0.1):
+    """I(z_k) = −Σ_l v_lᵀ [(1/n) Σ_i (g_il g_ilᵀ + λ_l I)⁻¹] g_kl with explicit inverses."""
+    v = val.mean(0)
+    out = torch.zeros(len(test), dtype=torch.float64)
+    for s in slices:
+        g = hessian[:, s]
+        d = g.shape[1]
+        lam = damping * g.pow(2).sum(1).mean() / d
+        if lam == 0:
+            continue
+        inv_mean = sum(torch.linalg.inv(torch.outer(gi, gi) + lam * torch.eye(d, dtype=torch.float64)) for gi in g) / len(g)
+        out -= test[:, s] @ (inv_mean @ v[s])
+    return out
+
+
+@pytest.mark.parametrize("separate_validation", [True, False])
+def test_datainf_direction_equals_explicit_inverse_hessians(separate_validation):
+    g = torch.Generator().manual_seed(1)
+    hessian = torch.randn(7, 36, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 36, dtype=torch.float64)
+    hessian[:, 30:] = 0  # a layer without gradient (lora_A while B = 0)
+    val = torch.randn(5, 36, generator=g, dtype=torch.float64) if separate_validation else hessian
+    test = torch.randn(4, 36, generator=g, dtype=torch.float64)
+    slices = [slice(0, 12), slice(12, 30), slice(30, 36)]
+    u = direction_from_grads(
+        lambda: hessian.split(3), (lambda: val.split(2)) if separate_validation else None, slices
+    )
+    brute = brute_influence(hessian, val, test, slices)
+    err = rel_err(test @ u, brute)
+    print(f"DataInf u·g vs explicit inverse: relative error {err:.1e}")
+    assert err <= 1e-12  # measured 9e-16 and 1.4e-15
+    assert torch.equal(u[30:], torch.zeros(6, dtype=torch.float64))
+
+
+def loop_grads(model, tok, records, names):
+    """Reference: one record at a time, an ordinary backward of its loss."""
+    dropout_off(model)
+    params = dict(model.named_parameters())
+    rows = []
+    for r in records:
+        batch = next(batches([r], tok, 1, 96))
+        loss = per_sample_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])[0]
+        rows.append(torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, [params[n] for n in names])]))
+    return torch.stack(rows).double()
+
+
+def test_datainf_on_the_demo_model_matches_a_per_sample_loop(demo):
+    tok, _, model, val, pool = demo
+    names = lora_names(model)
+    slices = layer_slices(model, names)
+    assert len(names) == 16 and [s.stop - s.start for s in slices] == [2 * 16 * 128] * 8
+    train, val = pool[:6], val[:5]
+    g_train, g_val = loop_grads(model, tok, train, names), loop_grads(model, tok, val, names)
+    assert g_train[:, :16 * 128].abs().sum(1).min() > 0  # lora_A has a gradient
+    u = datainf_direction(model, tok, val, hessian=train, batch_size=4, max_len=96)
+    u_ref = direction_from_grads(lambda: [g_train], lambda: [g_val], slices)
+    scores = datainf_scores(model, tok, train, u, batch_size=4, max_len=96)
+    errs = rel_err(u, u_ref), rel_err(scores, -(g_train @ u))
+    print(f"DataInf on the demo model: u relative error {errs[0]:.1e}, scores {errs[1]:.1e}")
+    assert max(errs) <= 1e-12  # measured 2.2e-15 and 7e-16
+    public = datainf_direction(model, tok, val, batch_size=4, max_len=96)
+    assert rel_err(public, direction_from_grads(lambda: [g_val], None, slices)) <= 1e-12
+    with pytest.raises(ValueError, match="needs direction"):
+        baseline_scores("datainf", model, tok, train, batch_size=4, max_len=96)
+    with pytest.raises(ValueError, match="entries"):
+        datainf_scores(model, tok, train, u[:-1], batch_size=4, max_len=96)
+
+
+def test_keep_top_counts_and_ties():
+    s = [0.5, 0.9, 0.5, 0.1, 0.5]
+    assert keep_top(s, 0.4).tolist() == [True, True, False, False, False]
+    assert keep_top(s, 0.6).tolist() == [True, True, True, False, False]
+    assert keep_top(s, 0.01).tolist() == [False, True, False, False, False]
+    assert keep_top(s, 1.0).all()
+    assert int(keep_top(torch.arange(100.0), 0.07).sum()) == 7  # 0.07 * 100 = 7.000000000000001
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep ratio"):
+            keep_top(s, bad)
+    with pytest.raises(ValueError, match="NaN"):
+        keep_top([1.0, float("nan")], 0.5)
+
+
+def test_oracle_and_random():
+    records = [{"output": "a", "quality": "high"}, {"output": "b", "quality": "low"}, {"output": "c", "quality": "high"}]
+    assert oracle_scores(records).tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="record 1 has no quality label"):
+        oracle_scores([records[0], {"output": "b"}])
+    a, b = random_scores(50, seed=3), random_scores(50, seed=4)
+    assert a.dtype == torch.float64 and torch.equal(a, random_scores(50, seed=3)) and not torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) < 1
+    with pytest.raises(ValueError, match="method must be one of"):
+        baseline_scores("cherry", None, None, records, batch_size=1, max_len=8)
+
+
+def test_demo_clean_records_outrank_polluted_ones(demo):
+    """At the fresh adapter, i.e. the pretrained demo backbone, on 30 clean + 30 polluted records."""
+    tok, model, _, val, pool = demo
+    clean = [r["quality"] == "high" for r in pool]
+    direction = datainf_direction(model, tok, val[:20], batch_size=16, max_len=96)
+    aurocs = {
+        m: auroc(baseline_scores(m, model, tok, pool, batch_size=16, max_len=96, direction=direction).tolist(), clean)
+        for m in METHODS
+    }
+    print("demo AUROC (clean vs polluted):", {m: round(a, 3) for m, a in aurocs.items()})
+    # measured: perplexity 0.982, ifd 0.990, datainf 0.568, random 0.484, oracle 1.0
+    assert aurocs["perplexity"] > 0.9 and aurocs["ifd"] > 0.9 and aurocs["oracle"] == 1.0
