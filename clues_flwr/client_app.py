@@ -17,8 +17,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clues_flwr.baselines import baseline_scores, keep_top
 from clues_flwr.data import Record, split_heldout
 from clues_flwr.messages import (
+    DIRECTION_KEY,
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
     moments_record,
@@ -48,17 +50,16 @@ class Site:
 
 def selected(records: list[Record], selection: str, context: Context) -> list[Record]:
     """The records a tuning round trains on: all (``none``), the clean ones by label
-    (``oracle``, benchmarks only) or those that passed τ in the score phase (``clues``)."""
+    (``oracle``, benchmarks only) or, for CLUES and the baselines, those that passed in
+    the score phase."""
     if selection == "none":
         return records
     if selection == "oracle":
         if any("quality" not in r for r in records):
             raise ValueError("selection 'oracle' needs a quality label on every record")
         return [r for r in records if r["quality"] == "high"]
-    if selection != "clues":
-        raise ValueError(f"unknown selection {selection!r}: expected none, clues or oracle")
     if SELECTION_KEY not in context.state:
-        raise RuntimeError("no CLUES selection on this node: it did not take part in the score phase")
+        raise RuntimeError(f"no {selection} selection on this node: it did not take part in the score phase")
     keep = context.state[SELECTION_KEY]["keep"].numpy()
     if len(keep) != len(records):
         raise RuntimeError(f"the stored selection covers {len(keep)} records but the site now has {len(records)}")
@@ -138,13 +139,29 @@ class CluesClient:
         return reply
 
     def score(self, msg: Message, context: Context) -> Message:
-        """Score every record on the server's trajectory, keep S(z) ≥ τ, reply with counts."""
+        """Score every record, keep S(z) ≥ τ (or the top ``keep-ratio``), reply with counts."""
         content = msg.content
         cfg = content["config"]
         site = self.site(context)
-        trajectory, val_sums = trajectory_from(content)
-        s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score_config_from(content[SCORE_CONFIG_KEY]))
-        keep = (s >= float(cfg["threshold"])).tolist()
+        method = str(cfg["method"])
+        if method == "clues":
+            trajectory, val_sums = trajectory_from(content)
+            s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score_config_from(content[SCORE_CONFIG_KEY]))
+        else:
+            set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
+            direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
+            s = baseline_scores(
+                method,
+                site.model,
+                site.tokenizer,
+                site.records,
+                batch_size=int(cfg["batch-size"]),
+                max_len=int(cfg["max-seq-len"]),
+                seed=int(cfg["seed"]) + context.node_id,
+                direction=direction,
+            )
+        ratio = float(cfg["keep-ratio"])
+        keep = (keep_top(s, ratio) if ratio else s >= float(cfg["threshold"])).tolist()
         context.state[SELECTION_KEY] = ArrayRecord({"keep": torch.tensor(keep, dtype=torch.int8)})
         metrics = {"kept": sum(keep), "total": len(keep), "histogram": histogram(s.tolist(), list(cfg["histogram-edges"]))}
         if site.records and all("quality" in r for r in site.records):

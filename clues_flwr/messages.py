@@ -8,7 +8,9 @@ client → server, ``train``: the trained adapter, in a trace round also the sco
     AdamW moments (``moments``) or, in merge mode, the whole local trajectory; metrics
     ``train-loss``, ``num-examples`` (records trained on) and ``adam-step``.
 server → client, ``query.score``: the trajectory (adapters, scoring-layer moments), the
-    validation sums G_t, η_t, τ, the histogram edges and the scoring settings.
+    validation sums G_t, η_t, τ (or the keep ratio), the histogram edges and the scoring
+    settings; for a baseline instead the initial adapter, its name, batch size, length
+    and seed, and for DataInf the direction u computed on the public validation set.
 client → server, ``query.score``: counts only: ``kept``, ``total``, a histogram over the
     server's fixed edges and, when records carry a quality label, ``tp fp fn tn``.
 
@@ -27,6 +29,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAJECTORY_KEY = "trajectory"
 SCORE_CONFIG_KEY = "score-config"
 MOMENTS_KEY = "moments"
+DIRECTION_KEY = "direction"
 
 
 def moments_record(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor]) -> ArrayRecord:

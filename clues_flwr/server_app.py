@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from clues_flwr.baselines import baseline_scores, datainf_direction
 from clues_flwr.data import Record, parse_names
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, cached, initial_adapter, resolve_model_name, set_adapter_state
@@ -43,7 +44,7 @@ def score_config(run) -> ScoreConfig:
     )
 
 
-def strategy_from(run, score_anchors) -> CluesStrategy:
+def strategy_from(run, score_anchors, score_baseline=None) -> CluesStrategy:
     min_train = int(run["min-train-nodes"])
     return CluesStrategy(
         score_anchors=score_anchors,
@@ -57,6 +58,8 @@ def strategy_from(run, score_anchors) -> CluesStrategy:
         ties_density=float(run["ties-density"]),
         local_epochs=int(run["local-epochs"]),
         histogram_bins=int(run["histogram-bins"]),
+        keep_ratio=float(run["keep-ratio"]),
+        score_baseline=score_baseline,
         fraction_train=float(run["fraction-train"]),
         fraction_evaluate=float(run["fraction-evaluate"]),
         min_train_nodes=min_train,
@@ -90,8 +93,14 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         run_dir = resumable(Path(str(run["resume-from"])).expanduser().resolve(), config, RESUME_FREE)
     else:
         run_dir = open_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, config)
+    def score_baseline(method: str, adapter: dict) -> tuple:
+        set_adapter_state(model, adapter)
+        sizes = {"batch_size": batch_size, "max_len": cfg.max_len}
+        direction = datainf_direction(model, tokenizer, public["validation"], **sizes) if method == "datainf" else None
+        return baseline_scores(method, model, tokenizer, public["anchor"], seed=int(run["seed"]), direction=direction, **sizes), direction
+
     strategy = strategy_from(
-        run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg)
+        run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg), score_baseline
     )
     train_config = ConfigRecord(
         {

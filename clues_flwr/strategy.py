@@ -36,17 +36,20 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from clues_flwr.aggregation import METHODS, aggregate, check_state, fedavg
-from clues_flwr.messages import MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
+from clues_flwr.messages import DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
 from clues_flwr.metrics import selection_scores
 from clues_flwr.resume import RunState
 from clues_flwr.scoring import THRESHOLD_RULES, ScoreConfig, histogram_edges, threshold
 from clues_flwr.trajectory import Checkpoint
 
 MODES = ("federated", "merge")
-SELECTIONS = ("clues", "none", "oracle")
+BASELINES = ("perplexity", "ifd", "datainf", "random")
+SELECTIONS = ("clues", *BASELINES, "none", "oracle")
 TRAIN_KEYS = ("lr", "local-steps", "batch-size", "max-seq-len", "seed")
 # What the server needs from the public side: G_t per checkpoint and the anchor scores.
 AnchorScorer = Callable[[list[Checkpoint]], tuple[list[torch.Tensor], torch.Tensor]]
+# A baseline's anchor scores at an adapter, and the DataInf direction (None for others).
+BaselineScorer = Callable[[str, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def say(text: str) -> None:
@@ -68,6 +71,8 @@ class CluesStrategy(FedAvg):
         ties_density: float = 0.5,
         local_epochs: int = 1,
         histogram_bins: int = 10,
+        keep_ratio: float = 0.0,
+        score_baseline: BaselineScorer | None = None,
         **fedavg_kwargs: Any,
     ):
         super().__init__(**fedavg_kwargs)
@@ -85,6 +90,10 @@ class CluesStrategy(FedAvg):
             raise ValueError(f"target-recall must be in (0, 1), got {target_recall}")
         if not 0 < ties_density <= 1:
             raise ValueError(f"ties-density must be in (0, 1], got {ties_density}")
+        if not 0 <= keep_ratio <= 1:
+            raise ValueError(f"keep-ratio must be in [0, 1] (0: the anchor threshold), got {keep_ratio}")
+        if selection in BASELINES and score_baseline is None:
+            raise ValueError(f"selection {selection!r} needs score_baseline, the server's scorer of the anchors")
         self.score_anchors = score_anchors
         self.score_config = score_config
         self.mode, self.selection = mode, selection
@@ -92,6 +101,7 @@ class CluesStrategy(FedAvg):
         self.threshold_rule, self.target_recall = threshold_rule, target_recall
         self.aggregation, self.ties_density = aggregation, ties_density
         self.histogram_bins = histogram_bins
+        self.keep_ratio, self.score_baseline = keep_ratio, score_baseline
         self.phase = "tune"
         self.trajectory: list[Checkpoint] = []
         self.scored_nodes: set[int] | None = None
@@ -146,7 +156,9 @@ class CluesStrategy(FedAvg):
                     trajectory, val_sums, kept = public[None]
                     store.save_trajectory(trajectory, val_sums)
                     store.save({"round": 0, "public": kept, "history": {}, "report": self.report})
-            self._score(grid, public, timeout)
+            self._score(grid, {k: (self._clues_content(*v), v[2]) for k, v in public.items()}, timeout)
+        elif self.selection in BASELINES and first <= num_rounds:
+            self._score(grid, self._baseline_public(initial_arrays, base), timeout)
         self.phase = "tune"
         tune = ConfigRecord({**base, "phase": "tune", "selection": self.selection})
         if self.mode == "merge":
@@ -216,27 +228,49 @@ class CluesStrategy(FedAvg):
         public = {}
         for key, trajectory in trajectories.items():
             val_sums, anchor_scores = self.score_anchors(trajectory)
-            info = {
-                "threshold": threshold(anchor_scores, self.threshold_rule, self.target_recall),
-                "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins),
-                "anchor-scores": anchor_scores.tolist(),
-            }
-            public[key] = (trajectory, val_sums, info)
+            public[key] = (trajectory, val_sums, self._info(anchor_scores))
         return public
 
-    def _score(self, grid: Grid, public: dict[int | None, tuple], timeout: float) -> None:
-        """Send each client its trajectory, G_t and τ; collect the counts."""
+    def _info(self, anchor_scores: torch.Tensor) -> dict:
+        """What clients and the report learn of the anchors: τ, the histogram edges, the scores."""
+        return {
+            "threshold": threshold(anchor_scores, self.threshold_rule, self.target_recall),
+            "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins),
+            "anchor-scores": anchor_scores.tolist(),
+        }
+
+    def _selection_config(self, info: dict, **extra) -> ConfigRecord:
+        keys = ("threshold", "histogram-edges")
+        return ConfigRecord({**{k: info[k] for k in keys}, "keep-ratio": self.keep_ratio, "method": self.selection, **extra})
+
+    def _clues_content(self, trajectory: list[Checkpoint], val_sums: list[torch.Tensor], info: dict) -> RecordDict:
+        content = RecordDict(trajectory_records(trajectory, val_sums))
+        content[SCORE_CONFIG_KEY] = score_config_record(self.score_config)
+        content["config"] = self._selection_config(info)
+        return content
+
+    def _baseline_public(self, initial_arrays: ArrayRecord, base: dict) -> dict[None, tuple[RecordDict, dict]]:
+        """A baseline scores at the adapter every site starts from, as the paper applies the
+        baselines on each client before any training; no trajectory is needed. DataInf's
+        direction comes from the public validation set, so sites and anchors share it."""
+        say(f"score: {self.selection} at the initial adapter (no trace)")
+        anchor_scores, direction = self.score_baseline(self.selection, initial_arrays.to_torch_state_dict())
+        info = self._info(anchor_scores)
+        extra = {k: base[k] for k in ("batch-size", "max-seq-len", "seed")}
+        content = RecordDict({self.arrayrecord_key: initial_arrays, "config": self._selection_config(info, **extra)})
+        if direction is not None:
+            content[DIRECTION_KEY] = ArrayRecord({"u": direction.float().contiguous()})
+        return {None: (content, info)}
+
+    def _score(self, grid: Grid, public: dict[int | None, tuple[RecordDict, dict]], timeout: float) -> None:
+        """Send each client what it scores with and τ (or the keep ratio); collect counts."""
         self.phase = "score"
-        content = {}
-        for key, (trajectory, val_sums, info) in public.items():
-            content[key] = RecordDict(trajectory_records(trajectory, val_sums))
-            content[key][SCORE_CONFIG_KEY] = score_config_record(self.score_config)
-            content[key]["config"] = ConfigRecord({k: info[k] for k in ("threshold", "histogram-edges")})
         shared = None in public
         nodes = self._nodes(grid) if shared else list(public)
-        messages = [Message(content=content[None if shared else n], dst_node_id=n, message_type="query.score") for n in nodes]
-        taus = sorted({round(info["threshold"], 6) for _, _, info in public.values()})
-        say(f"score: threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule}); scoring {len(nodes)} client(s)")
+        messages = [Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes]
+        taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
+        rule = f"each client keeps its top {self.keep_ratio:.0%}" if self.keep_ratio else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule})"
+        say(f"score: {rule}; scoring {len(nodes)} client(s)")
         replies = grid.send_and_receive(messages, timeout=timeout)
         clients = {}
         for node, reply in self._screen(replies, "score", adapter=False):
@@ -244,12 +278,18 @@ class CluesStrategy(FedAvg):
             row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(m["histogram"])}
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
-            row.update(public[None if shared else node][2])
+            row.update(public[None if shared else node][1])
             clients[node] = row
             say(f"  client {node}: kept {row['kept']}/{row['total']}")
         self._enough(len(clients), "score")
         self.scored_nodes = set(clients)
-        summary = {"threshold-rule": self.threshold_rule, "target-recall": self.target_recall, "clients": {str(n): r for n, r in clients.items()}}
+        summary = {
+            "method": self.selection,
+            "threshold-rule": self.threshold_rule,
+            "target-recall": self.target_recall,
+            "keep-ratio": self.keep_ratio,
+            "clients": {str(n): r for n, r in clients.items()},
+        }
         if clients and all("tp" in r for r in clients.values()):
             counts = {k: sum(r[k] for r in clients.values()) for k in ("tp", "fp", "fn", "tn")}
             summary.update(counts=counts, **selection_scores(counts))

@@ -161,6 +161,30 @@ def test_merge_mode_thresholds_each_client_on_its_own_trajectory(tmp_path):
     assert len(trace) == NUM_NODES and all(len(r.content["trajectory"]["lr"]) == 2 for r in trace)
 
 
+@pytest.mark.parametrize("selection", ["perplexity", "ifd", "datainf", "random"])
+def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_path, selection):
+    grid, folder = run(tmp_path, selection=selection)
+    types = [r.metadata.message_type for r in grid.replies]
+    assert types.count("query.score") == NUM_NODES
+    assert not any("moments" in r.content for r in grid.replies), "baselines need no trace"
+    summary = load(folder, "selection.json")
+    assert summary["method"] == selection and len(summary["clients"]) == NUM_NODES
+    for node, c in summary["clients"].items():
+        assert c["tp"] + c["fp"] == c["kept"] and sum(c["histogram"]) == c["total"] == 36
+        assert len(c["anchor-scores"]) == 10
+        assert int(grid.contexts[int(node)].state[SELECTION_KEY]["keep"].numpy().sum()) == c["kept"]
+    tuned = [r.content["metrics"]["num-examples"] for r in grid.replies if r.metadata.message_type == "train"]
+    assert sorted(set(tuned)) == sorted({c["kept"] for c in summary["clients"].values() if c["kept"]})
+
+
+@pytest.mark.parametrize("selection", ["clues", "perplexity"])
+def test_keep_ratio_keeps_the_same_share_at_every_site(tmp_path, selection):
+    _, folder = run(tmp_path, selection=selection, **{"keep-ratio": 0.25})
+    summary = load(folder, "selection.json")
+    assert summary["keep-ratio"] == 0.25
+    assert [c["kept"] for c in summary["clients"].values()] == [9] * NUM_NODES  # ⌈0.25 · 36⌉
+
+
 @pytest.mark.parametrize("selection", ["none", "oracle"])
 def test_selection_baselines_skip_scoring(tmp_path, selection):
     grid, folder = run(tmp_path, selection=selection)
@@ -180,6 +204,8 @@ def test_selection_baselines_skip_scoring(tmp_path, selection):
         ("target-recall", 1.0, "target-recall must be in"),
         ("ties-density", 0.0, "ties-density must be in"),
         ("trace-rounds", 0, "trace-rounds must be at least 1"),
+        ("keep-ratio", 1.5, "keep-ratio must be in"),
+        ("selection", "ppl", "selection must be one of"),
     ],
 )
 def test_bad_settings_fail_before_any_round(key, value, message):
