@@ -37,6 +37,44 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def run_row(cfg: dict, nodes: int) -> dict:
+    """One federation on the in-process grid: final test loss and accuracy, the loss per
+    round and, when there was a score phase, the selection's P/R/F1/accuracy and τ."""
+    start = time.time()
+    folder = run_clues(LocalGrid(client_app.app, demo_nodes(nodes), cfg), cfg)
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+    row = {
+        "selection": cfg["selection"],
+        "test-loss": rounds[-1]["test-loss"],
+        "test-accuracy": rounds[-1]["test-accuracy"],
+        "loss-per-round": [r["test-loss"] for r in rounds],
+        "seconds": round(time.time() - start, 1),
+        "run": str(folder),
+    }
+    if (folder / "selection.json").exists():
+        sel = json.loads((folder / "selection.json").read_text())
+        row.update({k: sel.get(k) for k in ("precision", "recall", "f1", "accuracy")})
+        row["threshold"] = next(iter(sel["clients"].values()))["threshold"]
+    return row
+
+
+def recovery(rows: list[dict], method: str = "clues") -> float | None:
+    """(loss_none − loss_method) / (loss_none − loss_oracle), when all three ran."""
+    by = {r["selection"]: r["test-loss"] for r in rows}
+    if {"none", method, "oracle"} <= set(by) and by["none"] != by["oracle"]:
+        return (by["none"] - by[method]) / (by["none"] - by["oracle"])
+    return None
+
+
+def config(overrides: dict, **more) -> dict:
+    """The app's defaults with ``overrides``; unknown keys stop the driver."""
+    defaults = app_defaults()
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise SystemExit(f"unknown run-config keys: {', '.join(unknown)}")
+    return {**defaults, **overrides, **more}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
@@ -45,42 +83,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/compare_selection"))
     args = p.parse_args()
 
-    defaults = app_defaults()
     overrides = parse_set(args.set)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise SystemExit(f"unknown run-config keys: {', '.join(unknown)}")
-    rows = []
-    for selection in args.selections:
-        start = time.time()
-        cfg = {**defaults, **overrides, "selection": selection, "output-dir": str(args.out / selection)}
-        folder = run_clues(LocalGrid(client_app.app, demo_nodes(args.nodes), cfg), cfg)
-        rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
-        row = {
-            "selection": selection,
-            "test-loss": rounds[-1]["test-loss"],
-            "test-accuracy": rounds[-1]["test-accuracy"],
-            "loss-per-round": [r["test-loss"] for r in rounds],
-            "seconds": round(time.time() - start, 1),
-            "run": str(folder),
-        }
-        if (folder / "selection.json").exists():
-            sel = json.loads((folder / "selection.json").read_text())
-            row.update({k: sel.get(k) for k in ("precision", "recall", "f1", "accuracy")})
-        rows.append(row)
-    by = {r["selection"]: r["test-loss"] for r in rows}
-    recovery = None
-    if {"none", "clues", "oracle"} <= set(by) and by["none"] != by["oracle"]:
-        recovery = (by["none"] - by["clues"]) / (by["none"] - by["oracle"])
+    rows = [
+        run_row(config(overrides, selection=s, **{"output-dir": str(args.out / s)}), args.nodes) for s in args.selections
+    ]
     print("\n| selection | final test loss | test accuracy | selection P / R / F1 | seconds |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         sel = f"{r['precision']:.1f} / {r['recall']:.1f} / {r['f1']:.1f}" if r.get("f1") is not None else "-"
         print(f"| {r['selection']} | {r['test-loss']:.4f} | {r['test-accuracy']:.3f} | {sel} | {r['seconds']} |")
-    if recovery is not None:
-        print(f"\nCLUES recovers {100 * recovery:.1f}% of the oracle's improvement over no selection")
+    share = recovery(rows)
+    if share is not None:
+        print(f"\nCLUES recovers {100 * share:.1f}% of the oracle's improvement over no selection")
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"nodes": args.nodes, "overrides": overrides, "rows": rows, "recovery": recovery}
+    summary = {"nodes": args.nodes, "overrides": overrides, "rows": rows, "recovery": share}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'summary.json'}")
 

@@ -1,0 +1,80 @@
+"""The paper's Tables 1-2 on the demo: what each data selection does to the model the
+federation trains, under FedAvg, TIES and one-shot merging.
+
+    python simulation/downstream_table.py                 # ~15 min on 2 CPU cores
+    python simulation/downstream_table.py --setups fedavg --set num-server-rounds=8
+
+Rows: mixed data (no selection), the oracle (clean records only), the baselines perplexity,
+IFD and DataInf, and CLUES; each at the app's defaults apart from ``selection`` and the
+setup. Cells: final test loss and exact-match answer accuracy on the public test set, and
+the share of the oracle's improvement over mixed data that the method recovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compare_selection import config, parse_set, recovery, run_row
+from results import figure, markdown_table, save_figure, write
+
+SETUPS = {
+    "fedavg": {"mode": "federated", "aggregation": "fedavg"},
+    "ties": {"mode": "federated", "aggregation": "ties"},
+    "merge": {"mode": "merge", "aggregation": "ties"},
+}
+METHODS = ["none", "oracle", "perplexity", "ifd", "datainf", "clues"]
+NAMES = {"none": "mixed data", "oracle": "oracle", "perplexity": "PPL", "ifd": "IFD", "datainf": "DataInf", "clues": "CLUES"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+
+    overrides = parse_set(args.set)
+    results = {}
+    for setup in args.setups:
+        rows = []
+        for method in args.methods:
+            runs = args.out / "runs" / f"downstream-{setup}-{method}"
+            cfg = config(overrides, **SETUPS[setup], selection=method, **{"output-dir": str(runs)})
+            rows.append(run_row(cfg, args.nodes))
+            print(f"{setup} {method}: test loss {rows[-1]['test-loss']:.4f}, accuracy {rows[-1]['test-accuracy']:.3f}")
+        results[setup] = rows
+
+    header = ["method"] + [f"{s}: {c}" for s in args.setups for c in ("test loss", "accuracy", "recovered")]
+    table_rows = []
+    for method in args.methods:
+        cells = [NAMES[method]]
+        for setup in args.setups:
+            row = next(r for r in results[setup] if r["selection"] == method)
+            share = recovery(results[setup], method) if method not in ("none", "oracle") else None
+            cells += [row["test-loss"], row["test-accuracy"], "-" if share is None else f"{share:.0%}"]
+        table_rows.append(cells)
+    table = markdown_table(header, table_rows)
+    print("\n" + table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig, ax = figure((7.5, 3.6))
+    width = 0.8 / len(args.setups)
+    for j, setup in enumerate(args.setups):
+        losses = [next(r for r in results[setup] if r["selection"] == m)["test-loss"] for m in args.methods]
+        ax.bar([i + j * width for i in range(len(args.methods))], losses, width, label=setup)
+    ax.set_xticks([i + width * (len(args.setups) - 1) / 2 for i in range(len(args.methods))], [NAMES[m] for m in args.methods])
+    lows = [r["test-loss"] for rows in results.values() for r in rows]
+    ax.set_ylim(min(lows) * 0.95, max(lows) * 1.02)
+    ax.set_ylabel("final test loss (lower is better)")
+    ax.legend()
+    plot = save_figure(fig, args.out / "downstream_table.png")
+    command = " ".join(["python simulation/downstream_table.py", *(sys.argv[1:] if argv is None else argv)])
+    write(args.out, "downstream_table", "Downstream table (paper Tables 1-2)", command, {"overrides": overrides, "results": results}, table, [plot])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The experiment drivers in ``simulation/`` at their smallest sizes: each writes its JSON,
+Markdown and PNGs into the shared results folder, and the report links every plot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "simulation"))
+
+import ablations  # noqa: E402
+import downstream_table  # noqa: E402
+import pollution_sweep  # noqa: E402
+import selection_table  # noqa: E402
+
+TINY = ["--pool-size", "24", "--pollution", "0.5,0.5", "--local-steps", "2", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The demo's tensors gain nothing from threads and lose a lot when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def outputs(out: Path, name: str) -> dict:
+    """The driver's JSON, after checking its Markdown is in the report with every plot linked."""
+    md = (out / f"{name}.md").read_text()
+    report = (out / "report.md").read_text()
+    assert md in report
+    for png in out.glob(f"{name}*.png"):
+        assert f"]({png.name})" in md and png.stat().st_size > 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_selection_table(tmp_path):
+    selection_table.main([*TINY, "--trace-rounds", "1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)])
+    assert len(list(tmp_path.glob("selection_table*.png"))) == 3
+    data = outputs(tmp_path, "selection_table")
+    methods = [*selection_table.VARIANTS, *selection_table.BASELINES]
+    rules = ["anchor-mean", "anchor-quantile r=0.5", "anchor-quantile r=0.9", "keep 50%"]
+    assert [(r["method"], r["rule"]) for r in data["rows"]] == [(m, r) for m in methods for r in rules]
+    for row in data["rows"]:
+        assert 0 <= row["f1"] <= 100 and 0 <= row["precision"] <= 100 and 0 <= row["recall"] <= 100
+    oracle = [r for r in data["rows"] if r["method"] == "oracle"]
+    assert [r["f1"] for r in oracle[:3]] == [100.0] * 3  # every threshold rule; a fixed ratio need not match each client's clean share
+    assert data["auroc"]["oracle"]["pooled"] == 1.0 and set(data["auroc"]) == set(methods)
+    md = (tmp_path / "selection_table.md").read_text()
+    assert all(f"| {m} | {r} |" in md for m in methods for r in rules)
+
+
+def test_ablations(tmp_path):
+    ablations.main(
+        [*TINY, "--trace-rounds", "2", "--checkpoints", "1", "2", "--test-size", "20", "--anchor-counts", "5", "20",
+         "--anchor-draws", "2", "--recall", "0.5", "0.9", "--out", str(tmp_path)]
+    )
+    rules = ["anchor-mean", "anchor-quantile r=0.5", "anchor-quantile r=0.9"]
+    expected = {
+        "ablation_layer": ("layer", ["0 (first)", "3 (last)"]),
+        "ablation_anchors": ("anchors", [5, 20]),
+        "ablation_rules": (None, [None]),
+        "ablation_checkpoints": ("checkpoints", [1, 2]),
+    }
+    for name, (key, values) in expected.items():
+        assert (tmp_path / f"{name}.png").is_file()
+        rows = outputs(tmp_path, name)["rows"]
+        assert [(r.get(key), r["rule"]) for r in rows] == [(v, rule) for v in values for rule in rules]
+        for r in rows:
+            assert 0 <= r.get("f1", r.get("f1_mean")) <= 100
+    anchors = outputs(tmp_path, "ablation_anchors")["rows"]
+    assert all(len(r["draws"]) == 2 and r["f1_std"] >= 0 for r in anchors)
+    assert all(len(d["anchors"]) == r["anchors"] for r in anchors for d in r["draws"])
+    # The full trajectory's row of the checkpoint ablation is the rule ablation's.
+    full = [r for r in outputs(tmp_path, "ablation_checkpoints")["rows"] if r["checkpoints"] == 2]
+    assert [r["f1"] for r in full] == [r["f1"] for r in outputs(tmp_path, "ablation_rules")["rows"]]
+
+
+# The federation drivers run the real ServerApp and ClientApp on the in-process grid.
+SMALL_RUN = [
+    f"--set={kv}"
+    for kv in ("demo-pool-size=24", "test-size=20", "trace-rounds=1", "local-steps=2", "num-server-rounds=1", "max-new-tokens=4", "fraction-evaluate=0.0", "batch-size=8")
+]
+
+
+def test_pollution_sweep(tmp_path):
+    pollution_sweep.main(["--levels", "0", "0.5", "--nodes", "2", *SMALL_RUN, "--out", str(tmp_path)])
+    rows = outputs(tmp_path, "pollution_sweep")["rows"]
+    assert [r["pollution"] for r in rows] == [0.0, 0.5]
+    assert rows[0]["precision"] == 100.0, "with no pollution everything kept is clean"
+    for r in rows:
+        assert 0 < r["kept"] <= 1 and r["loss-none"] > 0 and r["loss-clues"] > 0
+    assert (tmp_path / "pollution_sweep.png").is_file()
+
+
+def test_downstream_table(tmp_path):
+    methods = ["none", "oracle", "perplexity", "clues"]
+    downstream_table.main(["--setups", "fedavg", "merge", "--methods", *methods, "--nodes", "2", *SMALL_RUN, "--out", str(tmp_path)])
+    results = outputs(tmp_path, "downstream_table")["results"]
+    assert list(results) == ["fedavg", "merge"]
+    for rows in results.values():
+        assert [r["selection"] for r in rows] == methods
+        assert len({r["test-loss"] for r in rows}) == len(methods), "each selection trains a different model"
+        assert rows[2]["f1"] is not None and rows[0].get("f1") is None
+    md = (tmp_path / "downstream_table.md").read_text()
+    assert all(f"| {name} |" in md for name in ("mixed data", "oracle", "PPL", "CLUES"))
