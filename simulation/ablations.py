@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 import numpy as np
 import torch
 
 from clues_flwr.data import NUM_ANCHORS
-from results import figure, markdown_table, save_figure, write
+from results import command_line, figure, markdown_table, save_figure, write
 from selection_table import (
     DEFAULT,
     VARIANTS,
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--anchor-counts {max(args.anchor_counts)} exceeds the {NUM_ANCHORS + args.test_size} clean public records (raise --test-size)")
 
     start = time.time()
-    command = " ".join(["python simulation/ablations.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     bench = prepare(args, args.layers)
     candidates = bench.splits.anchors + bench.splits.test
     print(f"traced {len(bench.trajectory)} checkpoints in {time.time() - start:.0f}s")

@@ -13,11 +13,10 @@ the share of the oracle's improvement over mixed data that the method recovers.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from compare_selection import config, parse_set, recovery, run_row
-from results import figure, markdown_table, save_figure, write
+from results import command_line, figure, markdown_table, save_figure, write
 
 SETUPS = {
     "fedavg": {"mode": "federated", "aggregation": "fedavg"},
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("final test loss (lower is better)")
     ax.legend()
     plot = save_figure(fig, args.out / "downstream_table.png")
-    command = " ".join(["python simulation/downstream_table.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     write(args.out, "downstream_table", "Downstream table (paper Tables 1-2)", command, {"overrides": overrides, "results": results}, table, [plot])
 
 

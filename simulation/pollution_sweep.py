@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from compare_selection import config, parse_set, run_row
-from results import figure, markdown_table, save_figure, write
+from results import command_line, figure, markdown_table, save_figure, write
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     right.set(xlabel="pollution at every site (%)", ylabel="%")
     right.legend()
     plot = save_figure(fig, args.out / "pollution_sweep.png")
-    command = " ".join(["python simulation/pollution_sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     write(args.out, "pollution_sweep", "Pollution sweep (paper Figure 4)", command, {"overrides": overrides, "rows": rows}, table, [plot])
 
 

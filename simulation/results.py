@@ -8,6 +8,7 @@ holds, so drivers can run in any order and again.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPORT = "report.md"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How to rerun a driver: its path and arguments (``argv`` None: the process's own)."""
+    return " ".join([f"python simulation/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

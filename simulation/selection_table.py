@@ -24,7 +24,6 @@ Every method is thresholded the same ways: τ from its scores of the 10 public a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from clues_flwr.pollution import HIGH
 from clues_flwr.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names, threshold
 from clues_flwr.train import train_steps
 from clues_flwr.trajectory import Checkpoint, moments
-from results import figure, markdown_table, save_figure, write
+from results import command_line, figure, markdown_table, save_figure, write
 
 DEFAULT = "CLUES paper + cosine (default)"
 VARIANTS = {
@@ -303,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         axes[0].legend(fontsize=7)
         plots.append(save_figure(fig, args.out / f"selection_table_hist_{name}.png"))
 
-    command = " ".join(["python simulation/selection_table.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(__file__, argv)
     data = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1), "rows": rows, "auroc": sep}
     write(args.out, "selection_table", "Selection quality per method and rule (paper Table 3)", command, data, table, plots)
     print(f"done in {time.time() - start:.0f}s")

@@ -23,13 +23,7 @@ from clues_flwr.model import ModelSpec, build, load_tokenizer
 from clues_flwr.scoring import dropout_off, per_sample_loss
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from threads and lose a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a, b):

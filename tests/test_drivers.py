@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "simulation"))
 
@@ -18,13 +17,7 @@ import selection_table  # noqa: E402
 TINY = ["--pool-size", "24", "--pollution", "0.5,0.5", "--local-steps", "2", "--batch-size", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The demo's tensors gain nothing from threads and lose a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outputs(out: Path, name: str) -> dict:
