@@ -10,6 +10,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
@@ -19,6 +20,10 @@ from flwr.supercore.task_identity import TaskIdentity
 UNSUPPORTED = "LocalGrid answers get_node_ids and send_and_receive only"
 # (node id, message) -> None; raise to make the node fail, or edit the message in place.
 Hook = Callable[[int, Message], None]
+
+
+class Lost(Exception):
+    """Raised by a hook: the node never answers, as when it dies and the round times out."""
 
 
 def app_defaults(pyproject: str | Path | None = None) -> dict:
@@ -51,7 +56,9 @@ class LocalGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as a SuperLink stamps it on push
             received = Message(content=wire(msg.content), dst_node_id=node, message_type=msg.metadata.message_type)
+            received.metadata.__dict__["_message_id"] = msg.metadata.message_id
             try:
                 if self.before:
                     self.before(node, received)
@@ -59,6 +66,8 @@ class LocalGrid(Grid):
                 if self.after:
                     self.after(node, reply)
                 reply = Message(content=wire(reply.content), reply_to=received)
+            except Lost:
+                continue
             except Exception as err:  # as a SuperNode does, a ClientApp exception becomes an error reply
                 reply = Message(error=Error(code=0, reason=repr(err)), reply_to=received)
             replies.append(reply)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -107,6 +108,7 @@ class CluesStrategy(FedAvg):
         self.scored_nodes: set[int] | None = None
         self.report: dict[str, Any] = {"failures": [], "trace": {}, "selection": {}}
         self._global: dict[str, torch.Tensor] = {}
+        self._destinations: dict[str, int] = {}
         self._trace_lr = 0.0
 
     # ---- the three phases -------------------------------------------------------------
@@ -182,7 +184,7 @@ class CluesStrategy(FedAvg):
         """FedAvg's loop: train, aggregate, evaluate on clients and on the server; then
         ``after(round, arrays, history)``. The trace rounds evaluate nothing."""
         for server_round in rounds:
-            replies = grid.send_and_receive(self.configure_train(server_round, arrays, config, grid), timeout=timeout)
+            replies = self._send(grid, self.configure_train(server_round, arrays, config, grid), timeout)
             merged, metrics = self.aggregate_train(server_round, replies)
             if merged is not None:
                 arrays = history.arrays = merged
@@ -190,7 +192,7 @@ class CluesStrategy(FedAvg):
             if self.phase == "tune":
                 messages = list(self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid))
                 if messages:
-                    replies = grid.send_and_receive(messages, timeout=timeout)
+                    replies = self._send(grid, messages, timeout)
                     _record(history.evaluate_metrics_clientapp, server_round, self.aggregate_evaluate(server_round, replies))
                 if evaluate_fn:
                     _record(history.evaluate_metrics_serverapp, server_round, evaluate_fn(server_round, arrays))
@@ -214,7 +216,7 @@ class CluesStrategy(FedAvg):
         config = ConfigRecord({**base, "phase": "trace-local", "trace-rounds": self.trace_rounds, "server-round": 0})
         nodes = self._nodes(grid)
         content = RecordDict({self.arrayrecord_key: initial_arrays, self.configrecord_key: config})
-        replies = grid.send_and_receive(self._construct_messages(content, nodes, "train"), timeout=timeout)
+        replies = self._send(grid, self._construct_messages(content, nodes, "train"), timeout)
         trajectories = {}
         for node, reply in self._screen(replies, "trace"):
             trajectory, _ = trajectory_from(reply)
@@ -271,7 +273,7 @@ class CluesStrategy(FedAvg):
         taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
         rule = f"each client keeps its top {self.keep_ratio:.0%}" if self.keep_ratio else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule})"
         say(f"score: {rule}; scoring {len(nodes)} client(s)")
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = self._send(grid, messages, timeout)
         clients = {}
         for node, reply in self._screen(replies, "score", adapter=False):
             m = reply["metrics"]
@@ -344,12 +346,26 @@ class CluesStrategy(FedAvg):
         nodes, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
         return list(nodes)
 
+    def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
+        """``grid.send_and_receive``, remembering where each message went: a reply the
+        SuperLink writes itself (destination node unavailable, message expired) comes from
+        SUPERLINK_NODE_ID and names its node only by the message it replies to, whose ID
+        the Grid sets as it pushes it."""
+        messages = list(messages)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        self._destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return replies
+
     def _screen(self, replies: Iterable[Message], where: str, adapter: bool = True) -> list[tuple[int, RecordDict]]:
         """Replies fit to use: no error, the expected records, a finite adapter of the
-        global adapter's keys and shapes. Every rejection is logged and reported."""
-        ok = []
+        global adapter's keys and shapes. Every rejection, and every node sent a message
+        that did not answer in time, is logged and reported."""
+        ok, answered = [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node == SUPERLINK_NODE_ID:
+                node = self._destinations.get(msg.metadata.reply_to_message_id, node)
+            answered.add(msg.metadata.reply_to_message_id)
             if msg.has_error():
                 self._failure(where, node, f"error reply: {msg.error.reason}")
                 continue
@@ -369,6 +385,9 @@ class CluesStrategy(FedAvg):
                     self._failure(where, node, f"reply without {self.weighted_by_key}")
                     continue
             ok.append((node, content))
+        for message_id, node in self._destinations.items():
+            if message_id not in answered:
+                self._failure(where, node, "no reply before the round's timeout")
         return ok
 
     def _failure(self, where: str, node: int | None, reason: str) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from clues_flwr import client_app, server_app
 from clues_flwr.client_app import SELECTION_KEY
-from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
+from clues_flwr.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 from flwr.app import ArrayRecord, Context, RecordDict
 from safetensors.torch import load_file
 
@@ -104,6 +104,18 @@ def test_tuning_failure_is_survived_and_named(tmp_path):
     assert {(f["where"].split()[0], f["node"]) for f in metrics["failures"]} == {("trace", 102), ("tune", 102)}
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert all("train-loss" in r for r in metrics["rounds"][1:])
+
+
+def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path):
+    def dies_in_round_2(node, msg):
+        cfg = msg.content["config"]
+        if node == 101 and msg.metadata.message_type == "train" and cfg["phase"] == "tune" and cfg["server-round"] == 2:
+            raise Lost
+
+    _, folder = run(tmp_path, before=dies_in_round_2)
+    metrics = load(folder, "metrics.json")
+    assert metrics["failures"] == [{"where": "tune round 2", "node": 101, "reason": "no reply before the round's timeout"}]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and "train-loss" in metrics["rounds"][2]
 
 
 def test_too_few_replies_skip_the_round(tmp_path):
