@@ -295,7 +295,8 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
         server_app.run_clues(StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=3), cfg)
     (partial,) = (tmp_path / "stopped").iterdir()
     assert partial.name.endswith(".partial") and not (partial / "metrics.json").exists()
-    assert load(partial / "state", "state.json")["round"] == 2
+    saved = load(partial / "state", "state.json")
+    assert saved["round"] == 2
 
     resumed_cfg = {**cfg, "resume-from": str(partial)}
     trained = set()
@@ -308,17 +309,21 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     folder = server_app.run_clues(grid, resumed_cfg)
     assert folder == partial.with_name(partial.name.removesuffix(".partial")) and not partial.exists()
     assert trained == {("tune", 3)}, "no trace round and no earlier tuning round runs again"
-    # Two uninterrupted runs already differ by ~1e-7 here (CPU float reductions), hence approx.
     got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]
     assert [r["round"] for r in got] == [0, 1, 2, 3]
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys()
-        assert a["test-loss"] == pytest.approx(b["test-loss"], rel=1e-5)
-    assert load(folder, "selection.json")["clients"].keys() == load(whole, "selection.json")["clients"].keys()
-    assert load(folder, "selection.json")["counts"] == load(whole, "selection.json")["counts"]
-    assert load_file(folder / "adapter" / "adapter_model.safetensors").keys() == load_file(whole / "adapter" / "adapter_model.safetensors").keys()
-    for key, value in load_file(whole / "adapter" / "adapter_model.safetensors").items():
-        torch.testing.assert_close(load_file(folder / "adapter" / "adapter_model.safetensors")[key], value, rtol=1e-3, atol=1e-5)
+    history = saved["history"]["evaluate_metrics_serverapp"]
+    assert [r["test-loss"] for r in got[:3]] == [history[str(r)]["test-loss"] for r in range(3)], "the saved rounds, as saved"
+    assert load(folder, "selection.json")["counts"] == saved["report"]["selection"]["counts"], "the same selection again"
+    # Round 3 against a run never stopped: two uninterrupted runs already differ by 1e-7 to
+    # 1e-4 here (CPU float reductions, 8-bit kernels), while one round of training moves the
+    # loss by percents, so 2e-3 tells a correct resume from a wrong starting adapter.
+    assert got[3].keys() == want[3].keys()
+    assert got[3]["test-loss"] == pytest.approx(want[3]["test-loss"], rel=2e-3)
+    assert abs(got[3]["test-loss"] - got[2]["test-loss"]) > 2e-3 * got[3]["test-loss"]
+    resumed, never_stopped = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (folder, whole))
+    assert resumed.keys() == never_stopped.keys()
+    for key, value in never_stopped.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-2, atol=1e-4)
 
 
 def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
