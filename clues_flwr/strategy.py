@@ -15,6 +15,8 @@ A subclass of Flower's FedAvg, usable in any Flower project whose clients regist
 - *score*: the server computes the validation sums G_t and the anchor scores, derives τ by
   the threshold rule, and sends ``query.score`` with the trajectory, G_t, η_t and τ.
   Clients keep S(z) ≥ τ and answer with counts only.
+- the paper's baselines (``selection`` perplexity, ifd, datainf, random) skip the trace:
+  sites and anchors are scored at the initial adapter, then the same τ or ``keep_ratio``.
 - *tune*: ``num_rounds`` rounds (merge mode: one round of local epochs, then a one-shot
   merge) from the initial adapter on the selected records, aggregated by ``aggregation``.
 
