@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         losses = [next(r for r in results[setup] if r["selection"] == m)["test-loss"] for m in args.methods]
         ax.bar([i + j * width for i in range(len(args.methods))], losses, width, label=setup)
     ax.set_xticks([i + width * (len(args.setups) - 1) / 2 for i in range(len(args.methods))], [NAMES[m] for m in args.methods])
-    lows = [r["test-loss"] for rows in results.values() for r in rows]
-    ax.set_ylim(min(lows) * 0.95, max(lows) * 1.02)
+    every_loss = [r["test-loss"] for rows in results.values() for r in rows]
+    ax.set_ylim(min(every_loss) * 0.95, max(every_loss) * 1.02)
     ax.set_ylabel("final test loss (lower is better)")
     ax.legend()
     plot = save_figure(fig, args.out / "downstream_table.png")
