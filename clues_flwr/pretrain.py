@@ -2,10 +2,12 @@
 pretrained on the demo's facts as plain text.
 
     python -m clues_flwr.pretrain            # rewrites clues_flwr/assets/demo-model
+    python -m clues_flwr.pretrain --out /tmp/unread --unread-facts     # experiments: pass
+    python -m clues_flwr.pretrain --out /tmp/big --hidden-size 256 --layers 6   # --model-name
 
 A random backbone gives LoRA too little to adapt and CLUES too little signal, so the demo
-ships a pretrained one. Seeded, single-threaded by default, so reruns on the same torch
-build reproduce the artifact.
+ships a pretrained one. Seeded and deterministic, so a rerun with the same ``--threads`` on
+the same torch build reproduces the artifact.
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def pretrain(
-    out: Path, steps: int, batch_size: int, lr: float, seed: int, threads: int, template_share: float
+    out: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    threads: int,
+    template_share: float,
+    hidden_size: int = 128,
+    layers: int = 4,
+    all_facts: bool = True,
 ) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,19 +76,22 @@ def pretrain(
     # That is the situation CLUES is for. Only the pretraining half is ever seen in the
     # template (a share of it, as a web model has seen some instruction data), so the
     # fine-tuning, validation, anchor and test records stay unseen as instructions.
+    # ``all_facts=False`` leaves the other half unread, for the experiment of a base model
+    # that does not know the facts it is fine-tuned on.
     rng = random.Random(seed)
     pretraining = demo_splits().pretrain
     texts = [prompt(r) + r["output"] if rng.random() < template_share else pretrain_text(r) for r in pretraining]
     seen = {(r["instruction"], r["input"]) for r in pretraining}
-    texts += [pretrain_text(r) for r in demo_records()[0] if (r["instruction"], r["input"]) not in seen]
+    if all_facts:
+        texts += [pretrain_text(r) for r in demo_records()[0] if (r["instruction"], r["input"]) not in seen]
     tokenizer = train_tokenizer(texts, vocab_size=2048)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -116,6 +130,9 @@ def pretrain(
         "seed": seed,
         "threads": threads,
         "template_share": template_share,
+        "hidden_size": hidden_size,
+        "layers": layers,
+        "all_facts": all_facts,
         "final_loss": round(sum(losses[-100:]) / min(100, len(losses)), 4),
         "seconds": round(time.time() - start, 1),
         "torch": torch.__version__,
@@ -143,10 +160,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--template-share", type=float, default=0.25)
+    parser.add_argument("--hidden-size", type=int, default=128, help="a multiple of 32 (heads of 32)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--unread-facts", action="store_true",
+        help="read only the pretraining half of the facts: a base that does not know what it is fine-tuned on",
+    )
     args = parser.parse_args()
+    if args.hidden_size % 32:
+        parser.error(f"--hidden-size must be a multiple of 32, got {args.hidden_size}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(
-        args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.template_share
+        args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.template_share,
+        hidden_size=args.hidden_size, layers=args.layers, all_facts=not args.unread_facts,
     )
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out}")

@@ -44,6 +44,15 @@ def score_config(run) -> ScoreConfig:
     )
 
 
+def round_timeout(run) -> float:
+    """Seconds each phase waits for the sites' replies; a site still silent then is left
+    out of that round and named, as a site that is offline is."""
+    seconds = float(run["round-timeout"])
+    if not seconds > 0:
+        raise ValueError(f"round-timeout must be a positive number of seconds, got {run['round-timeout']!r}")
+    return seconds
+
+
 def strategy_from(run, score_anchors, score_baseline=None) -> CluesStrategy:
     min_train = int(run["min-train-nodes"])
     return CluesStrategy(
@@ -75,6 +84,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder."""
+    timeout = round_timeout(run)
     spec = ModelSpec.from_config(run)
     model, tokenizer = cached(spec)
     public = public_sets(run)
@@ -116,6 +126,7 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         grid=grid,
         initial_arrays=initial,
         num_rounds=int(run["num-server-rounds"]),
+        timeout=timeout,
         train_config=train_config,
         evaluate_fn=central_evaluate,
         run_dir=run_dir,

@@ -106,16 +106,26 @@ def test_tuning_failure_is_survived_and_named(tmp_path):
     assert all("train-loss" in r for r in metrics["rounds"][1:])
 
 
-def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path):
+def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monkeypatch):
     def dies_in_round_2(node, msg):
         cfg = msg.content["config"]
         if node == 101 and msg.metadata.message_type == "train" and cfg["phase"] == "tune" and cfg["server-round"] == 2:
             raise Lost
 
-    _, folder = run(tmp_path, before=dies_in_round_2)
+    timeouts = []
+    send = LocalGrid.send_and_receive
+    monkeypatch.setattr(LocalGrid, "send_and_receive", lambda self, messages, *, timeout=None: timeouts.append(timeout) or send(self, messages, timeout=timeout))
+    _, folder = run(tmp_path, before=dies_in_round_2, **{"round-timeout": 90.0})
     metrics = load(folder, "metrics.json")
     assert metrics["failures"] == [{"where": "tune round 2", "node": 101, "reason": "no reply before the round's timeout"}]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and "train-loss" in metrics["rounds"][2]
+    assert timeouts and set(timeouts) == {90.0}, "every phase waits round-timeout seconds"
+
+
+@pytest.mark.parametrize("value", [0, -5.0])
+def test_a_round_timeout_that_is_not_positive_is_refused(value):
+    with pytest.raises(ValueError, match="round-timeout must be a positive number of seconds"):
+        server_app.round_timeout({**app_defaults(), "round-timeout": value})
 
 
 def test_too_few_replies_skip_the_round(tmp_path):
