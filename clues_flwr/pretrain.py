@@ -25,6 +25,7 @@ import torch
 
 from clues_flwr.data import collate, demo_records, demo_splits, pretrain_text, prompt
 from clues_flwr.model import DEMO_DIR
+from clues_flwr.train import to_device
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 
@@ -64,12 +65,14 @@ def pretrain(
     hidden_size: int = 128,
     layers: int = 4,
     all_facts: bool = True,
+    device: str = "cpu",
 ) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    # CUDA has no deterministic kernel for every op; there a rerun is close, not equal.
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     # The backbone reads every fact of the demo universe as plain text, as a web-pretrained
     # LLM has read encyclopedias; what fine-tuning adds is answering in the chat template,
     # and what polluted records do is teach wrong answers to questions it could answer.
@@ -98,7 +101,7 @@ def pretrain(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(device)
     encoded = []
     for text in texts:
         ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,7 +115,7 @@ def pretrain(
     model.train()
     for step in range(steps):
         batch = collate(rng.sample(encoded, batch_size), tokenizer.pad_token_id)
-        loss = model(**batch).loss
+        loss = model(**to_device(batch, model)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -136,10 +139,11 @@ def pretrain(
         "final_loss": round(sum(losses[-100:]) / min(100, len(losses)), 4),
         "seconds": round(time.time() - start, 1),
         "torch": torch.__version__,
+        "device": device,
     }
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staging = Path(tmp) / "model"
-        model.save_pretrained(staging)
+        model.cpu().save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
@@ -160,6 +164,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--template-share", type=float, default=0.25)
+    parser.add_argument("--device", default="cpu", help="cpu (the shipped artifact, bit-reproducible) or cuda, for backbones too big for a CPU")
     parser.add_argument("--hidden-size", type=int, default=128, help="a multiple of 32 (heads of 32)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
@@ -172,7 +177,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(
         args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.template_share,
-        hidden_size=args.hidden_size, layers=args.layers, all_facts=not args.unread_facts,
+        hidden_size=args.hidden_size, layers=args.layers, all_facts=not args.unread_facts, device=args.device,
     )
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out}")
