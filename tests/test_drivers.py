@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "simulation"))
 
 import ablations  # noqa: E402
+import backbone_scale  # noqa: E402
 import downstream_table  # noqa: E402
 import pollution_sweep  # noqa: E402
 import selection_table  # noqa: E402
@@ -70,6 +71,27 @@ def test_ablations(tmp_path):
     # The full trajectory's row of the checkpoint ablation is the rule ablation's.
     full = [r for r in outputs(tmp_path, "ablation_checkpoints")["rows"] if r["checkpoints"] == 2]
     assert [r["f1"] for r in full] == [r["f1"] for r in outputs(tmp_path, "ablation_rules")["rows"]]
+
+
+def test_backbone_scale_builds_each_size_once_and_ranks_with_both_methods(tmp_path):
+    argv = [*TINY, "--trace-rounds", "1", "--sizes", "64x1,96x2", "--pretrain-steps", "2", "--backbones", str(tmp_path / "bb"), "--out", str(tmp_path)]
+    backbone_scale.main(argv)
+    rows = outputs(tmp_path, "backbone_scale")["rows"]
+    assert [(r["size"], r["parameters"] > 0) for r in rows] == [("64x1", True), ("96x2", True)]
+    assert rows[0]["parameters"] < rows[1]["parameters"]
+    for r in rows:
+        for method in ("CLUES", "perplexity"):
+            assert 0 <= r[method]["auroc"] <= 1 and 0 <= r[method]["best_f1"] <= 100 and 0 <= r[method]["f1"] <= 100
+    built = {f: f.stat().st_mtime_ns for f in (tmp_path / "bb").glob("*/model.safetensors")}
+    assert len(built) == 2
+    backbone_scale.main(argv)
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "bb").glob("*/model.safetensors")} == built, "a matching backbone is reused"
+
+
+@pytest.mark.parametrize("sizes", ["128", "100x4", "128x0", "axb", ""])
+def test_backbone_scale_refuses_bad_sizes(sizes):
+    with pytest.raises(ValueError, match="--sizes"):
+        backbone_scale.parse_sizes(sizes)
 
 
 # The federation drivers run the real ServerApp and ClientApp on the in-process grid.
