@@ -56,7 +56,7 @@ def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.add_argument("--sizes", default="128x4,256x6", help="hidden x layers, comma-separated; hidden a multiple of 32")
+    p.add_argument("--sizes", default="128x4,192x4", help="hidden x layers, comma-separated; hidden a multiple of 32")
     p.add_argument("--pretrain-steps", type=int, default=3000)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--unread-facts", action="store_true", help="backbones that have read only the pretraining half of the facts")
