@@ -2,8 +2,10 @@
 pretrained on the demo's facts as plain text.
 
     python -m clues_flwr.pretrain            # rewrites clues_flwr/assets/demo-model
-    python -m clues_flwr.pretrain --out /tmp/unread --unread-facts     # experiments: pass
-    python -m clues_flwr.pretrain --out /tmp/big --hidden-size 256 --layers 6   # --model-name
+    python -m clues_flwr.pretrain --out /tmp/unread --unread-facts
+    python -m clues_flwr.pretrain --out /tmp/big --hidden-size 256 --layers 6
+
+The last two build backbones for experiments; pass the folder as ``--model-name``.
 
 A random backbone gives LoRA too little to adapt and CLUES too little signal, so the demo
 ships a pretrained one. Seeded and deterministic, so a rerun with the same ``--threads`` on
@@ -69,6 +71,8 @@ def pretrain(
 ) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if hidden_size <= 0 or hidden_size % 32:
+        raise ValueError(f"hidden size must be a positive multiple of 32 (heads of 32), got {hidden_size}")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     # CUDA has no deterministic kernel for every op; there a rerun is close, not equal.
@@ -172,8 +176,6 @@ def main() -> None:
         help="read only the pretraining half of the facts: a base that does not know what it is fine-tuned on",
     )
     args = parser.parse_args()
-    if args.hidden_size % 32:
-        parser.error(f"--hidden-size must be a multiple of 32, got {args.hidden_size}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(
         args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.template_share,

@@ -28,3 +28,9 @@ def test_pretrain_writes_a_backbone_of_the_asked_shape_from_the_asked_facts(tmp_
     ids = tok("Translate this name into German.", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert not list(tmp_path.glob("tmp*")), "no staging folder is left behind"
+
+
+def test_a_hidden_size_that_does_not_split_into_heads_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pretrain(tmp_path / "b", steps=1, batch_size=2, lr=1e-3, seed=0, threads=1, template_share=0.0, hidden_size=100)
+    assert not any(tmp_path.iterdir())
