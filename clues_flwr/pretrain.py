@@ -30,6 +30,15 @@ from clues_flwr.model import DEMO_DIR
 from clues_flwr.train import to_device
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+HEAD_DIM = 32
+
+
+def attention_heads(hidden_size: int) -> int:
+    """Heads of ``HEAD_DIM`` each, the shape of every backbone built here; the one check of
+    a hidden size, so callers can refuse a bad one before any work."""
+    if hidden_size <= 0 or hidden_size % HEAD_DIM:
+        raise ValueError(f"hidden size must be a positive multiple of {HEAD_DIM} (heads of {HEAD_DIM}), got {hidden_size}")
+    return hidden_size // HEAD_DIM
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -71,8 +80,7 @@ def pretrain(
 ) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if hidden_size <= 0 or hidden_size % 32:
-        raise ValueError(f"hidden size must be a positive multiple of 32 (heads of 32), got {hidden_size}")
+    heads = attention_heads(hidden_size)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     # CUDA has no deterministic kernel for every op; there a rerun is close, not equal.
@@ -97,8 +105,8 @@ def pretrain(
         hidden_size=hidden_size,
         intermediate_size=3 * hidden_size,
         num_hidden_layers=layers,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=hidden_size // 32,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
@@ -169,7 +177,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--template-share", type=float, default=0.25)
     parser.add_argument("--device", default="cpu", help="cpu (the shipped artifact, bit-reproducible) or cuda, for backbones too big for a CPU")
-    parser.add_argument("--hidden-size", type=int, default=128, help="a multiple of 32 (heads of 32)")
+    parser.add_argument("--hidden-size", type=int, default=128, help=f"a multiple of {HEAD_DIM} (heads of {HEAD_DIM})")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
         "--unread-facts", action="store_true",

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from clues_flwr.pretrain import pretrain
+from clues_flwr.pretrain import attention_heads, pretrain
 from results import command_line, figure, markdown_table, save_figure, write
 from selection_table import DEFAULT, VARIANTS, add_arguments, baseline_set_scores, prepare, raw_gradients, select, separation, variant_scores
 
@@ -28,11 +28,12 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     """``"128x4,512x8"`` -> [(128, 4), (512, 8)], with an error naming the flag."""
     try:
         sizes = [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s.strip()]
+        if not sizes or any(len(s) != 2 or s[1] <= 0 for s in sizes):
+            raise ValueError("a size is not hidden x layers")
+        for hidden, _ in sizes:
+            attention_heads(hidden)
     except ValueError as err:
-        raise ValueError(f"--sizes: expected hidden x layers pairs like 128x4,512x8, got {text!r}") from err
-    bad = [s for s in sizes if len(s) != 2 or s[0] % 32 or s[0] <= 0 or s[1] <= 0]
-    if not sizes or bad:
-        raise ValueError(f"--sizes: expected hidden x layers pairs, hidden a multiple of 32, got {text!r}")
+        raise ValueError(f"--sizes: expected hidden x layers pairs like 128x4,512x8, got {text!r} ({err})") from err
     return sizes
 
 
