@@ -15,7 +15,7 @@ import torch
 
 from clues_flwr.data import Record, batches, encode, encode_answer, per_record
 from clues_flwr.pollution import HIGH
-from clues_flwr.scoring import answer_losses_of, dropout_off, per_sample_grads
+from clues_flwr.scoring import answer_losses_of, scoring_mode, per_sample_grads
 from clues_flwr.train import to_device
 
 METHODS = ("random", "perplexity", "ifd", "datainf", "oracle")
@@ -29,7 +29,7 @@ def answer_losses(
 ) -> torch.Tensor:
     """Mean NLL of each record's answer tokens: s(A|Q) with the training template and
     masking, or with ``prompted=False`` s(A), the same tokens with no prompt at all."""
-    dropout_off(model)
+    scoring_mode(model)
     encoder = encode if prompted else encode_answer
     losses = per_record(lambda b: answer_losses_of(model, to_device(b, model)), records, tokenizer, batch_size, max_len, encoder)
     return losses.cpu().double()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from flwr.clientapp import ClientApp
 from clues_flwr.baselines import baseline_scores, keep_top
 from clues_flwr.data import Record, split_heldout
 from clues_flwr.messages import (
+    CLEAN_EXAMPLES_KEY,
+    CLEAN_LOSS_KEY,
     DIRECTION_KEY,
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
@@ -33,7 +36,7 @@ from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
 from clues_flwr.partition import splits_for
 from clues_flwr.scoring import scores, scoring_names
 from clues_flwr.sources import load_records, parse_mapping
-from clues_flwr.train import train_steps
+from clues_flwr.train import train_steps, training
 from clues_flwr.trajectory import checkpoint, moments
 
 SELECTION_KEY = "clues-selection"
@@ -98,21 +101,22 @@ class CluesClient:
             steps = math.ceil(epochs * len(records) / int(cfg["batch-size"])) if epochs else int(cfg["local-steps"])
             losses, _ = self._steps(site, records, cfg, steps)
             loss = sum(losses) / len(losses)
-        return _reply(msg, site, {"train-loss": loss, "num-examples": len(records), "adam-step": 0})
+        return _reply(msg, site, {"train-loss": loss, "num-examples": len(records)})
 
-    def _steps(self, site: Site, records: list[Record], cfg: ConfigRecord, steps: int, optimizer=None):
-        seed = int(cfg["seed"]) + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0)
-        return train_steps(
-            site.model,
-            site.tokenizer,
-            records,
-            steps=steps,
-            batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]),
-            max_len=int(cfg["max-seq-len"]),
-            seed=seed,
-            optimizer=optimizer,
-        )
+    @staticmethod
+    def _hyperparameters(cfg: ConfigRecord) -> dict:
+        """The server's hyperparameters for ``training``; the data order is seeded by the
+        round, trace rounds apart from tuning rounds."""
+        return {
+            "batch_size": int(cfg["batch-size"]),
+            "lr": float(cfg["lr"]),
+            "max_len": int(cfg["max-seq-len"]),
+            "seed": int(cfg["seed"]) + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0),
+            "weight_decay": float(cfg["weight-decay"]),
+        }
+
+    def _steps(self, site: Site, records: list[Record], cfg: ConfigRecord, steps: int):
+        return train_steps(training(site.model, site.tokenizer, records, **self._hyperparameters(cfg)), steps)
 
     def _trace(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
         """One federated trace round; the scoring layer's moments go back for averaging."""
@@ -125,13 +129,16 @@ class CluesClient:
         return reply
 
     def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
-        """Merge mode: a local trajectory of ``trace-rounds`` checkpoints, one optimizer."""
+        """Merge mode: one local training run of ``trace-rounds`` × ``local-steps`` steps with
+        one optimizer and one data order, checkpointed every ``local-steps`` steps."""
         names = scoring_names(site.model, int(cfg["score-layer"]), tuple(cfg["score-modules"]))
-        trajectory, losses, opt = [], [], None
-        for t in range(1, int(cfg["trace-rounds"]) + 1):
-            chunk, opt = self._steps(site, site.records, cfg, int(cfg["local-steps"]), optimizer=opt)
-            losses += chunk
-            trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=t))
+        every, total = int(cfg["local-steps"]), int(cfg["trace-rounds"]) * int(cfg["local-steps"])
+        loop = training(site.model, site.tokenizer, site.records, **self._hyperparameters(cfg))
+        trajectory, losses = [], []
+        for step, (loss, opt) in enumerate(islice(loop, total), start=1):
+            losses.append(loss)
+            if step % every == 0:
+                trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=step // every))
         metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": trajectory[-1].step}
         reply = _reply(msg, site, metrics)
         for key, record in trajectory_records(trajectory).items():
@@ -214,10 +221,17 @@ CluesClient(demo_site).register(app)
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Loss on the site's held-out records, which are drawn from its polluted pool: it moves
+    with pollution as well as with the model. When records carry quality labels the loss
+    on the clean held-out records alone goes back too, with their count."""
     run = context.run_config
     model, tokenizer = cached(ModelSpec.from_config(run))
     set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     _, heldout = local_split(context)
-    loss = eval_loss(model, tokenizer, heldout, int(run["batch-size"]), int(run["max-seq-len"]))
-    metrics = MetricRecord({"eval-loss": loss, "num-examples": len(heldout)})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    sizes = (int(run["batch-size"]), int(run["max-seq-len"]))
+    metrics = {"heldout-loss": eval_loss(model, tokenizer, heldout, *sizes), "num-examples": len(heldout)}
+    if heldout and all("quality" in r for r in heldout):
+        clean = [r for r in heldout if r["quality"] == "high"]
+        metrics[CLEAN_LOSS_KEY] = eval_loss(model, tokenizer, clean, *sizes) if clean else 0.0
+        metrics[CLEAN_EXAMPLES_KEY] = len(clean)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -13,6 +13,8 @@ server → client, ``query.score``: the trajectory (adapters, scoring-layer mome
     and seed, and for DataInf the direction u computed on the public validation set.
 client → server, ``query.score``: counts only: ``kept``, ``total``, a histogram over the
     server's fixed edges and, when records carry a quality label, ``tp fp fn tn``.
+client → server, ``evaluate``: ``heldout-loss`` and ``num-examples`` of the site's held-out
+    records and, when they carry quality labels, the loss and count of the clean ones.
 
 No sample and no per-sample score is ever encoded.
 """
@@ -30,6 +32,8 @@ TRAJECTORY_KEY = "trajectory"
 SCORE_CONFIG_KEY = "score-config"
 MOMENTS_KEY = "moments"
 DIRECTION_KEY = "direction"
+# evaluate replies of labelled sites (benchmarks): the held-out loss on clean records alone
+CLEAN_LOSS_KEY, CLEAN_EXAMPLES_KEY = "heldout-clean-loss", "heldout-clean-examples"
 
 
 def moments_record(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -60,6 +64,7 @@ def trajectory_records(trajectory: list[Checkpoint], val_sums: list[torch.Tensor
     out[TRAJECTORY_KEY] = ConfigRecord(
         {
             "lr": [float(c.lr) for c in trajectory],
+            "weight-decay": [float(c.weight_decay) for c in trajectory],
             "step": [int(c.step) for c in trajectory],
             "round": [int(c.round) for c in trajectory],
             "beta1": [float(c.betas[0]) for c in trajectory],
@@ -85,6 +90,7 @@ def trajectory_from(content: RecordDict) -> tuple[list[Checkpoint], list[torch.T
                 exp_avg_sq=_strip(tensors, "exp_avg_sq/"),
                 step=int(info["step"][t]),
                 lr=float(info["lr"][t]),
+                weight_decay=float(info["weight-decay"][t]),
                 round=int(info["round"][t]),
                 betas=(float(info["beta1"][t]), float(info["beta2"][t])),
                 eps=float(info["eps"][t]),

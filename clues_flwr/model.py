@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
@@ -176,6 +177,12 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
         k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
         for k, v in get_peft_model_state_dict(model).items()
     }
+
+
+def adapter_key(name: str) -> str:
+    """The key in ``adapter_state`` of a LoRA parameter name: PEFT saves
+    ``….lora_A.<adapter>.weight`` as ``….lora_A.weight``."""
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", name)
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:

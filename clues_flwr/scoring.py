@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import re
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from clues_flwr.data import Record, per_record
-from clues_flwr.model import set_adapter_state
+from clues_flwr.model import adapter_key, set_adapter_state
 from clues_flwr.trajectory import Checkpoint
 from clues_flwr.train import to_device
 
@@ -137,14 +138,17 @@ def answer_losses_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return per_sample_loss(logits, labels)
 
 
-def dropout_off(model) -> None:
-    """Training mode with every dropout off: in eval mode bitsandbytes' 8-bit layers take
-    an int8 inference kernel on CPU that is slower and depends on the other rows of the
-    batch, while the gradients worth scoring are the ones training computes."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()
+def scoring_mode(model) -> None:
+    """Eval mode, so that scoring is deterministic: it switches off ``nn.Dropout`` modules
+    and also the dropout models apply as a function gated on ``self.training`` (OPT's hidden
+    states and layerdrop, Llama's ``attention_dropout``). bitsandbytes' 8-bit layers alone
+    stay in training mode: they hold no randomness, and in eval mode they take an int8
+    inference kernel on CPU that is slower and depends on the other rows of the batch."""
+    model.eval()
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 8-bit layer can exist
+    for module in model.modules() if bnb else ():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.train()
 
 
 def per_sample_grads(model, batch: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
@@ -154,7 +158,7 @@ def per_sample_grads(model, batch: dict[str, torch.Tensor], names: Sequence[str]
     Σ_positions grad_out[b] ⊗ input[b]. Dropout is off; padding has zero output gradient
     and so adds nothing.
     """
-    dropout_off(model)
+    scoring_mode(model)
     batch = to_device(batch, model)
     params = dict(model.named_parameters())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else nullcontext()
@@ -175,7 +179,8 @@ def flat(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor
 
 def precondition(g: torch.Tensor, ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig) -> torch.Tensor:
     """Γ: the AdamW update direction a single sample's gradient ``g`` [B, d] would cause
-    from the checkpoint's moments (paper eqs. 5-8), or ``g`` itself for ``sgd``."""
+    from the checkpoint's moments (paper eqs. 5-8), so that θ_{t+1} = θ_t − η_t Γ, decoupled
+    weight decay λθ_t included; or ``g`` itself for ``sgd`` (the official code's raw gradient)."""
     if cfg.precondition == "sgd":
         return g
     b1, b2 = ckpt.betas
@@ -184,9 +189,10 @@ def precondition(g: torch.Tensor, ckpt: Checkpoint, names: Sequence[str], cfg: S
     if cfg.bias_correction:
         t = ckpt.step + 1
         m, v = m / (1 - b1**t), v / (1 - b2**t)
-    if cfg.precondition == "adam":
-        return m / (v.sqrt() + ckpt.eps)
-    return m / (v + ckpt.eps).sqrt()
+    step = m / (v.sqrt() + ckpt.eps) if cfg.precondition == "adam" else m / (v + ckpt.eps).sqrt()
+    if ckpt.weight_decay:
+        step = step + ckpt.weight_decay * flat(ckpt.adapter, [adapter_key(n) for n in names]).to(g)
+    return step
 
 
 def gamma_from_grads(

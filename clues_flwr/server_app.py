@@ -98,11 +98,6 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
-    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
-    if run["resume-from"]:
-        run_dir = resumable(Path(str(run["resume-from"])).expanduser().resolve(), config, RESUME_FREE)
-    else:
-        run_dir = open_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, config)
     def score_baseline(method: str, adapter: dict) -> tuple:
         set_adapter_state(model, adapter)
         sizes = {"batch_size": cfg.batch_size, "max_len": cfg.max_len}
@@ -112,9 +107,15 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     strategy = strategy_from(
         run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg), score_baseline
     )
+    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
+    if run["resume-from"]:
+        run_dir = resumable(Path(str(run["resume-from"])).expanduser().resolve(), config, RESUME_FREE)
+    else:
+        run_dir = open_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, config)
     train_config = ConfigRecord(
         {
             "lr": float(run["learning-rate"]),
+            "weight-decay": float(run["weight-decay"]),
             "local-steps": int(run["local-steps"]),
             "batch-size": batch_size,
             "max-seq-len": cfg.max_len,

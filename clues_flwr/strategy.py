@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from clues_flwr.aggregation import METHODS, aggregate, check_state, fedavg
-from clues_flwr.messages import DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
+from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
 from clues_flwr.metrics import selection_scores
 from clues_flwr.resume import RunState
 from clues_flwr.scoring import THRESHOLD_RULES, ScoreConfig, histogram_edges, threshold
@@ -48,7 +48,7 @@ from clues_flwr.trajectory import Checkpoint
 MODES = ("federated", "merge")
 BASELINES = ("perplexity", "ifd", "datainf", "random")
 SELECTIONS = ("clues", *BASELINES, "none", "oracle")
-TRAIN_KEYS = ("lr", "local-steps", "batch-size", "max-seq-len", "seed")
+TRAIN_KEYS = ("lr", "weight-decay", "local-steps", "batch-size", "max-seq-len", "seed")
 # What the server needs from the public side: G_t per checkpoint and the anchor scores.
 AnchorScorer = Callable[[list[Checkpoint]], tuple[list[torch.Tensor], torch.Tensor]]
 # A baseline's anchor scores at an adapter, and the DataInf direction (None for others).
@@ -87,6 +87,11 @@ class CluesStrategy(FedAvg):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if aggregation == "task-arithmetic" and mode == "federated":
+            raise ValueError(
+                "aggregation 'task-arithmetic' needs mode 'merge': it is the paper's one-shot merge (eqs. 9-10), "
+                "and applied every round it compounds (n equal sites scale B·A by n per round)"
+            )
         if trace_rounds < 1 and selection == "clues":
             raise ValueError("trace-rounds must be at least 1: CLUES scores along a trajectory")
         if not 0 < target_recall < 1:
@@ -111,7 +116,7 @@ class CluesStrategy(FedAvg):
         self.report: dict[str, Any] = {"failures": [], "trace": {}, "selection": {}}
         self._global: dict[str, torch.Tensor] = {}
         self._destinations: dict[str, int] = {}
-        self._trace_lr = 0.0
+        self._trace_hyper = (0.0, 0.0)  # (lr, weight decay) of the federated trace
 
     # ---- the three phases -------------------------------------------------------------
 
@@ -145,7 +150,7 @@ class CluesStrategy(FedAvg):
             num_rounds = 1
         first = saved["round"] + 1 if saved and saved.get("adapter") else 1
         if self.selection == "clues" and first <= num_rounds:
-            self._trace_lr = float(base["lr"])
+            self._trace_hyper = (float(base["lr"]), float(base["weight-decay"]))
             if kept:
                 trajectory, val_sums = store.trajectory()
                 public = {None: (trajectory, val_sums, kept)}
@@ -328,6 +333,22 @@ class CluesStrategy(FedAvg):
             self._add_checkpoint(server_round, merged, [c for _, c in valid], weights)
         return ArrayRecord(merged), MetricRecord(_mean_metrics([c["metrics"] for _, c in valid], weights))
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's mean by held-out examples, except the clean held-out loss, which is a
+        mean over each site's clean held-out records and so is weighted by their count."""
+        replies = list(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is None or CLEAN_LOSS_KEY not in metrics:
+            return metrics
+        rows = [r.content["metrics"] for r in replies if not r.has_error()]
+        count = sum(int(m[CLEAN_EXAMPLES_KEY]) for m in rows)
+        metrics[CLEAN_EXAMPLES_KEY] = count
+        if count:
+            metrics[CLEAN_LOSS_KEY] = sum(float(m[CLEAN_LOSS_KEY]) * int(m[CLEAN_EXAMPLES_KEY]) for m in rows) / count
+        else:
+            del metrics[CLEAN_LOSS_KEY]
+        return metrics
+
     # ---- helpers ----------------------------------------------------------------------
 
     def _add_checkpoint(self, server_round: int, adapter, contents: list[RecordDict], weights: list[float]) -> None:
@@ -339,7 +360,8 @@ class CluesStrategy(FedAvg):
                 exp_avg=fedavg(ms, weights),
                 exp_avg_sq=fedavg(vs, weights),
                 step=max(steps),
-                lr=float(self._trace_lr),
+                lr=self._trace_hyper[0],
+                weight_decay=self._trace_hyper[1],
                 round=server_round,
             )
         )

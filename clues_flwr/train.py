@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 import torch
 
 from clues_flwr.data import Record, batches
+
+WEIGHT_DECAY = 0.01  # torch's AdamW default, which Γ must know (see scoring.precondition)
 
 
 def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
@@ -23,35 +26,42 @@ def endless_batches(
         epoch += 1
 
 
-def train_steps(
+def training(
     model,
     tokenizer,
     records: Sequence[Record],
-    steps: int,
     batch_size: int,
     lr: float,
     max_len: int,
     seed: int,
+    weight_decay: float = WEIGHT_DECAY,
     optimizer: torch.optim.AdamW | None = None,
-) -> tuple[list[float], torch.optim.AdamW]:
-    """Run ``steps`` AdamW steps on the trainable (LoRA) parameters.
-
-    Returns the losses and the optimizer, whose moments make the trajectory checkpoint.
-    Pass the optimizer back to continue a local trajectory; a federated round starts a
-    fresh one, since the previous round's moments belong to another global model.
+) -> Iterator[tuple[float, torch.optim.AdamW]]:
+    """AdamW steps on the trainable (LoRA) parameters for as long as the caller takes them,
+    yielding (loss, optimizer) after each. One data order runs through the whole loop, so a
+    caller that snapshots checkpoints every k steps still sees every record once per epoch.
     """
     if not records:
         raise ValueError("no training records: the client's data is empty")
     torch.manual_seed(seed)  # LoRA dropout: the same round trains the same in any runtime
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.AdamW(params, lr=lr)
-    data = endless_batches(records, tokenizer, batch_size, max_len, seed)
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**to_device(next(data), model)).loss
+    for batch in endless_batches(records, tokenizer, batch_size, max_len, seed):
+        loss = model(**to_device(batch, model)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        yield loss.item(), opt
+
+
+def train_steps(loop: Iterator[tuple[float, torch.optim.AdamW]], steps: int) -> tuple[list[float], torch.optim.AdamW]:
+    """``steps`` steps of a ``training`` loop: the losses and the optimizer, whose moments
+    make the trajectory checkpoint. A federated round starts a fresh loop and optimizer,
+    since the previous round's moments belong to another global model."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    losses, opt = [], None
+    for loss, opt in islice(loop, steps):
+        losses.append(loss)
     return losses, opt

@@ -1,7 +1,8 @@
 """Trajectory checkpoints: what CLUES needs of a training run to score a sample later.
 
 A checkpoint holds the adapter θ_t, the AdamW moments (m_t, v_t, step) of the scoring
-layer's parameters, and the learning rate η_t. Moments are keyed by parameter name, never
+layer's parameters, the learning rate η_t and the weight decay λ (AdamW's update has a
+λθ_t term, paper eq. 5). Moments are keyed by parameter name, never
 by position in the optimizer, so a checkpoint stays valid whatever order the optimizer's
 parameter groups had.
 """
@@ -23,6 +24,7 @@ class Checkpoint:
     exp_avg_sq: dict[str, torch.Tensor]
     step: int
     lr: float
+    weight_decay: float = 0.0
     round: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -59,6 +61,7 @@ def checkpoint(model, optimizer, names: list[str], adapter: dict[str, torch.Tens
         exp_avg_sq=v,
         step=step,
         lr=float(group["lr"]),
+        weight_decay=float(group["weight_decay"]),
         round=round,
         betas=tuple(group["betas"]),
         eps=float(group["eps"]),
@@ -75,6 +78,7 @@ def save(ckpt: Checkpoint, folder: str | Path) -> None:
     info = {
         "step": ckpt.step,
         "lr": ckpt.lr,
+        "weight_decay": ckpt.weight_decay,
         "round": ckpt.round,
         "betas": list(ckpt.betas),
         "eps": ckpt.eps,
@@ -96,6 +100,7 @@ def load(folder: str | Path) -> Checkpoint:
         exp_avg_sq={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("exp_avg_sq/")},
         step=int(info["step"]),
         lr=float(info["lr"]),
+        weight_decay=float(info["weight_decay"]),
         round=int(info["round"]),
         betas=tuple(info["betas"]),
         eps=float(info["eps"]),

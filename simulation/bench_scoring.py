@@ -49,12 +49,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.model import ModelSpec, adapter_state, build, device, load_base, load_tokenizer, set_adapter_state
-from clues_flwr.scoring import ScoreConfig, dropout_off, gamma_from_grads, scores, scoring_names, validation_sums
-from clues_flwr.train import to_device, train_steps
+from clues_flwr.scoring import ScoreConfig, gamma_from_grads, scores, scoring_mode, scoring_names, validation_sums
+from clues_flwr.train import to_device, train_steps, training
 from clues_flwr.trajectory import Checkpoint
 
 # Agreement bound on the CPU, where every method computes in float32 (the 8-bit demo too:
-# per_sample_grads keeps bitsandbytes on its training path, see scoring.dropout_off).
+# per_sample_grads keeps bitsandbytes on its training path, see scoring.scoring_mode).
 STRICT = 1e-4
 # Batched vs batch-of-one on CUDA: the forward runs under bf16 autocast, whose kernels
 # round differently for other shapes, so the two are close, not equal; the library's
@@ -186,7 +186,7 @@ def gamma_one(model, tok, record, ckpt, names, cfg, raw=False) -> torch.Tensor:
     weight, then the scoring layer's ``.grad`` read out. For one record the model's loss
     is the mean over its answer tokens, S's per-sample loss. The adapter of ``ckpt`` must
     already be loaded."""
-    dropout_off(model)
+    scoring_mode(model)
     batch = to_device(next(batches([record], tok, 1, cfg.max_len)), model)
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
@@ -280,8 +280,8 @@ def train_seconds_per_sample(model, tok, records, args) -> float:
     """One LoRA training step's cost per sample (forward, backward, AdamW), the yardstick
     a site compares scoring with; timed after one warm-up step."""
     kw = dict(batch_size=args.batch_size, lr=1e-4, max_len=args.max_len, seed=0)
-    train_steps(model, tok, records, steps=1, **kw)
-    _, seconds = timed(lambda: train_steps(model, tok, records, steps=args.train_steps, **kw))
+    train_steps(training(model, tok, records, **kw), 1)
+    _, seconds = timed(lambda: train_steps(training(model, tok, records, **kw), args.train_steps))
     return seconds / (args.train_steps * args.batch_size)
 
 

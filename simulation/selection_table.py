@@ -38,7 +38,7 @@ from clues_flwr.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer, set_adapter_state
 from clues_flwr.pollution import HIGH
 from clues_flwr.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names, threshold
-from clues_flwr.train import train_steps
+from clues_flwr.train import WEIGHT_DECAY, train_steps, training
 from clues_flwr.trajectory import Checkpoint, moments
 from results import command_line, figure, markdown_table, save_figure, write
 
@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="8bit")
     p.add_argument("--test-size", type=int, default=200, help="the public test split (clean records outside the pools)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-optimizer", choices=("reset", "keep"), default="reset", help="a fresh AdamW per client per trace round, or one kept across rounds")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is fastest on shared cores")
     p.add_argument("--out", type=Path, default=Path("results"))
 
@@ -100,19 +101,25 @@ class Bench:
         return [r["pollution"] for pool in self.splits.pools for r in pool]
 
 
-def trace(model, tok, pools, rounds, steps, batch_size, lr, max_len, names) -> list[Checkpoint]:
-    """Global trajectory: FedAvg of adapters and of the scoring layers' moments per round."""
+def trace(model, tok, pools, rounds, steps, batch_size, lr, max_len, names, keep_optimizer=False) -> list[Checkpoint]:
+    """Global trajectory: FedAvg of adapters and of the scoring layers' moments per round.
+    ``keep_optimizer``: each client carries its AdamW state from round to round instead
+    of starting a fresh one (the moments then span every round the client trained)."""
     global_adapter = adapter_state(model)
+    optimizers = [None] * len(pools)
     trajectory = []
     for rnd in range(1, rounds + 1):
-        adapters, ms, vs = [], [], []
+        adapters, ms, vs, taken = [], [], [], []
         for i, pool in enumerate(pools):
             set_adapter_state(model, global_adapter)
-            _, opt = train_steps(model, tok, pool, steps, batch_size, lr, max_len, seed=1009 * rnd + i)
-            m, v, _ = moments(model, opt, names)
+            _, opt = train_steps(training(model, tok, pool, batch_size, lr, max_len, seed=1009 * rnd + i, optimizer=optimizers[i]), steps)
+            if keep_optimizer:
+                optimizers[i] = opt
+            m, v, step = moments(model, opt, names)
             adapters.append(adapter_state(model))
             ms.append(m)
             vs.append(v)
+            taken.append(step)
         weights = [len(p) for p in pools]
         global_adapter = fedavg(adapters, weights)
         trajectory.append(
@@ -120,8 +127,9 @@ def trace(model, tok, pools, rounds, steps, batch_size, lr, max_len, names) -> l
                 adapter=global_adapter,
                 exp_avg=fedavg(ms, weights),
                 exp_avg_sq=fedavg(vs, weights),
-                step=steps,
+                step=max(taken),
                 lr=lr,
+                weight_decay=WEIGHT_DECAY,
                 round=rnd,
             )
         )
@@ -141,7 +149,10 @@ def prepare(args: argparse.Namespace, layers: list[int]) -> Bench:
     names = {layer: scoring_names(model, last if layer == -1 else layer) for layer in layers}
     initial = adapter_state(model)
     every = sorted({n for ns in names.values() for n in ns})
-    trajectory = trace(model, tok, splits.pools, args.trace_rounds, args.local_steps, args.batch_size, args.lr, args.max_len, every)
+    trajectory = trace(
+        model, tok, splits.pools, args.trace_rounds, args.local_steps, args.batch_size, args.lr, args.max_len, every,
+        keep_optimizer=args.trace_optimizer == "keep",
+    )
     return Bench(args, splits, model, tok, initial, names, trajectory)
 
 

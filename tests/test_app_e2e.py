@@ -81,7 +81,7 @@ def test_flwr_run_selects_tunes_and_writes_a_loadable_adapter(superlink, tmp_pat
     assert "[clues] score: threshold" in out and "[clues] selection (positive = clean)" in out
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and metrics["failures"] == []
-    assert {"train-loss", "eval-loss", "test-loss", "test-accuracy"} <= set(metrics["rounds"][-1])
+    assert {"train-loss", "heldout-loss", "test-loss", "test-accuracy"} <= set(metrics["rounds"][-1])
     selection = json.loads((run_dir / "selection.json").read_text())
     assert len(selection["clients"]) == 3
     assert all(0 < c["kept"] <= c["total"] for c in selection["clients"].values())

@@ -20,7 +20,7 @@ from clues_flwr.baselines import (
 from clues_flwr.data import batches, demo_splits, encode, encode_answer, prompt
 from clues_flwr.metrics import auroc
 from clues_flwr.model import ModelSpec, build, load_tokenizer
-from clues_flwr.scoring import dropout_off, per_sample_loss
+from clues_flwr.scoring import scoring_mode, per_sample_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +47,7 @@ def demo():
 
 def hand_nll(model, ids, answer):
     """Mean −log p of ``answer``, the last tokens of ``ids``, from one unpadded forward."""
-    dropout_off(model)
+    scoring_mode(model)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
     start = len(ids) - len(answer)
@@ -119,7 +119,7 @@ def test_datainf_direction_equals_explicit_inverse_hessians(separate_validation)
 
 def loop_grads(model, tok, records, names):
     """Reference: one record at a time, an ordinary backward of its loss."""
-    dropout_off(model)
+    scoring_mode(model)
     params = dict(model.named_parameters())
     rows = []
     for r in records:

@@ -274,7 +274,7 @@ def test_two_registered_sites_run_clues_over_tls_and_an_unregistered_key_is_refu
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2], out[-3000:]
     assert metrics["failures"] == [], metrics["failures"]
-    assert {"train-loss", "eval-loss", "test-loss"} <= set(metrics["rounds"][-1])
+    assert {"train-loss", "heldout-loss", "test-loss"} <= set(metrics["rounds"][-1])
     selection = json.loads((run_dir / "selection.json").read_text())
     assert set(selection["clients"]) == {str(site1.node_id), str(site2.node_id)}
     for site in (site1, site2):  # each SuperNode scored the records of its own file

@@ -9,7 +9,7 @@ from peft import PeftModel
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
-from clues_flwr.train import train_steps
+from clues_flwr.train import train_steps, training
 
 SPEC_8BIT = ModelSpec(quantization="8bit")
 
@@ -34,7 +34,7 @@ def test_8bit_lora_model_trains(model8):
     records = demo_splits(num_clients=1, pool_size=64, pollution_ratios=(0.0,)).pools[0]
     before = eval_loss(model, tok, records, batch_size=16, max_len=96)
     frozen = base.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
-    losses, _ = train_steps(model, tok, records, steps=12, batch_size=16, lr=3e-3, max_len=96, seed=0)
+    losses, _ = train_steps(training(model, tok, records, batch_size=16, lr=3e-3, max_len=96, seed=0), 12)
     after = eval_loss(model, tok, records, batch_size=16, max_len=96)
     assert after < 0.8 * before, (before, after, losses)
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -87,7 +87,7 @@ def test_full_precision_and_accuracy_metric():
     tok = load_tokenizer(":demo:")
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
     records = demo_splits(num_clients=1, pool_size=32, pollution_ratios=(0.0,)).pools[0]
-    train_steps(model, tok, records, steps=60, batch_size=16, lr=1e-2, max_len=96, seed=0)
+    train_steps(training(model, tok, records, batch_size=16, lr=1e-2, max_len=96, seed=0), 60)
     # After memorising 32 records, greedy answers match a good share of them, and a
     # record whose reference answer is wrong is never "matched".
     assert answer_accuracy(model, tok, records, batch_size=16, max_new_tokens=16) > 0.3
@@ -126,6 +126,6 @@ def test_adapter_state_is_a_snapshot(model8):
     model, tok = model8
     before = adapter_state(model)
     first = {k: v.clone() for k, v in before.items()}
-    train_steps(model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], steps=2, batch_size=8, lr=1e-2, max_len=96, seed=0)
+    train_steps(training(model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], batch_size=8, lr=1e-2, max_len=96, seed=0), 2)
     assert all(torch.equal(before[k], first[k]) for k in before), "training changed an earlier snapshot"
     assert any(not torch.equal(v, first[k]) for k, v in adapter_state(model).items())

@@ -73,7 +73,7 @@ def test_another_project_runs_clues(capsys):
     )
     grid = LocalGrid(their_client_app(), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
     initial = ArrayRecord(adapter_state(model))
-    hyper = ConfigRecord({"lr": 1e-2, "local-steps": 3, "batch-size": 8, "max-seq-len": 48, "seed": 0})
+    hyper = ConfigRecord({"lr": 1e-2, "weight-decay": 0.01, "local-steps": 3, "batch-size": 8, "max-seq-len": 48, "seed": 0})
     result = strategy.start(grid, initial, num_rounds=2, train_config=hyper)
 
     assert len(strategy.trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in strategy.trajectory)

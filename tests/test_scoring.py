@@ -12,7 +12,7 @@ from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 from clues_flwr.scoring import (
     ScoreConfig,
     answer_losses_of,
-    dropout_off,
+    scoring_mode,
     per_sample_grads,
     per_sample_loss,
     precondition,
@@ -54,7 +54,7 @@ def random_batch(vocab, lengths, seed):
 
 def loop_grads(model, batch, names):
     """Reference: one sample at a time, unpadded, autograd on the loss of that sample."""
-    dropout_off(model)
+    scoring_mode(model)
     params = dict(model.named_parameters())
     out = []
     for b in range(batch["input_ids"].shape[0]):
@@ -96,7 +96,7 @@ def test_layer_zero_is_matched_exactly_and_other_layers_selectable():
 def test_answer_losses_need_only_the_logits_from_the_first_answer_on():
     model = random_lora_llama(hidden=32, layers=2, vocab=50, seed=3)
     batch = random_batch(50, [9, 17, 12, 5], seed=4)
-    dropout_off(model)
+    scoring_mode(model)
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     reference = per_sample_loss(full, batch["labels"])
     # The earliest answer token is position 2 (40% of the 5-token row), so logits from
@@ -123,7 +123,7 @@ def test_per_sample_grads_on_the_8bit_base_match_a_loop():
     print(f"8-bit base vs single-sample loop: relative error {err:.2e}")
     # float32 on both sides; what is left is float32 reduction order over padded vs
     # unpadded rows (measured 1.5e-6). In eval mode bitsandbytes' CPU int8 kernel would
-    # make this 2.4%, since it depends on the other rows of the batch: see dropout_off.
+    # make this 2.4%, since it depends on the other rows of the batch: see scoring_mode.
     assert err <= 1e-5
 
 
@@ -220,9 +220,9 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
     model = build(ModelSpec(quantization="none"))
     tok = load_tokenizer(":demo:")
     records = demo_splits(num_clients=1, pool_size=32).pools[0]
-    from clues_flwr.train import train_steps
+    from clues_flwr.train import train_steps, training
 
-    _, opt = train_steps(model, tok, records, steps=3, batch_size=8, lr=1e-3, max_len=96, seed=0)
+    _, opt = train_steps(training(model, tok, records, batch_size=8, lr=1e-3, max_len=96, seed=0), 3)
     names = scoring_names(model)
     ckpt = trajectory.checkpoint(model, opt, names, adapter_state(model), round=2)
     params = dict(model.named_parameters())
@@ -268,3 +268,75 @@ def test_anchor_quantile_keeps_the_promised_recall_empirically():
     clean = [rng.gauss(0, 1) for _ in range(20000)]
     tau = threshold(anchors, "anchor-mean")
     assert 0.2 < sum(c >= tau for c in clean) / len(clean) < 0.8
+
+
+def test_gamma_is_the_real_next_adamw_step_with_weight_decay():
+    """θ_{t+1} − θ_t = −η Γ: Γ from the checkpoint's moments and λθ_t against the step torch's
+    AdamW takes on the same one-sample gradient (float64 model, float32 adapter copy)."""
+    model = random_lora_llama(hidden=32, layers=2, vocab=60, seed=11)
+    names = scoring_names(model)
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for seed in range(3):  # a few real steps so that m, v and the step count are not trivial
+        scoring_mode(model)
+        answer_losses_of(model, random_batch(60, [9, 14, 7], seed=seed)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ckpt = trajectory.checkpoint(model, opt, names, adapter_state(model))
+    assert ckpt.weight_decay == 0.1 and ckpt.step == 3
+    one = random_batch(60, [13], seed=9)
+    g = per_sample_grads(model, one, names)
+    gamma = precondition(g, ckpt, names, ScoreConfig.paper())[0]
+    before = torch.cat([params[n].detach().reshape(-1).clone() for n in names])
+    scoring_mode(model)
+    answer_losses_of(model, one).sum().backward()
+    opt.step()
+    after = torch.cat([params[n].detach().reshape(-1) for n in names])
+    err = rel_err(-ckpt.lr * gamma, after - before)
+    print(f"Γ vs torch's AdamW step with weight decay 0.1: relative error {err:.2e}")
+    assert err <= 1e-6  # measured 2.6e-8: θ_t reaches Γ through the float32 adapter copy
+    ckpt.weight_decay = 0.0  # Γ without the decay term misses the step
+    assert rel_err(-ckpt.lr * precondition(g, ckpt, names, ScoreConfig.paper())[0], after - before) > 1e-4
+
+
+def save_dropout_model(family: str, folder):
+    """A random OPT (hidden, attention and layer dropout applied as functions of
+    ``self.training``) or Llama with attention dropout, saved as a model folder whose
+    vocabulary is the demo tokenizer's."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if family == "opt":
+        cfg = OPTConfig(vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=64, max_position_embeddings=128, dropout=0.1, attention_dropout=0.1,
+                        layerdrop=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = OPTForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, max_position_embeddings=128, attention_dropout=0.1, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_scoring_is_deterministic_with_functional_dropout(tmp_path, family, quantization, one_thread):
+    from clues_flwr.baselines import perplexity_scores
+    from clues_flwr.model import load_base
+
+    base = load_base(str(save_dropout_model(family, tmp_path / family)), quantization)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    tok = load_tokenizer(":demo:")
+    records = demo_splits(num_clients=0).test[:8]
+    batch = next(batches(records, tok, 8, 96))
+    names = scoring_names(model)
+    first, second = per_sample_grads(model, batch, names), per_sample_grads(model, batch, names)
+    assert first.abs().sum() > 0 and torch.equal(first, second)
+    assert torch.equal(perplexity_scores(model, tok, records, 4, 96), perplexity_scores(model, tok, records, 4, 96))
+    model.train()  # the same model does drop out in training, so the test can tell
+    lossy = [answer_losses_of(model, batch) for _ in range(2)]
+    assert not torch.equal(*lossy)

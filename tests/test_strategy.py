@@ -183,6 +183,65 @@ def test_merge_mode_thresholds_each_client_on_its_own_trajectory(tmp_path):
     assert len(trace) == NUM_NODES and all(len(r.content["trajectory"]["lr"]) == 2 for r in trace)
 
 
+def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
+    """trace-rounds × local-steps × batch-size = N: one local run sees each record exactly
+    once, however the steps are cut into checkpoints."""
+    from clues_flwr.client_app import CluesClient, Site
+    from clues_flwr.data import demo_splits, encode
+    from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
+    from flwr.app import ConfigRecord, Message
+    from flwr.clientapp import ClientApp
+
+    model, tok = build(ModelSpec(quantization="none")), load_tokenizer(":demo:")
+    records = demo_splits(num_clients=1, pool_size=24).pools[0]
+    seen = []
+
+    def record_rows(module, args, kwargs):
+        if module.training:
+            for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+                seen.append(tuple(ids[mask.bool()].tolist()))
+
+    model.register_forward_pre_hook(record_rows, with_kwargs=True)
+    app = ClientApp()
+    CluesClient(lambda context: Site(model, tok, records)).register(app)
+    config = {"phase": "trace-local", "trace-rounds": 3, "local-steps": 2, "batch-size": 4, "server-round": 0, "lr": 3e-3,
+              "weight-decay": 0.01, "max-seq-len": 96, "seed": 0, "score-layer": 0, "score-modules": ["q_proj", "v_proj"]}
+    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "config": ConfigRecord(config)})
+    (reply,) = LocalGrid(app, {1: {}}, {}).send_and_receive([Message(content=content, dst_node_id=1, message_type="train")])
+    assert not reply.has_error() and reply.content["trajectory"]["step"] == [2, 4, 6]
+    assert sorted(seen) == sorted(tuple(encode(r, tok, 96)[0]) for r in records)
+
+
+def test_task_arithmetic_is_refused_in_federated_mode_before_a_run_folder(tmp_path):
+    with pytest.raises(ValueError, match="task-arithmetic' needs mode 'merge'"):
+        run(tmp_path, aggregation="task-arithmetic")
+    assert not any(tmp_path.iterdir())
+
+
+def test_clean_heldout_loss_is_weighted_by_clean_records_and_tune_rounds_send_no_adam_step(tmp_path):
+    _, folder = run(tmp_path, **{"fraction-evaluate": 1.0})
+    rounds = load(folder, "metrics.json")["rounds"]
+    assert all({"heldout-loss", "heldout-clean-loss", "test-loss"} <= set(r) for r in rounds[1:])
+    assert not any("adam-step" in r for r in rounds)
+    assert "adam-step" in load(folder, "metrics.json")["trace"]["1"]
+
+
+def test_aggregate_evaluate_means_the_clean_loss_over_clean_records():
+    from flwr.app import Message, MetricRecord
+
+    strategy = server_app.strategy_from(app_defaults(), score_anchors=None)
+    sites = [(2.0, 10, 1.0, 2), (1.0, 10, 3.0, 8), (5.0, 4, 0.0, 0)]  # loss, n, clean loss, clean n
+    replies = []
+    for i, (loss, n, clean, count) in enumerate(sites):
+        sent = Message(content=RecordDict(), dst_node_id=100 + i, message_type="evaluate")
+        sent.metadata.__dict__["_message_id"] = f"m{i}"
+        metrics = {"heldout-loss": loss, "num-examples": n, "heldout-clean-loss": clean, "heldout-clean-examples": count}
+        replies.append(Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent))
+    out = strategy.aggregate_evaluate(1, replies)
+    assert out["heldout-loss"] == pytest.approx((20 + 10 + 20) / 24)
+    assert out["heldout-clean-loss"] == pytest.approx((2 + 24) / 10) and out["heldout-clean-examples"] == 10
+
+
 @pytest.mark.parametrize("selection", ["perplexity", "ifd", "datainf", "random"])
 def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_path, selection):
     grid, folder = run(tmp_path, selection=selection)
@@ -228,6 +287,7 @@ def test_selection_baselines_skip_scoring(tmp_path, selection):
         ("trace-rounds", 0, "trace-rounds must be at least 1"),
         ("keep-ratio", 1.5, "keep-ratio must be in"),
         ("selection", "ppl", "selection must be one of"),
+        ("aggregation", "task-arithmetic", "task-arithmetic' needs mode 'merge'"),
     ],
 )
 def test_bad_settings_fail_before_any_round(key, value, message):
