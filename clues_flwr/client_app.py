@@ -27,16 +27,16 @@ from clues_flwr.messages import (
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
     moments_record,
-    score_config_from,
     trajectory_from,
     trajectory_records,
 )
 from clues_flwr.metrics import confusion, eval_loss, histogram
+from clues_flwr.config import DataConfig, from_mapping
 from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
 from clues_flwr.partition import splits_for
-from clues_flwr.scoring import scores, scoring_names
+from clues_flwr.scoring import ScoreConfig, scores, scoring_names
 from clues_flwr.sources import load_records, parse_mapping
-from clues_flwr.train import train_steps, training
+from clues_flwr.train import TrainConfig, train_steps, training
 from clues_flwr.trajectory import checkpoint, moments
 
 SELECTION_KEY = "clues-selection"
@@ -97,8 +97,9 @@ class CluesClient:
         records = selected(site.records, str(cfg["selection"]), context)
         loss = 0.0  # a site with nothing selected trains nothing and takes no weight
         if records:
-            epochs = int(cfg.get("local-epochs", 0))
-            steps = math.ceil(epochs * len(records) / int(cfg["batch-size"])) if epochs else int(cfg["local-steps"])
+            train = from_mapping(TrainConfig, cfg)
+            merge = cfg["mode"] == "merge"  # one round of whole epochs, then a one-shot merge
+            steps = math.ceil(train.local_epochs * len(records) / train.batch_size) if merge else train.local_steps
             losses, _ = self._steps(site, records, cfg, steps)
             loss = sum(losses) / len(losses)
         return _reply(msg, site, {"train-loss": loss, "num-examples": len(records)})
@@ -107,12 +108,13 @@ class CluesClient:
     def _hyperparameters(cfg: ConfigRecord) -> dict:
         """The server's hyperparameters for ``training``; the data order is seeded by the
         round, trace rounds apart from tuning rounds."""
+        train = from_mapping(TrainConfig, cfg)
         return {
-            "batch_size": int(cfg["batch-size"]),
-            "lr": float(cfg["lr"]),
-            "max_len": int(cfg["max-seq-len"]),
-            "seed": int(cfg["seed"]) + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0),
-            "weight_decay": float(cfg["weight-decay"]),
+            "batch_size": train.batch_size,
+            "lr": train.learning_rate,
+            "max_len": train.max_seq_len,
+            "seed": train.seed + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0),
+            "weight_decay": train.weight_decay,
         }
 
     def _steps(self, site: Site, records: list[Record], cfg: ConfigRecord, steps: int):
@@ -120,8 +122,9 @@ class CluesClient:
 
     def _trace(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
         """One federated trace round; the scoring layer's moments go back for averaging."""
-        names = scoring_names(site.model, int(cfg["score-layer"]), tuple(cfg["score-modules"]))
-        losses, opt = self._steps(site, site.records, cfg, int(cfg["local-steps"]))
+        score = from_mapping(ScoreConfig, cfg)
+        names = scoring_names(site.model, score.layer, score.modules)
+        losses, opt = self._steps(site, site.records, cfg, from_mapping(TrainConfig, cfg).local_steps)
         m, v, step = moments(site.model, opt, names)
         metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": step}
         reply = _reply(msg, site, metrics)
@@ -131,8 +134,10 @@ class CluesClient:
     def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
         """Merge mode: one local training run of ``trace-rounds`` × ``local-steps`` steps with
         one optimizer and one data order, checkpointed every ``local-steps`` steps."""
-        names = scoring_names(site.model, int(cfg["score-layer"]), tuple(cfg["score-modules"]))
-        every, total = int(cfg["local-steps"]), int(cfg["trace-rounds"]) * int(cfg["local-steps"])
+        score = from_mapping(ScoreConfig, cfg)
+        names = scoring_names(site.model, score.layer, score.modules)
+        every = from_mapping(TrainConfig, cfg).local_steps
+        total = int(cfg["trace-rounds"]) * every
         loop = training(site.model, site.tokenizer, site.records, **self._hyperparameters(cfg))
         trajectory, losses = [], []
         for step, (loss, opt) in enumerate(islice(loop, total), start=1):
@@ -153,7 +158,7 @@ class CluesClient:
         method = str(cfg["method"])
         if method == "clues":
             trajectory, val_sums = trajectory_from(content)
-            s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score_config_from(content[SCORE_CONFIG_KEY]))
+            s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY]))
         else:
             set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
             direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
@@ -186,7 +191,7 @@ def site_records(context: Context) -> list[Record]:
     with the optional ``data-format``, ``data-mapping``, ``data-preset``, ``data-split``,
     ``data-subset``) when the node config names one, else (simulation) its partition of
     the run's ``dataset`` or of the demo, chosen by ``partition-id``."""
-    node, run = context.node_config, context.run_config
+    node = context.node_config
     if node.get("data-path"):
         return load_records(
             str(node["data-path"]),
@@ -201,17 +206,18 @@ def site_records(context: Context) -> list[Record]:
             "node config has neither data-path nor partition-id: start the SuperNode with "
             "--node-config 'data-path=\"/path/to/site.jsonl\"'"
         )
-    return splits_for(run, int(node["num-partitions"])).pools[int(node["partition-id"])]
+    data = from_mapping(DataConfig, context.run_config)
+    return splits_for(data, int(node["num-partitions"])).pools[int(node["partition-id"])]
 
 
 def local_split(context: Context) -> tuple[list[Record], list[Record]]:
     """(train, held-out) of this site, the same in every round."""
-    run = context.run_config
-    return split_heldout(site_records(context), float(run["heldout-fraction"]), int(run["seed"]))
+    data = from_mapping(DataConfig, context.run_config)
+    return split_heldout(site_records(context), data.heldout_fraction, data.seed)
 
 
 def demo_site(context: Context) -> Site:
-    model, tokenizer = cached(ModelSpec.from_config(context.run_config))
+    model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
     return Site(model, tokenizer, local_split(context)[0])
 
 
@@ -224,11 +230,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss on the site's held-out records, which are drawn from its polluted pool: it moves
     with pollution as well as with the model. When records carry quality labels the loss
     on the clean held-out records alone goes back too, with their count."""
-    run = context.run_config
-    model, tokenizer = cached(ModelSpec.from_config(run))
+    model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
     set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     _, heldout = local_split(context)
-    sizes = (int(run["batch-size"]), int(run["max-seq-len"]))
+    train = from_mapping(TrainConfig, context.run_config)
+    sizes = (train.batch_size, train.max_seq_len)
     metrics = {"heldout-loss": eval_loss(model, tokenizer, heldout, *sizes), "num-examples": len(heldout)}
     if heldout and all("quality" in r for r in heldout):
         clean = [r for r in heldout if r["quality"] == "high"]

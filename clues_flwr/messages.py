@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clues_flwr.scoring import ScoreConfig
 from clues_flwr.trajectory import Checkpoint
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -99,31 +98,3 @@ def trajectory_from(content: RecordDict) -> tuple[list[Checkpoint], list[torch.T
         if "validation-sum" in tensors:
             val_sums.append(tensors["validation-sum"])
     return trajectory, val_sums
-
-
-def score_config_record(cfg: ScoreConfig) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "layer": cfg.layer,
-            "modules": list(cfg.modules),
-            "precondition": cfg.precondition,
-            "bias-correction": cfg.bias_correction,
-            "precondition-validation": cfg.precondition_validation,
-            "cosine": cfg.cosine,
-            "batch-size": cfg.batch_size,
-            "max-len": cfg.max_len,
-        }
-    )
-
-
-def score_config_from(record: ConfigRecord) -> ScoreConfig:
-    return ScoreConfig(
-        layer=int(record["layer"]),
-        modules=tuple(record["modules"]),
-        precondition=str(record["precondition"]),
-        bias_correction=bool(record["bias-correction"]),
-        precondition_validation=bool(record["precondition-validation"]),
-        cosine=bool(record["cosine"]),
-        batch_size=int(record["batch-size"]),
-        max_len=int(record["max-len"]),
-    )

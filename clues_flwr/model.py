@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +18,7 @@ from urllib.request import url2pathname
 
 import torch
 
-from clues_flwr.data import parse_names
+from clues_flwr.checks import one_of, require
 
 # bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16 (always
 # so on CPU): one line per layer per step would drown the run's output.
@@ -73,31 +73,22 @@ def device() -> torch.device:
 class ModelSpec:
     """What decides the weights a client and the server build: every party must agree."""
 
-    name: str = DEMO_MODEL
+    name: str = field(default=DEMO_MODEL, metadata={"key": "model-name"})
     quantization: str = "8bit"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"key": "lora-target-modules"})
     seed: int = 0  # LoRA initialisation
 
-    @classmethod
-    def from_config(cls, cfg) -> "ModelSpec":
-        quantization = str(cfg["quantization"])
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        modules = parse_names(str(cfg["lora-target-modules"]))
-        if not modules:
-            raise ValueError("lora-target-modules is empty: name at least one module, e.g. q_proj")
-        return cls(
-            name=str(cfg["model-name"]),
-            quantization=quantization,
-            lora_r=int(cfg["lora-r"]),
-            lora_alpha=int(cfg["lora-alpha"]),
-            lora_dropout=float(cfg["lora-dropout"]),
-            target_modules=modules,
-            seed=int(cfg["seed"]),
-        )
+    def __post_init__(self):
+        one_of("quantization", self.quantization, QUANTIZATIONS)
+        require("lora-r", self.lora_r, self.lora_r >= 1, "at least 1")
+        require("lora-alpha", self.lora_alpha, self.lora_alpha > 0, "positive")
+        require("lora-dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
+        require("lora-target-modules", self.target_modules, bool(self.target_modules), "at least one module name, e.g. q_proj")
+        if self.name.startswith(("/", "./", "../", "~")):  # written as a path, not a hub id
+            require("model-name", self.name, Path(self.name).expanduser().is_dir(), "an existing model folder")
 
 
 def load_tokenizer(name: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
@@ -19,6 +20,9 @@ from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Part
 from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_names, parse_ratios
 from clues_flwr.pollution import KINDS, pollute
 from clues_flwr.sources import load_records
+
+if TYPE_CHECKING:  # config imports this module's SCHEMES
+    from clues_flwr.config import DataConfig
 
 SCHEMES = ("iid", "natural")
 _ROW = "__row__"
@@ -159,24 +163,24 @@ def federated_splits(
     return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=pools)
 
 
-def splits_for(run, num_clients: int) -> DemoSplits:
-    """The splits a run config describes: those of ``dataset`` when it names one, else the
-    demo's. ``num_clients`` 0 gives the public sets only (what the server needs)."""
-    ratios, kinds = parse_ratios(str(run["pollution"])), parse_names(str(run["pollution-kinds"]))
-    if not run["dataset"]:
-        return demo_splits(num_clients, int(run["demo-pool-size"]), ratios, int(run["test-size"]), int(run["seed"]), kinds)
+def splits_for(data: DataConfig, num_clients: int) -> DemoSplits:
+    """The splits a run's data config describes: those of ``dataset`` when it names one,
+    else the demo's. ``num_clients`` 0 gives the public sets only (what the server needs)."""
+    ratios = parse_ratios(data.pollution)
+    if not data.dataset:
+        return demo_splits(num_clients, data.demo_pool_size, ratios, data.test_size, data.seed, data.pollution_kinds)
     return federated_splits(
-        str(run["dataset"]),
+        data.dataset,
         num_clients,
-        preset=str(run["dataset-preset"]),
-        split=str(run["dataset-split"]),
-        subset=str(run["dataset-subset"]),
-        num_samples=int(run["num-samples"]),
-        client_samples=int(run["client-samples"]),
-        scheme=str(run["partition"]),
-        by=str(run["partition-by"]),
+        preset=data.dataset_preset,
+        split=data.dataset_split,
+        subset=data.dataset_subset,
+        num_samples=data.num_samples,
+        client_samples=data.client_samples,
+        scheme=data.partition,
+        by=data.partition_by,
         ratios=tuple(ratios),
-        kinds=kinds,
-        test_size=int(run["test-size"]),
-        seed=int(run["seed"]),
+        kinds=data.pollution_kinds,
+        test_size=data.test_size,
+        seed=data.seed,
     )

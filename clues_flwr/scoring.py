@@ -22,11 +22,12 @@ import re
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from clues_flwr.checks import one_of, require
 from clues_flwr.data import Record, per_record
 from clues_flwr.model import adapter_key, set_adapter_state
 from clues_flwr.trajectory import Checkpoint
@@ -42,18 +43,21 @@ THRESHOLD_RULES = ("anchor-mean", "anchor-quantile")
 class ScoreConfig:
     """How to score. ``paper()`` is the paper's equations 5-8; ``official()`` its code's."""
 
-    layer: int = 0
-    modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layer: int = field(default=0, metadata={"key": "score-layer"})
+    modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"key": "score-modules"})
     precondition: str = "adam"  # adam | adam-eps-inside | sgd
     bias_correction: bool = True
     precondition_validation: bool = True  # paper eq. 6; the official code uses raw gradients
     cosine: bool = True
-    batch_size: int = 32
-    max_len: int = 96
+    batch_size: int = field(default=32, metadata={"key": "score-batch-size"})
+    max_len: int = field(default=96, metadata={"key": "max-seq-len"})
 
     def __post_init__(self):
-        if self.precondition not in PRECONDITIONERS:
-            raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {self.precondition!r}")
+        require("score-layer", self.layer, self.layer >= 0, "a layer index, 0 or more")
+        require("score-modules", self.modules, bool(self.modules), "at least one module name, e.g. q_proj")
+        one_of("precondition", self.precondition, PRECONDITIONERS)
+        require("score-batch-size", self.batch_size, self.batch_size >= 1, "at least 1")
+        require("max-seq-len", self.max_len, self.max_len >= 2, "at least 2")
 
     @classmethod
     def paper(cls, **kw) -> "ScoreConfig":

@@ -5,16 +5,17 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from clues_flwr.baselines import baseline_scores, datainf_direction
-from clues_flwr.data import Record, parse_names
+from clues_flwr.config import AppConfig, DataConfig
+from clues_flwr.data import Record
 from clues_flwr.metrics import answer_accuracy, eval_loss
-from clues_flwr.model import ModelSpec, cached, initial_adapter, resolve_model_name, set_adapter_state
+from clues_flwr.model import cached, initial_adapter, resolve_model_name, set_adapter_state
 from clues_flwr.partition import splits_for
 from clues_flwr.report import finish_run, open_run, per_round, resumable
-from clues_flwr.scoring import ScoreConfig, anchor_scores
+from clues_flwr.scoring import anchor_scores
 from clues_flwr.sources import load_records
 from clues_flwr.strategy import CluesStrategy, say
 
@@ -23,57 +24,29 @@ app = ServerApp()
 RESUME_FREE = ("num-server-rounds", "resume-from", "output-dir")
 
 
-def public_sets(run) -> dict[str, list[Record]]:
+def public_sets(data: DataConfig) -> dict[str, list[Record]]:
     """Validation, anchors and test: the ``*-path`` sources where given, else those split
     off the run's ``dataset`` (or the demo) exactly as the clients split it."""
-    split = splits_for(run, num_clients=0)
+    split = splits_for(data, num_clients=0)
     defaults = {"validation": split.validation, "anchor": split.anchors, "test": split.test}
-    return {name: load_records(str(run[f"{name}-path"])) if run[f"{name}-path"] else records for name, records in defaults.items()}
+    paths = {"validation": data.validation_path, "anchor": data.anchor_path, "test": data.test_path}
+    return {name: load_records(paths[name]) if paths[name] else records for name, records in defaults.items()}
 
 
-def score_config(run) -> ScoreConfig:
-    return ScoreConfig(
-        layer=int(run["score-layer"]),
-        modules=parse_names(str(run["score-modules"])),
-        precondition=str(run["precondition"]),
-        bias_correction=bool(run["bias-correction"]),
-        precondition_validation=bool(run["precondition-validation"]),
-        cosine=bool(run["cosine"]),
-        batch_size=int(run["score-batch-size"]),
-        max_len=int(run["max-seq-len"]),
-    )
-
-
-def round_timeout(run) -> float:
-    """Seconds each phase waits for the sites' replies; a site still silent then is left
-    out of that round and named, as a site that is offline is."""
-    seconds = float(run["round-timeout"])
-    if not seconds > 0:
-        raise ValueError(f"round-timeout must be a positive number of seconds, got {run['round-timeout']!r}")
-    return seconds
-
-
-def strategy_from(run, score_anchors, score_baseline=None) -> CluesStrategy:
-    min_train = int(run["min-train-nodes"])
+def strategy_from(cfg: AppConfig, score_anchors, score_baseline=None) -> CluesStrategy:
+    fed = cfg.federation
     return CluesStrategy(
         score_anchors=score_anchors,
-        score_config=score_config(run),
-        mode=str(run["mode"]),
-        selection=str(run["selection"]),
-        trace_rounds=int(run["trace-rounds"]),
-        threshold_rule=str(run["threshold-rule"]),
-        target_recall=float(run["target-recall"]),
-        aggregation=str(run["aggregation"]),
-        ties_density=float(run["ties-density"]),
-        local_epochs=int(run["local-epochs"]),
-        histogram_bins=int(run["histogram-bins"]),
-        keep_ratio=float(run["keep-ratio"]),
+        score_config=cfg.score,
+        selection=cfg.selection,
+        tune=cfg.tune,
+        train=cfg.train,
         score_baseline=score_baseline,
-        fraction_train=float(run["fraction-train"]),
-        fraction_evaluate=float(run["fraction-evaluate"]),
-        min_train_nodes=min_train,
-        min_evaluate_nodes=min_train,
-        min_available_nodes=int(run["min-available-nodes"]),
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train_nodes,
+        min_evaluate_nodes=fed.min_train_nodes,
+        min_available_nodes=fed.min_available_nodes,
     )
 
 
@@ -83,52 +56,40 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
-    """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder."""
-    timeout = round_timeout(run)
-    spec = ModelSpec.from_config(run)
-    model, tokenizer = cached(spec)
-    public = public_sets(run)
-    cfg = score_config(run)
-    batch_size = int(run["batch-size"])
+    """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder.
+    Every setting is checked, and the public sets read, before the run folder exists."""
+    cfg = AppConfig.from_run_config(run)
+    model, tokenizer = cached(cfg.model)
+    public = public_sets(cfg.data)
+    score, train = cfg.score, cfg.train
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_adapter_state(model, arrays.to_torch_state_dict())
-        loss = eval_loss(model, tokenizer, public["test"], batch_size, cfg.max_len)
-        accuracy = answer_accuracy(model, tokenizer, public["test"], 4 * batch_size, int(run["max-new-tokens"]))
+        loss = eval_loss(model, tokenizer, public["test"], train.batch_size, score.max_len)
+        accuracy = answer_accuracy(model, tokenizer, public["test"], 4 * train.batch_size, cfg.output.max_new_tokens)
         say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
     def score_baseline(method: str, adapter: dict) -> tuple:
         set_adapter_state(model, adapter)
-        sizes = {"batch_size": cfg.batch_size, "max_len": cfg.max_len}
+        sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
         direction = datainf_direction(model, tokenizer, public["validation"], **sizes) if method == "datainf" else None
-        return baseline_scores(method, model, tokenizer, public["anchor"], seed=int(run["seed"]), direction=direction, **sizes), direction
+        return baseline_scores(method, model, tokenizer, public["anchor"], seed=cfg.data.seed, direction=direction, **sizes), direction
 
     strategy = strategy_from(
-        run, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg), score_baseline
+        cfg, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=score), score_baseline
     )
-    config = {"run_config": dict(run), "base_model": resolve_model_name(str(run["model-name"]))}
-    if run["resume-from"]:
-        run_dir = resumable(Path(str(run["resume-from"])).expanduser().resolve(), config, RESUME_FREE)
+    config = {"run_config": dict(run), "base_model": resolve_model_name(cfg.model.name)}
+    if cfg.output.resume_from:
+        run_dir = resumable(Path(cfg.output.resume_from).expanduser().resolve(), config, RESUME_FREE)
     else:
-        run_dir = open_run(Path(str(run["output-dir"])).expanduser().resolve(), run_id, config)
-    train_config = ConfigRecord(
-        {
-            "lr": float(run["learning-rate"]),
-            "weight-decay": float(run["weight-decay"]),
-            "local-steps": int(run["local-steps"]),
-            "batch-size": batch_size,
-            "max-seq-len": cfg.max_len,
-            "seed": int(run["seed"]),
-        }
-    )
-    initial = ArrayRecord(initial_adapter(spec))
+        run_dir = open_run(Path(cfg.output.output_dir).expanduser().resolve(), run_id, config)
+    initial = ArrayRecord(initial_adapter(cfg.model))
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=int(run["num-server-rounds"]),
-        timeout=timeout,
-        train_config=train_config,
+        num_rounds=cfg.tune.num_server_rounds,
+        timeout=cfg.federation.round_timeout,
         evaluate_fn=central_evaluate,
         run_dir=run_dir,
     )

@@ -38,17 +38,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from clues_flwr.aggregation import METHODS, aggregate, check_state, fedavg
-from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, score_config_record, trajectory_from, trajectory_records
+from clues_flwr.aggregation import aggregate, check_state, fedavg
+from clues_flwr.config import BASELINES, SelectionConfig, TuneConfig, from_mapping, to_record
+from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, trajectory_from, trajectory_records
 from clues_flwr.metrics import selection_scores
 from clues_flwr.resume import RunState
-from clues_flwr.scoring import THRESHOLD_RULES, ScoreConfig, histogram_edges, threshold
+from clues_flwr.scoring import ScoreConfig, histogram_edges, threshold
+from clues_flwr.train import TrainConfig
 from clues_flwr.trajectory import Checkpoint
 
-MODES = ("federated", "merge")
-BASELINES = ("perplexity", "ifd", "datainf", "random")
-SELECTIONS = ("clues", *BASELINES, "none", "oracle")
-TRAIN_KEYS = ("lr", "weight-decay", "local-steps", "batch-size", "max-seq-len", "seed")
 # What the server needs from the public side: G_t per checkpoint and the anchor scores.
 AnchorScorer = Callable[[list[Checkpoint]], tuple[list[torch.Tensor], torch.Tensor]]
 # A baseline's anchor scores at an adapter, and the DataInf direction (None for others).
@@ -65,58 +63,23 @@ class CluesStrategy(FedAvg):
         *,
         score_anchors: AnchorScorer,
         score_config: ScoreConfig = ScoreConfig(),
-        mode: str = "federated",
-        selection: str = "clues",
-        trace_rounds: int = 2,
-        threshold_rule: str = "anchor-quantile",
-        target_recall: float = 0.9,
-        aggregation: str = "fedavg",
-        ties_density: float = 0.5,
-        local_epochs: int = 1,
-        histogram_bins: int = 10,
-        keep_ratio: float = 0.0,
+        selection: SelectionConfig = SelectionConfig(),
+        tune: TuneConfig = TuneConfig(),
+        train: TrainConfig = TrainConfig(),
         score_baseline: BaselineScorer | None = None,
         **fedavg_kwargs: Any,
     ):
         super().__init__(**fedavg_kwargs)
-        for name, value, allowed in (
-            ("mode", mode, MODES),
-            ("selection", selection, SELECTIONS),
-            ("aggregation", aggregation, METHODS),
-            ("threshold-rule", threshold_rule, THRESHOLD_RULES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if aggregation == "task-arithmetic" and mode == "federated":
-            raise ValueError(
-                "aggregation 'task-arithmetic' needs mode 'merge': it is the paper's one-shot merge (eqs. 9-10), "
-                "and applied every round it compounds (n equal sites scale B·A by n per round)"
-            )
-        if trace_rounds < 1 and selection == "clues":
-            raise ValueError("trace-rounds must be at least 1: CLUES scores along a trajectory")
-        if not 0 < target_recall < 1:
-            raise ValueError(f"target-recall must be in (0, 1), got {target_recall}")
-        if not 0 < ties_density <= 1:
-            raise ValueError(f"ties-density must be in (0, 1], got {ties_density}")
-        if not 0 <= keep_ratio <= 1:
-            raise ValueError(f"keep-ratio must be in [0, 1] (0: the anchor threshold), got {keep_ratio}")
-        if selection in BASELINES and score_baseline is None:
-            raise ValueError(f"selection {selection!r} needs score_baseline, the server's scorer of the anchors")
-        self.score_anchors = score_anchors
-        self.score_config = score_config
-        self.mode, self.selection = mode, selection
-        self.trace_rounds, self.local_epochs = trace_rounds, local_epochs
-        self.threshold_rule, self.target_recall = threshold_rule, target_recall
-        self.aggregation, self.ties_density = aggregation, ties_density
-        self.histogram_bins = histogram_bins
-        self.keep_ratio, self.score_baseline = keep_ratio, score_baseline
+        if selection.method in BASELINES and score_baseline is None:
+            raise ValueError(f"selection {selection.method!r} needs score_baseline, the server's scorer of the anchors")
+        self.score_anchors, self.score_baseline = score_anchors, score_baseline
+        self.score_config, self.selection, self.tune, self.train = score_config, selection, tune, train
         self.phase = "tune"
         self.trajectory: list[Checkpoint] = []
         self.scored_nodes: set[int] | None = None
         self.report: dict[str, Any] = {"failures": [], "trace": {}, "selection": {}}
         self._global: dict[str, torch.Tensor] = {}
         self._destinations: dict[str, int] = {}
-        self._trace_hyper = (0.0, 0.0)  # (lr, weight decay) of the federated trace
 
     # ---- the three phases -------------------------------------------------------------
 
@@ -135,10 +98,8 @@ class CluesStrategy(FedAvg):
         score phase and every tuning round, and a run folder that holds a state continues
         from it: the saved trajectory and τ are sent again (a selection lives on the nodes
         for one run only), and tuning goes on after the last saved round."""
-        base = dict(train_config or ConfigRecord())
-        missing = [k for k in TRAIN_KEYS if k not in base]
-        if missing:
-            raise ValueError(f"train_config lacks {', '.join(missing)}: clients train with what the server sends")
+        base = {**to_record(self.train), **dict(train_config or ConfigRecord())}
+        self._trace_train = from_mapping(TrainConfig, base)  # a caller's train_config is checked too
         base.update({"score-layer": self.score_config.layer, "score-modules": list(self.score_config.modules)})
         store = RunState(run_dir) if run_dir is not None else None
         saved = store.load() if store else None
@@ -146,39 +107,36 @@ class CluesStrategy(FedAvg):
             self.report = saved["report"]
             say(f"resume: {run_dir} stands after tuning round {saved['round']}")
         kept = saved.get("public") if saved else None  # the federated trajectory's τ and anchors
-        if self.mode == "merge":
+        if self.tune.mode == "merge":
             num_rounds = 1
         first = saved["round"] + 1 if saved and saved.get("adapter") else 1
-        if self.selection == "clues" and first <= num_rounds:
-            self._trace_hyper = (float(base["lr"]), float(base["weight-decay"]))
+        if self.selection.method == "clues" and first <= num_rounds:
             if kept:
                 trajectory, val_sums = store.trajectory()
                 public = {None: (trajectory, val_sums, kept)}
                 say("resume: scoring again on the saved trajectory and threshold")
             else:
-                if self.mode == "federated":
+                if self.tune.mode == "federated":
                     trajectories = {None: self._trace_federated(grid, initial_arrays, base, timeout)}
                 else:
                     trajectories = self._trace_local(grid, initial_arrays, base, timeout)
                 public = self._public(trajectories)
-                if store and self.mode == "federated":
+                if store and self.tune.mode == "federated":
                     trajectory, val_sums, kept = public[None]
                     store.save_trajectory(trajectory, val_sums)
                     store.save({"round": 0, "public": kept, "history": {}, "report": self.report})
             self._score(grid, {k: (self._clues_content(*v), v[2]) for k, v in public.items()}, timeout)
-        elif self.selection in BASELINES and first <= num_rounds:
+        elif self.selection.method in BASELINES and first <= num_rounds:
             self._score(grid, self._baseline_public(initial_arrays, base), timeout)
         self.phase = "tune"
-        tune = ConfigRecord({**base, "phase": "tune", "selection": self.selection})
-        if self.mode == "merge":
-            tune["local-epochs"] = self.local_epochs
+        tune = ConfigRecord({**base, "phase": "tune", "selection": self.selection.method, "mode": self.tune.mode})
         history, arrays = Result(), initial_arrays
         if first > 1:
             history = _history_from(saved["history"])
             arrays = history.arrays = ArrayRecord(saved["adapter"])
         elif evaluate_fn:
             _record(history.evaluate_metrics_serverapp, 0, evaluate_fn(0, initial_arrays))
-        say(f"tune: rounds {first}..{num_rounds} on {self.selection} data, aggregation {self.aggregation}")
+        say(f"tune: rounds {first}..{num_rounds} on {self.selection.method} data, aggregation {self.tune.aggregation}")
 
         def save(server_round: int, arrays: ArrayRecord, history: Result) -> None:
             state = {"round": server_round, "public": kept, "history": _history_json(history), "report": self.report}
@@ -208,19 +166,19 @@ class CluesStrategy(FedAvg):
         return history
 
     def _trace_federated(self, grid, initial_arrays, base, timeout) -> list[Checkpoint]:
-        say(f"trace: {self.trace_rounds} federated round(s) on all data")
+        say(f"trace: {self.selection.trace_rounds} federated round(s) on all data")
         self.phase, self.trajectory = "trace", []
-        result = self._rounds(grid, initial_arrays, range(1, self.trace_rounds + 1), ConfigRecord({**base, "phase": "trace"}), timeout, Result())
+        result = self._rounds(grid, initial_arrays, range(1, self.selection.trace_rounds + 1), ConfigRecord({**base, "phase": "trace"}), timeout, Result())
         self.report["trace"] = {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
         if not self.trajectory:
             raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
         return self.trajectory
 
     def _trace_local(self, grid, initial_arrays, base, timeout) -> dict[int, list[Checkpoint]]:
-        say(f"trace: every client traces {self.trace_rounds} checkpoint(s) alone (merge mode)")
+        say(f"trace: every client traces {self.selection.trace_rounds} checkpoint(s) alone (merge mode)")
         self.phase = "trace-local"
         self._global = initial_arrays.to_torch_state_dict()
-        config = ConfigRecord({**base, "phase": "trace-local", "trace-rounds": self.trace_rounds, "server-round": 0})
+        config = ConfigRecord({**base, "phase": "trace-local", "trace-rounds": self.selection.trace_rounds, "server-round": 0})
         nodes = self._nodes(grid)
         content = RecordDict({self.arrayrecord_key: initial_arrays, self.configrecord_key: config})
         replies = self._send(grid, self._construct_messages(content, nodes, "train"), timeout)
@@ -243,18 +201,18 @@ class CluesStrategy(FedAvg):
     def _info(self, anchor_scores: torch.Tensor) -> dict:
         """What clients and the report learn of the anchors: τ, the histogram edges, the scores."""
         return {
-            "threshold": threshold(anchor_scores, self.threshold_rule, self.target_recall),
-            "histogram-edges": histogram_edges(anchor_scores, self.histogram_bins),
+            "threshold": threshold(anchor_scores, self.selection.threshold_rule, self.selection.target_recall),
+            "histogram-edges": histogram_edges(anchor_scores, self.selection.histogram_bins),
             "anchor-scores": anchor_scores.tolist(),
         }
 
     def _selection_config(self, info: dict, **extra) -> ConfigRecord:
         keys = ("threshold", "histogram-edges")
-        return ConfigRecord({**{k: info[k] for k in keys}, "keep-ratio": self.keep_ratio, "method": self.selection, **extra})
+        return ConfigRecord({**{k: info[k] for k in keys}, "keep-ratio": self.selection.keep_ratio, "method": self.selection.method, **extra})
 
     def _clues_content(self, trajectory: list[Checkpoint], val_sums: list[torch.Tensor], info: dict) -> RecordDict:
         content = RecordDict(trajectory_records(trajectory, val_sums))
-        content[SCORE_CONFIG_KEY] = score_config_record(self.score_config)
+        content[SCORE_CONFIG_KEY] = ConfigRecord(to_record(self.score_config))
         content["config"] = self._selection_config(info)
         return content
 
@@ -262,8 +220,8 @@ class CluesStrategy(FedAvg):
         """A baseline scores at the adapter every site starts from, as the paper applies the
         baselines on each client before any training; no trajectory is needed. DataInf's
         direction comes from the public validation set, so sites and anchors share it."""
-        say(f"score: {self.selection} at the initial adapter (no trace)")
-        anchor_scores, direction = self.score_baseline(self.selection, initial_arrays.to_torch_state_dict())
+        say(f"score: {self.selection.method} at the initial adapter (no trace)")
+        anchor_scores, direction = self.score_baseline(self.selection.method, initial_arrays.to_torch_state_dict())
         info = self._info(anchor_scores)
         extra = {"batch-size": self.score_config.batch_size, "max-seq-len": self.score_config.max_len, "seed": base["seed"]}
         content = RecordDict({self.arrayrecord_key: initial_arrays, "config": self._selection_config(info, **extra)})
@@ -278,7 +236,7 @@ class CluesStrategy(FedAvg):
         nodes = self._nodes(grid) if shared else list(public)
         messages = [Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes]
         taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
-        rule = f"each client keeps its top {self.keep_ratio:.0%}" if self.keep_ratio else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.threshold_rule})"
+        rule = f"each client keeps its top {self.selection.keep_ratio:.0%}" if self.selection.keep_ratio else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.selection.threshold_rule})"
         say(f"score: {rule}; scoring {len(nodes)} client(s)")
         replies = self._send(grid, messages, timeout)
         clients = {}
@@ -293,10 +251,10 @@ class CluesStrategy(FedAvg):
         self._enough(len(clients), "score")
         self.scored_nodes = set(clients)
         summary = {
-            "method": self.selection,
-            "threshold-rule": self.threshold_rule,
-            "target-recall": self.target_recall,
-            "keep-ratio": self.keep_ratio,
+            "method": self.selection.method,
+            "threshold-rule": self.selection.threshold_rule,
+            "target-recall": self.selection.target_recall,
+            "keep-ratio": self.selection.keep_ratio,
             "clients": {str(n): r for n, r in clients.items()},
         }
         if clients and all("tp" in r for r in clients.values()):
@@ -327,8 +285,8 @@ class CluesStrategy(FedAvg):
             return None, None
         states = [c[self.arrayrecord_key].to_torch_state_dict() for _, c in valid]
         weights = [float(c["metrics"][self.weighted_by_key]) for _, c in valid]
-        method = self.aggregation if self.phase == "tune" else "fedavg"
-        merged = aggregate(method, states, weights, base=self._global, density=self.ties_density)
+        method = self.tune.aggregation if self.phase == "tune" else "fedavg"
+        merged = aggregate(method, states, weights, base=self._global, density=self.tune.ties_density)
         if self.phase == "trace":
             self._add_checkpoint(server_round, merged, [c for _, c in valid], weights)
         return ArrayRecord(merged), MetricRecord(_mean_metrics([c["metrics"] for _, c in valid], weights))
@@ -360,8 +318,8 @@ class CluesStrategy(FedAvg):
                 exp_avg=fedavg(ms, weights),
                 exp_avg_sq=fedavg(vs, weights),
                 step=max(steps),
-                lr=self._trace_hyper[0],
-                weight_decay=self._trace_hyper[1],
+                lr=self._trace_train.learning_rate,
+                weight_decay=self._trace_train.weight_decay,
                 round=server_round,
             )
         )

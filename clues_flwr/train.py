@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
 
+from clues_flwr.checks import require
 from clues_flwr.data import Record, batches
 
-WEIGHT_DECAY = 0.01  # torch's AdamW default, which Γ must know (see scoring.precondition)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A site's local training, as the server sends it; ``seed`` is the run's, each round
+    and phase shuffles with its own seed derived from it."""
+
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01  # torch's AdamW default; Γ includes its term (scoring.precondition)
+    local_steps: int = 10
+    batch_size: int = 16
+    max_seq_len: int = 96
+    local_epochs: int = 1  # merge mode: epochs over the selected records instead of local-steps
+    seed: int = 0
+
+    def __post_init__(self):
+        require("learning-rate", self.learning_rate, self.learning_rate > 0, "positive")
+        require("weight-decay", self.weight_decay, self.weight_decay >= 0, "0 or more")
+        for key in ("local-steps", "batch-size", "local-epochs"):
+            value = getattr(self, key.replace("-", "_"))
+            require(key, value, value >= 1, "at least 1")
+        require("max-seq-len", self.max_seq_len, self.max_seq_len >= 2, "at least 2")
 
 
 def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
@@ -34,7 +57,7 @@ def training(
     lr: float,
     max_len: int,
     seed: int,
-    weight_decay: float = WEIGHT_DECAY,
+    weight_decay: float = TrainConfig.weight_decay,
     optimizer: torch.optim.AdamW | None = None,
 ) -> Iterator[tuple[float, torch.optim.AdamW]]:
     """AdamW steps on the trainable (LoRA) parameters for as long as the caller takes them,

@@ -38,7 +38,7 @@ from clues_flwr.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer, set_adapter_state
 from clues_flwr.pollution import HIGH
 from clues_flwr.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names, threshold
-from clues_flwr.train import WEIGHT_DECAY, train_steps, training
+from clues_flwr.train import TrainConfig, train_steps, training
 from clues_flwr.trajectory import Checkpoint, moments
 from results import command_line, figure, markdown_table, save_figure, write
 
@@ -129,7 +129,7 @@ def trace(model, tok, pools, rounds, steps, batch_size, lr, max_len, names, keep
                 exp_avg_sq=fedavg(vs, weights),
                 step=max(taken),
                 lr=lr,
-                weight_decay=WEIGHT_DECAY,
+                weight_decay=TrainConfig.weight_decay,
                 round=rnd,
             )
         )

@@ -9,6 +9,7 @@ from peft import PeftModel
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
+from clues_flwr.config import from_mapping
 from clues_flwr.train import train_steps, training
 
 SPEC_8BIT = ModelSpec(quantization="8bit")
@@ -101,15 +102,18 @@ def test_4bit_on_cpu_is_refused_with_a_reason():
         load_base(":demo:", "4bit")
 
 
-def test_model_spec_checks_settings():
+def test_model_spec_checks_settings(tmp_path):
     cfg = {"model-name": ":demo:", "quantization": "8bit", "lora-r": 8, "lora-alpha": 16,
            "lora-dropout": 0.0, "lora-target-modules": "q_proj, v_proj,k_proj", "seed": 3}
-    assert ModelSpec.from_config(cfg).target_modules == ("q_proj", "v_proj", "k_proj")
-    assert ModelSpec.from_config(cfg).seed == 3
+    assert from_mapping(ModelSpec, cfg).target_modules == ("q_proj", "v_proj", "k_proj")
+    assert from_mapping(ModelSpec, cfg).seed == 3
     with pytest.raises(ValueError, match="quantization must be one of"):
-        ModelSpec.from_config({**cfg, "quantization": "int3"})
-    with pytest.raises(ValueError, match="lora-target-modules is empty"):
-        ModelSpec.from_config({**cfg, "lora-target-modules": " , "})
+        from_mapping(ModelSpec, {**cfg, "quantization": "int3"})
+    with pytest.raises(ValueError, match="lora-target-modules must be at least one module name"):
+        from_mapping(ModelSpec, {**cfg, "lora-target-modules": " , "})
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match=f"model-name must be an existing model folder, got '{missing}'"):
+        ModelSpec(name=missing)
 
 
 def test_fedavg_weights_by_examples():

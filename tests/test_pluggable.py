@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
 
 from clues_flwr.client_app import CluesClient, Site
+from clues_flwr.config import SelectionConfig, TuneConfig
 from clues_flwr.local_grid import LocalGrid
 from clues_flwr.model import adapter_state
 from clues_flwr.scoring import ScoreConfig, anchor_scores
@@ -65,15 +66,15 @@ def test_another_project_runs_clues(capsys):
     strategy = CluesStrategy(
         score_anchors=functools.partial(anchor_scores, model, tok, sums(12, seed=90), sums(6, seed=91), cfg=cfg),
         score_config=cfg,
-        trace_rounds=2,
-        aggregation="ties",
+        selection=SelectionConfig(trace_rounds=2),
+        tune=TuneConfig(aggregation="ties"),
         fraction_evaluate=0.0,
         min_train_nodes=2,
         min_available_nodes=2,
     )
     grid = LocalGrid(their_client_app(), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
     initial = ArrayRecord(adapter_state(model))
-    hyper = ConfigRecord({"lr": 1e-2, "weight-decay": 0.01, "local-steps": 3, "batch-size": 8, "max-seq-len": 48, "seed": 0})
+    hyper = ConfigRecord({"learning-rate": 1e-2, "local-steps": 3, "batch-size": 8, "max-seq-len": 48})
     result = strategy.start(grid, initial, num_rounds=2, train_config=hyper)
 
     assert len(strategy.trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in strategy.trajectory)

@@ -34,6 +34,7 @@ def test_demo_preset_states_the_defaults():
 def test_mmedbench_preset_gives_each_site_one_language(tmp_path):
     import json
 
+    from clues_flwr.config import DataConfig, from_mapping
     from clues_flwr.partition import splits_for
 
     languages = ["Chinese", "English", "French", "Japanese", "Russian", "Spanish"]
@@ -46,7 +47,7 @@ def test_mmedbench_preset_gives_each_site_one_language(tmp_path):
         (tmp_path / "Train" / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     preset = tomllib.loads((PRESETS[0].parent / "mmedbench.toml").read_text())
     run = {**app_defaults(), **preset, "dataset": str(tmp_path), "client-samples": 12, "test-size": 20}
-    pools = splits_for(run, 6).pools
+    pools = splits_for(from_mapping(DataConfig, run), 6).pools
     assert [len(p) for p in pools] == [12] * 6
     for lang, pool in zip(languages, pools):
         assert {r["input"].split()[0] for r in pool} == {lang}

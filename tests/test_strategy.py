@@ -10,6 +10,7 @@ import torch
 
 from clues_flwr import client_app, server_app
 from clues_flwr.client_app import SELECTION_KEY
+from clues_flwr.config import AppConfig
 from clues_flwr.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 from flwr.app import ArrayRecord, Context, RecordDict
 from safetensors.torch import load_file
@@ -125,7 +126,7 @@ def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monk
 @pytest.mark.parametrize("value", [0, -5.0])
 def test_a_round_timeout_that_is_not_positive_is_refused(value):
     with pytest.raises(ValueError, match="round-timeout must be a positive number of seconds"):
-        server_app.round_timeout({**app_defaults(), "round-timeout": value})
+        AppConfig.from_run_config({**app_defaults(), "round-timeout": value})
 
 
 def test_too_few_replies_skip_the_round(tmp_path):
@@ -204,7 +205,7 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     model.register_forward_pre_hook(record_rows, with_kwargs=True)
     app = ClientApp()
     CluesClient(lambda context: Site(model, tok, records)).register(app)
-    config = {"phase": "trace-local", "trace-rounds": 3, "local-steps": 2, "batch-size": 4, "server-round": 0, "lr": 3e-3,
+    config = {"phase": "trace-local", "trace-rounds": 3, "local-steps": 2, "batch-size": 4, "server-round": 0, "learning-rate": 3e-3,
               "weight-decay": 0.01, "max-seq-len": 96, "seed": 0, "score-layer": 0, "score-modules": ["q_proj", "v_proj"]}
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "config": ConfigRecord(config)})
     (reply,) = LocalGrid(app, {1: {}}, {}).send_and_receive([Message(content=content, dst_node_id=1, message_type="train")])
@@ -229,7 +230,7 @@ def test_clean_heldout_loss_is_weighted_by_clean_records_and_tune_rounds_send_no
 def test_aggregate_evaluate_means_the_clean_loss_over_clean_records():
     from flwr.app import Message, MetricRecord
 
-    strategy = server_app.strategy_from(app_defaults(), score_anchors=None)
+    strategy = server_app.strategy_from(AppConfig.from_run_config(app_defaults()), score_anchors=None)
     sites = [(2.0, 10, 1.0, 2), (1.0, 10, 3.0, 8), (5.0, 4, 0.0, 0)]  # loss, n, clean loss, clean n
     replies = []
     for i, (loss, n, clean, count) in enumerate(sites):
@@ -293,7 +294,7 @@ def test_selection_baselines_skip_scoring(tmp_path, selection):
 def test_bad_settings_fail_before_any_round(key, value, message):
     cfg = {**app_defaults(), key: value}
     with pytest.raises(ValueError, match=message):
-        server_app.strategy_from(cfg, score_anchors=None)
+        AppConfig.from_run_config(cfg)
 
 
 def test_sites_read_their_own_files_through_the_node_config(tmp_path):

@@ -1,0 +1,73 @@
+"""The typed run config: one set of defaults, every value checked before a run starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from clues_flwr import client_app, server_app
+from clues_flwr.config import AppConfig, all_keys, from_mapping, key_of, sections, to_record
+from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
+from clues_flwr.scoring import ScoreConfig
+from clues_flwr.train import TrainConfig
+
+
+def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():
+    toml = app_defaults()
+    assert set(toml) == all_keys()
+    defaults = AppConfig()
+    for name in sections():
+        section = getattr(defaults, name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            written = list(value) if isinstance(value, tuple) else value
+            parsed = getattr(getattr(AppConfig.from_run_config(toml), name), f.name)
+            assert parsed == value, f"{key_of(f)}: pyproject gives {toml[key_of(f)]!r}, {type(section).__name__} {value!r}"
+            assert isinstance(written, list) or type(toml[key_of(f)]) is type(written), key_of(f)
+
+
+def test_keys_shared_by_sections_take_one_value():
+    cfg = AppConfig.from_run_config({"seed": 7, "max-seq-len": 64})
+    assert cfg.model.seed == cfg.train.seed == cfg.data.seed == 7
+    assert cfg.train.max_seq_len == cfg.score.max_len == 64
+
+
+def test_sections_travel_as_records_and_back():
+    score = ScoreConfig(layer=2, modules=("q_proj",), cosine=False, batch_size=4, max_len=40)
+    assert from_mapping(ScoreConfig, json.loads(json.dumps(to_record(score)))) == score
+    train = TrainConfig(learning_rate=1e-4, local_steps=3, seed=5)
+    assert from_mapping(TrainConfig, {**to_record(train), "phase": "tune"}) == train
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("lora-r", "abc", "lora-r must be an integer, got 'abc'"),
+        ("lora-r", 0, "lora-r must be at least 1, got 0"),
+        ("batch-size", 0, "batch-size must be at least 1, got 0"),
+        ("num-server-rounds", -1, "num-server-rounds must be at least 1, got -1"),
+        ("learning-rate", "fast", "learning-rate must be a number, got 'fast'"),
+        ("cosine", "yes", "cosine must be true or false, got 'yes'"),
+        ("fraction-train", 1.5, "fraction-train must be in \\[0, 1\\], got 1.5"),
+        ("partition", "dirichlet", "partition must be one of 'iid', 'natural', got 'dirichlet'"),
+        ("pollution-kinds", "cut,typo", "pollution-kinds must be one of .*, got 'typo'"),
+        ("pollution", "0.8,2", "pollution: expected ratios in \\[0, 1\\]"),
+        ("weight-decay", -0.1, "weight-decay must be 0 or more, got -0.1"),
+        ("score-batch-size", 0, "score-batch-size must be at least 1, got 0"),
+        ("model-name", "./no/such/folder", "model-name must be an existing model folder, got './no/such/folder'"),
+        ("no-such-key", 1, "unknown run-config key\\(s\\): no-such-key"),
+    ],
+)
+def test_a_bad_value_is_refused_with_its_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        AppConfig.from_run_config({**app_defaults(), key: value})
+
+
+@pytest.mark.parametrize("key, value", [("batch-size", 0), ("aggregation", "foo"), ("num-server-rounds", -1)])
+def test_a_bad_value_stops_the_run_before_a_run_folder_exists(tmp_path, key, value):
+    cfg = {**app_defaults(), "output-dir": str(tmp_path / "runs"), key: value}
+    with pytest.raises(ValueError, match=key):
+        server_app.run_clues(LocalGrid(client_app.app, demo_nodes(2), cfg), cfg)
+    assert not (tmp_path / "runs").exists()
