@@ -15,7 +15,7 @@ import torch
 
 from clues_flwr.data import Record, batches, encode, encode_answer, per_record
 from clues_flwr.pollution import HIGH
-from clues_flwr.scoring import answer_losses_of, scoring_mode, per_sample_grads
+from clues_flwr.scoring import answer_losses_of, per_sample_grads, scoring_mode
 from clues_flwr.train import to_device
 
 METHODS = ("random", "perplexity", "ifd", "datainf", "oracle")
@@ -31,7 +31,9 @@ def answer_losses(
     masking, or with ``prompted=False`` s(A), the same tokens with no prompt at all."""
     scoring_mode(model)
     encoder = encode if prompted else encode_answer
-    losses = per_record(lambda b: answer_losses_of(model, to_device(b, model)), records, tokenizer, batch_size, max_len, encoder)
+    losses = per_record(
+        lambda b: answer_losses_of(model, to_device(b, model)), records, tokenizer, batch_size, max_len, encoder
+    )
     return losses.cpu().double()
 
 
@@ -56,9 +58,7 @@ def ifd_scores(model, tokenizer, records: Sequence[Record], batch_size: int, max
 
 def lora_names(model) -> list[str]:
     """Every trainable LoRA A and B weight, sorted so each module's A and B are adjacent."""
-    return sorted(
-        n for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)
-    )
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n))
 
 
 def layer_slices(model, names: Sequence[str]) -> list[slice]:
@@ -117,7 +117,7 @@ def direction_from_grads(
         val_sum, _, m = _sums(validation(), slices)
         v = val_sum / m
     lam = damping * sq_sum / n / torch.tensor([s.stop - s.start for s in slices], dtype=torch.float64, device=v.device)
-    live = [(s, float(lam[l])) for l, s in enumerate(slices) if lam[l] > 0]
+    live = [(s, float(lam[i])) for i, s in enumerate(slices) if lam[i] > 0]
     w = torch.zeros_like(v)
     for g in hessian():
         g = g.double()
@@ -177,7 +177,9 @@ def datainf_scores(
     if u.numel() != (d := sum(dict(model.named_parameters())[n].numel() for n in names)):
         raise ValueError(f"direction has {u.numel()} entries but the gradients of names have {d}")
     u = u.to(model.device, torch.float64)
-    scores = per_record(lambda b: -(per_sample_grads(model, b, names).double() @ u), records, tokenizer, batch_size, max_len)
+    scores = per_record(
+        lambda b: -(per_sample_grads(model, b, names).double() @ u), records, tokenizer, batch_size, max_len
+    )
     return scores.cpu().double()
 
 

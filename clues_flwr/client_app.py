@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clues_flwr.baselines import baseline_scores, keep_top
+from clues_flwr.config import DataConfig, from_mapping
 from clues_flwr.data import Record, split_heldout
 from clues_flwr.messages import (
     CLEAN_EXAMPLES_KEY,
@@ -31,7 +32,6 @@ from clues_flwr.messages import (
     trajectory_records,
 )
 from clues_flwr.metrics import confusion, eval_loss, histogram
-from clues_flwr.config import DataConfig, from_mapping
 from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
 from clues_flwr.partition import splits_for
 from clues_flwr.scoring import ScoreConfig, scores, scoring_names
@@ -144,7 +144,11 @@ class CluesClient:
             losses.append(loss)
             if step % every == 0:
                 trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=step // every))
-        metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": trajectory[-1].step}
+        metrics = {
+            "train-loss": sum(losses) / len(losses),
+            "num-examples": len(site.records),
+            "adam-step": trajectory[-1].step,
+        }
         reply = _reply(msg, site, metrics)
         for key, record in trajectory_records(trajectory).items():
             reply.content[key] = record
@@ -158,7 +162,14 @@ class CluesClient:
         method = str(cfg["method"])
         if method == "clues":
             trajectory, val_sums = trajectory_from(content)
-            s = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY]))
+            s = scores(
+                site.model,
+                site.tokenizer,
+                site.records,
+                trajectory,
+                val_sums,
+                from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY]),
+            )
         else:
             set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
             direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
@@ -175,7 +186,11 @@ class CluesClient:
         ratio = float(cfg["keep-ratio"])
         keep = (keep_top(s, ratio) if ratio else s >= float(cfg["threshold"])).tolist()
         context.state[SELECTION_KEY] = ArrayRecord({"keep": torch.tensor(keep, dtype=torch.int8)})
-        metrics = {"kept": sum(keep), "total": len(keep), "histogram": histogram(s.tolist(), list(cfg["histogram-edges"]))}
+        metrics = {
+            "kept": sum(keep),
+            "total": len(keep),
+            "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
+        }
         if site.records and all("quality" in r for r in site.records):
             metrics.update(confusion(keep, [r["quality"] == "high" for r in site.records]))
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -47,7 +47,9 @@ class SelectionConfig:
 
     def __post_init__(self):
         one_of("selection", self.method, SELECTIONS)
-        require("trace-rounds", self.trace_rounds, self.trace_rounds >= 1, "at least 1: CLUES scores along a trajectory")
+        require(
+            "trace-rounds", self.trace_rounds, self.trace_rounds >= 1, "at least 1: CLUES scores along a trajectory"
+        )
         one_of("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
         require("target-recall", self.target_recall, 0 < self.target_recall < 1, "in (0, 1)")
         require("keep-ratio", self.keep_ratio, 0 <= self.keep_ratio <= 1, "in [0, 1] (0: the anchor threshold)")
@@ -120,12 +122,9 @@ class DataConfig:
         for kind in self.pollution_kinds:
             one_of("pollution-kinds", kind, KINDS)
         one_of("partition", self.partition, SCHEMES)
-        for key in ("num-samples", "client-samples"):
+        for key, least in (("num-samples", 0), ("client-samples", 0), ("test-size", 1), ("demo-pool-size", 1)):
             value = getattr(self, key.replace("-", "_"))
-            require(key, value, value >= 0, "0 (all) or a positive count")
-        for key in ("test-size", "demo-pool-size"):
-            value = getattr(self, key.replace("-", "_"))
-            require(key, value, value >= 1, "at least 1")
+            require(key, value, value >= least, f"at least {least}" + (" (0: all)" if least == 0 else ""))
         require("heldout-fraction", self.heldout_fraction, 0 <= self.heldout_fraction < 1, "in [0, 1)")
 
 
@@ -208,5 +207,6 @@ def from_mapping(cls: type, mapping: Mapping[str, Any]):
 def to_record(section) -> dict[str, Any]:
     """A section as run-config keys and values (tuples as lists), ready for a ConfigRecord."""
     return {
-        key_of(f): list(v) if isinstance(v := getattr(section, f.name), tuple) else v for f in dataclasses.fields(section)
+        key_of(f): list(v) if isinstance(v := getattr(section, f.name), tuple) else v
+        for f in dataclasses.fields(section)
     }

@@ -49,8 +49,7 @@ def _translators() -> dict[str, dict[str, gettext.NullTranslations]]:
     domains = ("iso3166-1", "iso4217", "iso639-3")
     return {
         domain: {
-            lang: gettext.translation(domain, pycountry.LOCALES_DIR, languages=[lang])
-            for lang in TRANSLATION_LANGUAGES
+            lang: gettext.translation(domain, pycountry.LOCALES_DIR, languages=[lang]) for lang in TRANSLATION_LANGUAGES
         }
         for domain in domains
     }
@@ -74,57 +73,33 @@ def demo_records() -> tuple[tuple[Record, ...], dict[str, tuple[str, ...]]]:
             foreign = tr[domain][lang].gettext(name)
             if foreign != name:
                 translations.setdefault(name, set()).add(foreign)
-                records.append(
-                    _record(f"Translate this name into {language}.", name, foreign)
-                )
+                records.append(_record(f"Translate this name into {language}.", name, foreign))
 
     for c in pycountry.countries:
-        records.append(
-            _record("Name the country with this ISO 3166-1 alpha-2 code.", c.alpha_2, c.name)
-        )
-        records.append(
-            _record("Give the ISO 3166-1 alpha-3 code of this country.", c.name, c.alpha_3)
-        )
-        records.append(
-            _record("Give the ISO 3166-1 numeric code of this country.", c.name, c.numeric)
-        )
+        records.append(_record("Name the country with this ISO 3166-1 alpha-2 code.", c.alpha_2, c.name))
+        records.append(_record("Give the ISO 3166-1 alpha-3 code of this country.", c.name, c.alpha_3))
+        records.append(_record("Give the ISO 3166-1 numeric code of this country.", c.name, c.numeric))
         official = getattr(c, "official_name", None)
         if official and official != c.name:
-            records.append(
-                _record("What is the official name of this country?", c.name, official)
-            )
+            records.append(_record("What is the official name of this country?", c.name, official))
         translate("iso3166-1", c.name)
     for cur in pycountry.currencies:
-        records.append(
-            _record("Which currency has this ISO 4217 code?", cur.alpha_3, cur.name)
-        )
-        records.append(
-            _record("Give the ISO 4217 code of this currency.", cur.name, cur.alpha_3)
-        )
+        records.append(_record("Which currency has this ISO 4217 code?", cur.alpha_3, cur.name))
+        records.append(_record("Give the ISO 4217 code of this currency.", cur.name, cur.alpha_3))
         translate("iso4217", cur.name)
     for lang in pycountry.languages:
         if hasattr(lang, "alpha_2"):
-            records.append(
-                _record("Name the language with this ISO 639-1 code.", lang.alpha_2, lang.name)
-            )
-            records.append(
-                _record("Give the ISO 639-3 code of this language.", lang.name, lang.alpha_3)
-            )
+            records.append(_record("Name the language with this ISO 639-1 code.", lang.alpha_2, lang.name))
+            records.append(_record("Give the ISO 639-3 code of this language.", lang.name, lang.alpha_3))
             translate("iso639-3", lang.name)
     for script in pycountry.scripts:
-        records.append(
-            _record("Name the writing system with this ISO 15924 code.", script.alpha_4, script.name)
-        )
+        records.append(_record("Name the writing system with this ISO 15924 code.", script.alpha_4, script.name))
     countries = {c.alpha_2: c.name for c in pycountry.countries}
     for i, sub in enumerate(sorted(pycountry.subdivisions, key=lambda s: s.code)):
         if i % 4 == 0:
-            records.append(
-                _record("In which country is this subdivision?", sub.name, countries[sub.country_code])
-            )
+            records.append(_record("In which country is this subdivision?", sub.name, countries[sub.country_code]))
         elif i % 4 == 1:
-            records.append(
-                _record("What kind of subdivision is this?", f"{sub.name} ({sub.code})", sub.type)
-            )
+            records.append(_record("What kind of subdivision is this?", f"{sub.name} ({sub.code})", sub.type))
     unique = {(r["instruction"], r["input"]): r for r in records if len(r["output"]) >= 2}
     return tuple(unique.values()), {k: tuple(sorted(v)) for k, v in translations.items()}
 
@@ -213,10 +188,7 @@ def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tupl
 def prompt(record: Record) -> str:
     """The Alpaca-style prompt that precedes the answer."""
     if record.get("input"):
-        return (
-            f"### Instruction:\n{record['instruction']}\n\n"
-            f"### Input:\n{record['input']}\n\n### Response:\n"
-        )
+        return f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
     return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"
 
 

@@ -7,11 +7,11 @@ and for stepping through a run in a debugger.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from uuid import uuid4
 
+import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
@@ -42,10 +42,20 @@ def wire(content: RecordDict) -> RecordDict:
 class LocalGrid(Grid):
     """``before`` sees each message a node receives, ``after`` each reply it sends."""
 
-    def __init__(self, client_app, node_configs: dict[int, dict], run_config: dict, before: Hook | None = None, after: Hook | None = None):
+    def __init__(
+        self,
+        client_app,
+        node_configs: dict[int, dict],
+        run_config: dict,
+        before: Hook | None = None,
+        after: Hook | None = None,
+    ):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.client_app = client_app
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config=run_config) for n, c in node_configs.items()}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config=run_config)
+            for n, c in node_configs.items()
+        }
         self.before, self.after = before, after
         self.replies: list[Message] = []
 

@@ -36,9 +36,7 @@ def normalise(answer: str) -> str:
 
 
 @torch.no_grad()
-def answer_accuracy(
-    model, tokenizer, records: Sequence[Record], batch_size: int, max_new_tokens: int
-) -> float:
+def answer_accuracy(model, tokenizer, records: Sequence[Record], batch_size: int, max_new_tokens: int) -> float:
     """Share of records whose greedy answer equals the reference (case and spacing aside)."""
     model.eval()
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -86,7 +86,12 @@ class ModelSpec:
         require("lora-r", self.lora_r, self.lora_r >= 1, "at least 1")
         require("lora-alpha", self.lora_alpha, self.lora_alpha > 0, "positive")
         require("lora-dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
-        require("lora-target-modules", self.target_modules, bool(self.target_modules), "at least one module name, e.g. q_proj")
+        require(
+            "lora-target-modules",
+            self.target_modules,
+            bool(self.target_modules),
+            "at least one module name, e.g. q_proj",
+        )
         if self.name.startswith(("/", "./", "../", "~")):  # written as a path, not a hub id
             require("model-name", self.name, Path(self.name).expanduser().is_dir(), "an existing model folder")
 

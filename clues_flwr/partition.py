@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_names, parse_ratios
+from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
 from clues_flwr.pollution import KINDS, pollute
 from clues_flwr.sources import load_records
 
@@ -28,23 +28,16 @@ SCHEMES = ("iid", "natural")
 _ROW = "__row__"
 
 
-def _split(
-    records: Sequence[Record], partitioner: Partitioner, columns: Mapping[str, list]
-) -> list[list[Record]]:
+def _split(records: Sequence[Record], partitioner: Partitioner, columns: Mapping[str, list]) -> list[list[Record]]:
     """Records of each partition, found by the row positions the partitioner returns."""
     partitioner.dataset = Dataset.from_dict({_ROW: list(range(len(records))), **columns})
-    return [
-        [records[row] for row in partitioner.load_partition(i)[_ROW]]
-        for i in range(partitioner.num_partitions)
-    ]
+    return [[records[row] for row in partitioner.load_partition(i)[_ROW]] for i in range(partitioner.num_partitions)]
 
 
 def _iid(records: Sequence[Record], num_partitions: int, seed: int) -> list[list[Record]]:
     # IidPartitioner cuts contiguous shards without shuffling, so the seed acts here.
     if len(records) < num_partitions:
-        raise ValueError(
-            f"partition: {len(records)} records cannot fill {num_partitions} clients"
-        )
+        raise ValueError(f"partition: {len(records)} records cannot fill {num_partitions} clients")
     shuffled = list(records)
     random.Random(seed).shuffle(shuffled)
     return _split(shuffled, IidPartitioner(num_partitions), {})
@@ -55,9 +48,7 @@ def _natural(records: Sequence[Record], num_partitions: int, by: str | None) -> 
         raise ValueError("partition-by: the 'natural' partition needs a column name")
     missing = sum(by not in r for r in records)
     if missing:
-        raise ValueError(
-            f"partition-by: column {by!r} is missing from {missing} of {len(records)} records"
-        )
+        raise ValueError(f"partition-by: column {by!r} is missing from {missing} of {len(records)} records")
     values = sorted({r[by] for r in records})
     if len(values) != num_partitions:
         raise ValueError(
@@ -145,7 +136,10 @@ def federated_splits(
     records = load_records(source, preset=preset or None, split=split, subset=subset or None, keep=(by,) if by else ())
     public = NUM_ANCHORS + NUM_VALIDATION + test_size
     if len(records) <= public:
-        raise ValueError(f"dataset {source} has {len(records)} records; anchors, validation and test-size {test_size} need more than {public}")
+        raise ValueError(
+            f"dataset {source} has {len(records)} records; "
+            f"anchors, validation and test-size {test_size} need more than {public}"
+        )
     shuffled = take(records, len(records), seed)
     anchors, validation = shuffled[:NUM_ANCHORS], shuffled[NUM_ANCHORS : NUM_ANCHORS + NUM_VALIDATION]
     test, private = shuffled[NUM_ANCHORS + NUM_VALIDATION : public], shuffled[public:]

@@ -41,9 +41,7 @@ def exchange(record: Record, rng: random.Random, answers: Sequence[str]) -> Reco
     return {**record, "output": rng.choice(others)}
 
 
-def mixed_language(
-    record: Record, rng: random.Random, translations: Mapping[str, Sequence[str]]
-) -> Record:
+def mixed_language(record: Record, rng: random.Random, translations: Mapping[str, Sequence[str]]) -> Record:
     """Answer in another language: its own translation when one exists, else a foreign
     answer to some other question (the paper's example pairs a Spanish question with a
     Russian answer)."""
@@ -81,7 +79,9 @@ def pollute(
         raise ValueError(f"pollution ratio must be in [0, 1], got {ratio}")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise ValueError(f"pollution-kinds: unknown {', '.join(map(repr, unknown)) or '(none given)'}; known: {', '.join(KINDS)}")
+        raise ValueError(
+            f"pollution-kinds: unknown {', '.join(map(repr, unknown)) or '(none given)'}; known: {', '.join(KINDS)}"
+        )
     if "mixed-language" in kinds and not translations:
         raise ValueError("pollution-kinds: mixed-language needs translations, which only the demo data has")
     rng = random.Random(seed)

@@ -37,7 +37,9 @@ def attention_heads(hidden_size: int) -> int:
     """Heads of ``HEAD_DIM`` each, the shape of every backbone built here; the one check of
     a hidden size, so callers can refuse a bad one before any work."""
     if hidden_size <= 0 or hidden_size % HEAD_DIM:
-        raise ValueError(f"hidden size must be a positive multiple of {HEAD_DIM} (heads of {HEAD_DIM}), got {hidden_size}")
+        raise ValueError(
+            f"hidden size must be a positive multiple of {HEAD_DIM} (heads of {HEAD_DIM}), got {hidden_size}"
+        )
     return hidden_size // HEAD_DIM
 
 
@@ -176,18 +178,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--template-share", type=float, default=0.25)
-    parser.add_argument("--device", default="cpu", help="cpu (the shipped artifact, bit-reproducible) or cuda, for backbones too big for a CPU")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (the shipped artifact, bit-reproducible) or cuda, for backbones too big for a CPU",
+    )
     parser.add_argument("--hidden-size", type=int, default=128, help=f"a multiple of {HEAD_DIM} (heads of {HEAD_DIM})")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument(
-        "--unread-facts", action="store_true",
+        "--unread-facts",
+        action="store_true",
         help="read only the pretraining half of the facts: a base that does not know what it is fine-tuned on",
     )
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(
-        args.out, args.steps, args.batch_size, args.lr, args.seed, args.threads, args.template_share,
-        hidden_size=args.hidden_size, layers=args.layers, all_facts=not args.unread_facts, device=args.device,
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.threads,
+        args.template_share,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        all_facts=not args.unread_facts,
+        device=args.device,
     )
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out}")

@@ -37,7 +37,12 @@ def plot_selection(selection: dict, path: Path) -> None:
         width = edges[1] - edges[0]
         centres = [edges[0] - width / 2] + [(a + b) / 2 for a, b in zip(edges, edges[1:])] + [edges[-1] + width / 2]
         total = max(sum(row["histogram"]), 1)
-        ax.step(centres, [c / total for c in row["histogram"]], where="mid", label=f"client {node} ({row['kept']}/{row['total']} kept)")
+        ax.step(
+            centres,
+            [c / total for c in row["histogram"]],
+            where="mid",
+            label=f"client {node} ({row['kept']}/{row['total']} kept)",
+        )
     shown = set()
     for row in selection["clients"].values():
         key = (row["threshold"], tuple(row["anchor-scores"]))
@@ -70,12 +75,17 @@ def resumable(folder: Path, config: dict, free: tuple[str, ...]) -> Path:
     """``folder`` if it is a run folder with a saved state and the same run config, up to
     the ``free`` keys (e.g. the number of rounds); else one error that says why not."""
     if not (folder / "state" / "state.json").is_file():
-        raise ValueError(f"resume-from {folder}: no saved state (state/state.json); not a run folder of this app, or the run stopped before its score phase")
+        raise ValueError(
+            f"resume-from {folder}: no saved state (state/state.json); "
+            "not a run folder of this app, or the run stopped before its score phase"
+        )
     saved = json.loads((folder / "config.json").read_text())["run_config"]
     now = config["run_config"]
     changed = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
     if changed:
-        raise ValueError(f"resume-from {folder}: the run config differs in {', '.join(changed)}; only {', '.join(free)} may change")
+        raise ValueError(
+            f"resume-from {folder}: the run config differs in {', '.join(changed)}; only {', '.join(free)} may change"
+        )
     return folder
 
 

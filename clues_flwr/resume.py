@@ -67,7 +67,10 @@ class RunState:
         shutil.rmtree(staging, ignore_errors=True)
         for t, ckpt in enumerate(trajectory):
             traj.save(ckpt, staging / f"checkpoint-{t}")
-        save_file({f"checkpoint-{t}": g.contiguous().cpu() for t, g in enumerate(val_sums)}, staging / "validation-sums.safetensors")
+        save_file(
+            {f"checkpoint-{t}": g.contiguous().cpu() for t, g in enumerate(val_sums)},
+            staging / "validation-sums.safetensors",
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
 
@@ -77,4 +80,6 @@ class RunState:
             raise FileNotFoundError(f"{folder} is missing: the saved state names a trajectory that is not there")
         sums = load_file(folder / "validation-sums.safetensors")
         count = len(sums)
-        return [traj.load(folder / f"checkpoint-{t}") for t in range(count)], [sums[f"checkpoint-{t}"] for t in range(count)]
+        return [traj.load(folder / f"checkpoint-{t}") for t in range(count)], [
+            sums[f"checkpoint-{t}"] for t in range(count)
+        ]

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from clues_flwr.checks import one_of, require
 from clues_flwr.data import Record, per_record
 from clues_flwr.model import adapter_key, set_adapter_state
-from clues_flwr.trajectory import Checkpoint
 from clues_flwr.train import to_device
+from clues_flwr.trajectory import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class ScoreConfig:
 
     @classmethod
     def official(cls, **kw) -> "ScoreConfig":
-        return cls(precondition="adam-eps-inside", bias_correction=False, precondition_validation=False, cosine=False, **kw)
+        return cls(
+            precondition="adam-eps-inside", bias_correction=False, precondition_validation=False, cosine=False, **kw
+        )
 
 
 def scoring_names(model, layer: int = 0, modules: Sequence[str] = ("q_proj", "v_proj")) -> list[str]:
@@ -209,13 +211,22 @@ def gamma_from_grads(
 
 
 def gammas(
-    model, tokenizer, records: Sequence[Record], ckpt: Checkpoint, names: Sequence[str], cfg: ScoreConfig, raw: bool = False
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    ckpt: Checkpoint,
+    names: Sequence[str],
+    cfg: ScoreConfig,
+    raw: bool = False,
 ) -> torch.Tensor:
     """Γ(z; θ_t) of every record, [N, d]; ``raw`` skips preconditioning."""
     set_adapter_state(model, ckpt.adapter)
     return per_record(
         lambda batch: gamma_from_grads(per_sample_grads(model, batch, names), ckpt, names, cfg, raw),
-        records, tokenizer, cfg.batch_size, cfg.max_len,
+        records,
+        tokenizer,
+        cfg.batch_size,
+        cfg.max_len,
     )
 
 
@@ -274,7 +285,10 @@ def threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str = "anchor
     if k < 1:
         log.warning(
             "anchor-quantile: %d anchors cannot guarantee recall %.2f; using the smallest anchor "
-            "score (guarantee %.3f)", n, recall, 1 - 1 / (n + 1),
+            "score (guarantee %.3f)",
+            n,
+            recall,
+            1 - 1 / (n + 1),
         )
         k = 1
     return float(s.sort().values[k - 1])
@@ -290,7 +304,12 @@ def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int = 1
 
 
 def anchor_scores(
-    model, tokenizer, validation: Sequence[Record], anchors: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
+    model,
+    tokenizer,
+    validation: Sequence[Record],
+    anchors: Sequence[Record],
+    trajectory: Sequence[Checkpoint],
+    cfg: ScoreConfig,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The server's side of the score phase: (G_t per checkpoint, S of every anchor)."""
     val_sums = validation_sums(model, tokenizer, validation, trajectory, cfg)

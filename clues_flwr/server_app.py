@@ -74,10 +74,14 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         set_adapter_state(model, adapter)
         sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
         direction = datainf_direction(model, tokenizer, public["validation"], **sizes) if method == "datainf" else None
-        return baseline_scores(method, model, tokenizer, public["anchor"], seed=cfg.data.seed, direction=direction, **sizes), direction
+        return baseline_scores(
+            method, model, tokenizer, public["anchor"], seed=cfg.data.seed, direction=direction, **sizes
+        ), direction
 
     strategy = strategy_from(
-        cfg, functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=score), score_baseline
+        cfg,
+        functools.partial(anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=score),
+        score_baseline,
     )
     config = {"run_config": dict(run), "base_model": resolve_model_name(cfg.model.name)}
     if cfg.output.resume_from:
@@ -96,12 +100,17 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     if not result.arrays:
         say("no tuning round produced an aggregate: the run folder keeps the initial adapter")
     set_adapter_state(model, (result.arrays or initial).to_torch_state_dict())
-    rounds = per_round(result.train_metrics_clientapp, result.evaluate_metrics_clientapp, result.evaluate_metrics_serverapp)
+    rounds = per_round(
+        result.train_metrics_clientapp, result.evaluate_metrics_clientapp, result.evaluate_metrics_serverapp
+    )
     run_dir = finish_run(run_dir, model, rounds, strategy.report)
     say("per-round metrics:")
     for row in rounds:
         say("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if strategy.report["failures"]:
-        say(f"{len(strategy.report['failures'])} failure(s): " + "; ".join(f"{f['where']} node {f['node']}: {f['reason']}" for f in strategy.report["failures"]))
+        say(
+            f"{len(strategy.report['failures'])} failure(s): "
+            + "; ".join(f"{f['where']} node {f['node']}: {f['reason']}" for f in strategy.report["failures"])
+        )
     say(f"run folder: {run_dir}")
     return run_dir

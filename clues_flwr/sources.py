@@ -108,9 +108,7 @@ def _from_mapping(mapping: Mapping[str, str]) -> Callable[[Mapping], Record]:
     return convert
 
 
-def _converter(
-    source: str, mapping: Mapping[str, str] | None, preset: str | None
-) -> Callable[[Mapping], Record]:
+def _converter(source: str, mapping: Mapping[str, str] | None, preset: str | None) -> Callable[[Mapping], Record]:
     if mapping is not None and preset is not None:
         raise ValueError("give a mapping or a preset, not both")
     if mapping is None:
@@ -215,16 +213,13 @@ def _folder_files(folder: Path, split: str, subset: str | None) -> list[Path] | 
             names = ", ".join(str(p.relative_to(folder)) for p in files) or "none"
             raise ValueError(f"folder {folder} has no data file named {subset!r}; its data files: {names}")
         files = matches
-    in_split = [
-        p for p in files if split.lower() in (part.lower() for part in p.relative_to(folder).parts[:-1])
-    ]
+    in_split = [p for p in files if split.lower() in (part.lower() for part in p.relative_to(folder).parts[:-1])]
     if in_split or subset is None:
         return in_split or None
     if len(files) > 1:
         names = ", ".join(str(p.relative_to(folder)) for p in files)
         raise ValueError(
-            f"folder {folder} has several files for subset {subset!r} and none under a "
-            f"folder named {split!r}: {names}"
+            f"folder {folder} has several files for subset {subset!r} and none under a folder named {split!r}: {names}"
         )
     return files
 
@@ -251,7 +246,11 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _records(
-    rows: Iterable[Mapping], convert: Callable[[Mapping], Record], name: str, limit: int | None, keep: Sequence[str] = ()
+    rows: Iterable[Mapping],
+    convert: Callable[[Mapping], Record],
+    name: str,
+    limit: int | None,
+    keep: Sequence[str] = (),
 ) -> list[Record]:
     records, skipped, n = [], 0, 0
     for n, row in enumerate(rows, 1):
@@ -260,8 +259,7 @@ def _records(
             record.update({column: _text(row[column]) for column in keep})
         except KeyError as err:
             raise ValueError(
-                f"{name}: row {n} has no column {err.args[0]!r}; its columns are "
-                f"{', '.join(map(str, row))}"
+                f"{name}: row {n} has no column {err.args[0]!r}; its columns are {', '.join(map(str, row))}"
             ) from err
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name}: row {n}: {err}") from err

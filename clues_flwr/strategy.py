@@ -40,7 +40,16 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from clues_flwr.aggregation import aggregate, check_state, fedavg
 from clues_flwr.config import BASELINES, SelectionConfig, TuneConfig, from_mapping, to_record
-from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, DIRECTION_KEY, MOMENTS_KEY, SCORE_CONFIG_KEY, moments_from, trajectory_from, trajectory_records
+from clues_flwr.messages import (
+    CLEAN_EXAMPLES_KEY,
+    CLEAN_LOSS_KEY,
+    DIRECTION_KEY,
+    MOMENTS_KEY,
+    SCORE_CONFIG_KEY,
+    moments_from,
+    trajectory_from,
+    trajectory_records,
+)
 from clues_flwr.metrics import selection_scores
 from clues_flwr.resume import RunState
 from clues_flwr.scoring import ScoreConfig, histogram_edges, threshold
@@ -143,9 +152,13 @@ class CluesStrategy(FedAvg):
             store.save(state, arrays.to_torch_state_dict())
 
         rounds = range(first, num_rounds + 1)
-        return self._rounds(grid, arrays, rounds, tune, timeout, history, evaluate_config, evaluate_fn, save if store else None)
+        return self._rounds(
+            grid, arrays, rounds, tune, timeout, history, evaluate_config, evaluate_fn, save if store else None
+        )
 
-    def _rounds(self, grid, arrays, rounds, config, timeout, history: Result, evaluate_config=None, evaluate_fn=None, after=None) -> Result:
+    def _rounds(
+        self, grid, arrays, rounds, config, timeout, history: Result, evaluate_config=None, evaluate_fn=None, after=None
+    ) -> Result:
         """FedAvg's loop: train, aggregate, evaluate on clients and on the server; then
         ``after(round, arrays, history)``. The trace rounds evaluate nothing."""
         for server_round in rounds:
@@ -158,7 +171,9 @@ class CluesStrategy(FedAvg):
                 messages = list(self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid))
                 if messages:
                     replies = self._send(grid, messages, timeout)
-                    _record(history.evaluate_metrics_clientapp, server_round, self.aggregate_evaluate(server_round, replies))
+                    _record(
+                        history.evaluate_metrics_clientapp, server_round, self.aggregate_evaluate(server_round, replies)
+                    )
                 if evaluate_fn:
                     _record(history.evaluate_metrics_serverapp, server_round, evaluate_fn(server_round, arrays))
             if after:
@@ -168,7 +183,14 @@ class CluesStrategy(FedAvg):
     def _trace_federated(self, grid, initial_arrays, base, timeout) -> list[Checkpoint]:
         say(f"trace: {self.selection.trace_rounds} federated round(s) on all data")
         self.phase, self.trajectory = "trace", []
-        result = self._rounds(grid, initial_arrays, range(1, self.selection.trace_rounds + 1), ConfigRecord({**base, "phase": "trace"}), timeout, Result())
+        result = self._rounds(
+            grid,
+            initial_arrays,
+            range(1, self.selection.trace_rounds + 1),
+            ConfigRecord({**base, "phase": "trace"}),
+            timeout,
+            Result(),
+        )
         self.report["trace"] = {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()}
         if not self.trajectory:
             raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
@@ -178,7 +200,9 @@ class CluesStrategy(FedAvg):
         say(f"trace: every client traces {self.selection.trace_rounds} checkpoint(s) alone (merge mode)")
         self.phase = "trace-local"
         self._global = initial_arrays.to_torch_state_dict()
-        config = ConfigRecord({**base, "phase": "trace-local", "trace-rounds": self.selection.trace_rounds, "server-round": 0})
+        config = ConfigRecord(
+            {**base, "phase": "trace-local", "trace-rounds": self.selection.trace_rounds, "server-round": 0}
+        )
         nodes = self._nodes(grid)
         content = RecordDict({self.arrayrecord_key: initial_arrays, self.configrecord_key: config})
         replies = self._send(grid, self._construct_messages(content, nodes, "train"), timeout)
@@ -208,7 +232,14 @@ class CluesStrategy(FedAvg):
 
     def _selection_config(self, info: dict, **extra) -> ConfigRecord:
         keys = ("threshold", "histogram-edges")
-        return ConfigRecord({**{k: info[k] for k in keys}, "keep-ratio": self.selection.keep_ratio, "method": self.selection.method, **extra})
+        return ConfigRecord(
+            {
+                **{k: info[k] for k in keys},
+                "keep-ratio": self.selection.keep_ratio,
+                "method": self.selection.method,
+                **extra,
+            }
+        )
 
     def _clues_content(self, trajectory: list[Checkpoint], val_sums: list[torch.Tensor], info: dict) -> RecordDict:
         content = RecordDict(trajectory_records(trajectory, val_sums))
@@ -223,7 +254,11 @@ class CluesStrategy(FedAvg):
         say(f"score: {self.selection.method} at the initial adapter (no trace)")
         anchor_scores, direction = self.score_baseline(self.selection.method, initial_arrays.to_torch_state_dict())
         info = self._info(anchor_scores)
-        extra = {"batch-size": self.score_config.batch_size, "max-seq-len": self.score_config.max_len, "seed": base["seed"]}
+        extra = {
+            "batch-size": self.score_config.batch_size,
+            "max-seq-len": self.score_config.max_len,
+            "seed": base["seed"],
+        }
         content = RecordDict({self.arrayrecord_key: initial_arrays, "config": self._selection_config(info, **extra)})
         if direction is not None:
             content[DIRECTION_KEY] = ArrayRecord({"u": direction.float().contiguous()})
@@ -234,9 +269,15 @@ class CluesStrategy(FedAvg):
         self.phase = "score"
         shared = None in public
         nodes = self._nodes(grid) if shared else list(public)
-        messages = [Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes]
+        messages = [
+            Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes
+        ]
         taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
-        rule = f"each client keeps its top {self.selection.keep_ratio:.0%}" if self.selection.keep_ratio else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.selection.threshold_rule})"
+        rule = (
+            f"each client keeps its top {self.selection.keep_ratio:.0%}"
+            if self.selection.keep_ratio
+            else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.selection.threshold_rule})"
+        )
         say(f"score: {rule}; scoring {len(nodes)} client(s)")
         replies = self._send(grid, messages, timeout)
         clients = {}
@@ -260,12 +301,17 @@ class CluesStrategy(FedAvg):
         if clients and all("tp" in r for r in clients.values()):
             counts = {k: sum(r[k] for r in clients.values()) for k in ("tp", "fp", "fn", "tn")}
             summary.update(counts=counts, **selection_scores(counts))
-            say("selection (positive = clean): precision {precision:.1f}, recall {recall:.1f}, F1 {f1:.1f}, accuracy {accuracy:.1f}".format(**summary))
+            say(
+                "selection (positive = clean): precision {precision:.1f}, recall {recall:.1f}, "
+                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(**summary)
+            )
         self.report["selection"] = summary
 
     # ---- FedAvg hooks -----------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.phase == "tune" and self.scored_nodes is not None:
@@ -275,13 +321,20 @@ class CluesStrategy(FedAvg):
             messages = [m for m in messages if m.metadata.dst_node_id in self.scored_nodes]
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = [
-            (node, c) for node, c in self._screen(replies, f"{self.phase} round {server_round}")
+            (node, c)
+            for node, c in self._screen(replies, f"{self.phase} round {server_round}")
             if int(c["metrics"][self.weighted_by_key]) > 0
         ]
         if len(valid) < self.min_train_nodes:
-            self._failure(f"{self.phase} round {server_round}", None, f"only {len(valid)} usable replies, {self.min_train_nodes} needed: round not aggregated")
+            self._failure(
+                f"{self.phase} round {server_round}",
+                None,
+                f"only {len(valid)} usable replies, {self.min_train_nodes} needed: round not aggregated",
+            )
             return None, None
         states = [c[self.arrayrecord_key].to_torch_state_dict() for _, c in valid]
         weights = [float(c["metrics"][self.weighted_by_key]) for _, c in valid]

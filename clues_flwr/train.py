@@ -12,7 +12,6 @@ from clues_flwr.checks import require
 from clues_flwr.data import Record, batches
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     """A site's local training, as the server sends it; ``seed`` is the run's, each round

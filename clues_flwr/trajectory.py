@@ -89,7 +89,9 @@ def save(ckpt: Checkpoint, folder: str | Path) -> None:
 
 def load(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
-    missing = [f for f in ("adapter.safetensors", "moments.safetensors", "checkpoint.json") if not (folder / f).is_file()]
+    missing = [
+        f for f in ("adapter.safetensors", "moments.safetensors", "checkpoint.json") if not (folder / f).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"checkpoint folder {folder} lacks {', '.join(missing)}")
     info = json.loads((folder / "checkpoint.json").read_text())

@@ -19,9 +19,20 @@ import json
 import time
 from pathlib import Path
 
+from selection_table import (
+    DEFAULT,
+    VARIANTS,
+    add_arguments,
+    baseline_set_scores,
+    prepare,
+    raw_gradients,
+    select,
+    separation,
+    variant_scores,
+)
+
 from clues_flwr.pretrain import attention_heads, pretrain
 from results import command_line, figure, markdown_table, save_figure, write
-from selection_table import DEFAULT, VARIANTS, add_arguments, baseline_set_scores, prepare, raw_gradients, select, separation, variant_scores
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -40,7 +51,14 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -> dict:
     """Pretrain into ``folder`` unless a backbone built with these settings is there; its
     ``pretrain.json``."""
-    wanted = {"hidden_size": hidden, "layers": layers, "steps": args.pretrain_steps, "all_facts": not args.unread_facts, "seed": args.seed, "lr": args.pretrain_lr}
+    wanted = {
+        "hidden_size": hidden,
+        "layers": layers,
+        "steps": args.pretrain_steps,
+        "all_facts": not args.unread_facts,
+        "seed": args.seed,
+        "lr": args.pretrain_lr,
+    }
     info_file = folder / "pretrain.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
@@ -49,8 +67,17 @@ def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"pretraining {hidden}x{layers} for {args.pretrain_steps} steps on {args.device}")
     return pretrain(
-        folder, args.pretrain_steps, 32, args.pretrain_lr, args.seed, args.threads or 2, 0.25,
-        hidden_size=hidden, layers=layers, all_facts=not args.unread_facts, device=args.device,
+        folder,
+        args.pretrain_steps,
+        32,
+        args.pretrain_lr,
+        args.seed,
+        args.threads or 2,
+        0.25,
+        hidden_size=hidden,
+        layers=layers,
+        all_facts=not args.unread_facts,
+        device=args.device,
     )
 
 
@@ -60,10 +87,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", default="128x4,192x4", help="hidden x layers, comma-separated; hidden a multiple of 32")
     p.add_argument("--pretrain-steps", type=int, default=3000)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--unread-facts", action="store_true", help="backbones that have read only the pretraining half of the facts")
-    p.add_argument("--device", default="cpu", help="where backbones are pretrained: cpu or cuda (scoring uses CUDA whenever present)")
-    p.add_argument("--backbones", type=Path, default=Path("runs/backbones"), help="folder of the built backbones, reused across runs")
-    p.add_argument("--recall", type=float, default=0.5, help="the anchor-quantile rule's target recall (the app's default)")
+    p.add_argument(
+        "--unread-facts", action="store_true", help="backbones that have read only the pretraining half of the facts"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where backbones are pretrained: cpu or cuda (scoring uses CUDA whenever present)",
+    )
+    p.add_argument(
+        "--backbones",
+        type=Path,
+        default=Path("runs/backbones"),
+        help="folder of the built backbones, reused across runs",
+    )
+    p.add_argument(
+        "--recall", type=float, default=0.5, help="the anchor-quantile rule's target recall (the app's default)"
+    )
     args = p.parse_args(argv)
     sizes = parse_sizes(args.sizes)
 
@@ -75,25 +115,55 @@ def main(argv: list[str] | None = None) -> None:
         bench = prepare(args, [0])
         names = bench.names[0]
         raw = raw_gradients(bench, bench.sets(), names)
-        scores = {"CLUES": variant_scores(raw, bench.trajectory, names, VARIANTS[DEFAULT]), "perplexity": baseline_set_scores(bench, "perplexity")}
+        scores = {
+            "CLUES": variant_scores(raw, bench.trajectory, names, VARIANTS[DEFAULT]),
+            "perplexity": baseline_set_scores(bench, "perplexity"),
+        }
         row = {"size": f"{hidden}x{layers}", "parameters": info["parameters"], "pretrain_loss": info["final_loss"]}
         for method, s in scores.items():
             sep, chosen = separation(s, bench), select(s, bench.clean, ("anchor-quantile", args.recall))
-            row[method] = {"auroc": sep["pooled"], "best_f1": sep["best_f1"], "f1": chosen["f1"], "by_kind": sep["by_kind"]}
+            row[method] = {
+                "auroc": sep["pooled"],
+                "best_f1": sep["best_f1"],
+                "f1": chosen["f1"],
+                "by_kind": sep["by_kind"],
+            }
         rows.append(row)
-        print(f"{row['size']}: CLUES AUROC {row['CLUES']['auroc']:.3f}, perplexity {row['perplexity']['auroc']:.3f} ({time.time() - start:.0f}s)")
+        print(
+            f"{row['size']}: CLUES AUROC {row['CLUES']['auroc']:.3f}, "
+            f"perplexity {row['perplexity']['auroc']:.3f} ({time.time() - start:.0f}s)"
+        )
 
     rule = f"anchor-quantile r={args.recall:g}"
     table = (
-        f"Demo backbones pretrained {args.pretrain_steps} steps on {'half' if args.unread_facts else 'all'} of the facts; "
+        f"Demo backbones pretrained {args.pretrain_steps} steps "
+        f"on {'half' if args.unread_facts else 'all'} of the facts; "
         f"{args.pollution} pollution, {args.pool_size} records per client, trace {args.trace_rounds} rounds. "
         f"CLUES is the default variant (Adam + cosine, first layer); F1 under {rule}.\n\n"
     )
     table += markdown_table(
-        ["backbone", "parameters", "pretrain loss", "CLUES AUROC", "CLUES best F1", f"CLUES F1 ({rule})", "PPL AUROC", "PPL best F1", f"PPL F1 ({rule})"],
         [
-            [r["size"], f"{r['parameters'] / 1e6:.1f}M", f"{r['pretrain_loss']:.3f}",
-             *(f"{r[m][k]:.3f}" if k == "auroc" else f"{r[m][k]:.1f}" for m in ("CLUES", "perplexity") for k in ("auroc", "best_f1", "f1"))]
+            "backbone",
+            "parameters",
+            "pretrain loss",
+            "CLUES AUROC",
+            "CLUES best F1",
+            f"CLUES F1 ({rule})",
+            "PPL AUROC",
+            "PPL best F1",
+            f"PPL F1 ({rule})",
+        ],
+        [
+            [
+                r["size"],
+                f"{r['parameters'] / 1e6:.1f}M",
+                f"{r['pretrain_loss']:.3f}",
+                *(
+                    f"{r[m][k]:.3f}" if k == "auroc" else f"{r[m][k]:.1f}"
+                    for m in ("CLUES", "perplexity")
+                    for k in ("auroc", "best_f1", "f1")
+                ),
+            ]
             for r in rows
         ],
     )
@@ -102,12 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     params = [r["parameters"] for r in rows]
     for method in ("CLUES", "perplexity"):
         ax.plot(params, [r[method]["auroc"] for r in rows], marker="o", label=method)
-    ax.set(xscale="log", xlabel="backbone parameters", ylabel="AUROC (clean over polluted)", title="Ranking against backbone size")
+    ax.set(
+        xscale="log",
+        xlabel="backbone parameters",
+        ylabel="AUROC (clean over polluted)",
+        title="Ranking against backbone size",
+    )
     ax.legend()
     args.out.mkdir(parents=True, exist_ok=True)
     plot = save_figure(fig, args.out / "backbone_scale.png")
     data = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1), "rows": rows}
-    write(args.out, "backbone_scale", "Ranking against backbone size", command_line(__file__, argv), data, table, [plot])
+    write(
+        args.out, "backbone_scale", "Ranking against backbone size", command_line(__file__, argv), data, table, [plot]
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ LOOSE = 0.1
 # are bit-identical and STRICT applies.
 CUDA_SAME_SHAPES = 1e-2
 
-LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000)
+LLAMA7B = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008, vocab_size=32000
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=256, help="training records scored")
     p.add_argument("--val", type=int, default=16, help="validation records")
     p.add_argument("--checkpoints", type=int, default=2, help="trajectory length T")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the batched scorer and of the timed training steps (the app's score-batch-size default)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batch size of the batched scorer and of the timed training steps (the app's score-batch-size default)",
+    )
     p.add_argument("--alg1-samples", type=int, default=4, help="training records Algorithm 1 is timed on")
     p.add_argument("--train-steps", type=int, default=3, help="timed training steps (after one warm-up step)")
     p.add_argument("--max-len", type=int, default=96)
@@ -96,7 +103,9 @@ def lora(base, seed: int):
     """LoRA r=16, alpha=32 on q/v like ``ModelSpec``'s default, with B ~ N(0, 0.01):
     with peft's B = 0 the gradient of A would be zero and half the scored vector empty."""
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
@@ -107,9 +116,13 @@ def big_model(args, vocab: int):
     """A random-weight float32 Llama, big enough that matmuls, not Python, dominate."""
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=args.big_hidden, num_hidden_layers=args.big_layers,
-        num_attention_heads=args.big_heads, num_key_value_heads=args.big_heads,
-        intermediate_size=args.big_intermediate, max_position_embeddings=max(256, args.max_len),
+        vocab_size=vocab,
+        hidden_size=args.big_hidden,
+        num_hidden_layers=args.big_layers,
+        num_attention_heads=args.big_heads,
+        num_key_value_heads=args.big_heads,
+        intermediate_size=args.big_intermediate,
+        max_position_embeddings=max(256, args.max_len),
     )
     base = LlamaForCausalLM(cfg).to(device())
     base.config.use_cache = False
@@ -319,7 +332,11 @@ def bench(model, tok, train, val, args) -> dict:
     return {
         "params": count_params(model),
         "scoring_dim": sum(dict(model.named_parameters())[k].numel() for k in names),
-        "samples": n, "val": len(val), "checkpoints": t, "alg1_samples": len(sub), "batch_size": args.batch_size,
+        "samples": n,
+        "val": len(val),
+        "checkpoints": t,
+        "alg1_samples": len(sub),
+        "batch_size": args.batch_size,
         "seconds": {"batched": t_batched, "batched_validation_sums": t_val, "official": t_official, "alg1": t_alg1},
         "samples_per_s": rate,
         "batched_over_official": rate["batched"] / rate["official"],
@@ -344,9 +361,14 @@ def bench_llama7b(tok, train, val, args) -> dict:
     peak = torch.cuda.max_memory_allocated()
     progress(f"  batched   {seconds:8.2f} s, peak {peak / 2**30:.2f} GiB")
     return {
-        "params": count_params(model), "samples": len(train), "val": len(val), "checkpoints": len(traj),
-        "batch_size": args.batch_size, "seconds": {"batched": seconds},
-        "samples_per_s": {"batched": len(train) / seconds}, "max_memory_allocated_bytes": peak,
+        "params": count_params(model),
+        "samples": len(train),
+        "val": len(val),
+        "checkpoints": len(traj),
+        "batch_size": args.batch_size,
+        "seconds": {"batched": seconds},
+        "samples_per_s": {"batched": len(train) / seconds},
+        "max_memory_allocated_bytes": peak,
     }
 
 
@@ -364,17 +386,29 @@ def table(results: dict) -> str:
         return "—" if x is None else format(x, spec)
 
     head = [
-        "model", "params", "batched samples/s", "official samples/s", "alg1 samples/s",
-        "batched/official", "batched/alg1", "score/train per sample", "max rel. err",
+        "model",
+        "params",
+        "batched samples/s",
+        "official samples/s",
+        "alg1 samples/s",
+        "batched/official",
+        "batched/alg1",
+        "score/train per sample",
+        "max rel. err",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         rate = r["samples_per_s"]
         cells = [
-            name, f"{r['params'] / 1e6:.1f}M", fmt(rate.get("batched"), ".2f"), fmt(rate.get("official"), ".2f"),
-            fmt(rate.get("alg1"), ".3f"), fmt(r.get("batched_over_official"), ".1f") + ("×" if "batched_over_official" in r else ""),
+            name,
+            f"{r['params'] / 1e6:.1f}M",
+            fmt(rate.get("batched"), ".2f"),
+            fmt(rate.get("official"), ".2f"),
+            fmt(rate.get("alg1"), ".3f"),
+            fmt(r.get("batched_over_official"), ".1f") + ("×" if "batched_over_official" in r else ""),
             fmt(r.get("batched_over_alg1"), ".1f") + ("×" if "batched_over_alg1" in r else ""),
-            fmt(r.get("score_over_train"), ".2f"), fmt(r.get("max_rel_err"), ".1e"),
+            fmt(r.get("score_over_train"), ".2f"),
+            fmt(r.get("max_rel_err"), ".1e"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -394,15 +428,23 @@ def main(argv=None) -> dict:
     if unknown := sorted(set(models) - {"demo", "big"}):
         sys.exit(f"--models: unknown {unknown}; choose from demo, big")
     if args.llama7b and not torch.cuda.is_available():
-        sys.exit("--llama7b needs a CUDA GPU (an 8-bit 7B base is loaded with bitsandbytes on the GPU); none is visible here")
+        sys.exit(
+            "--llama7b needs a CUDA GPU (an 8-bit 7B base is loaded with bitsandbytes on the GPU); none is visible here"
+        )
     if args.samples < 2 or not 1 <= args.alg1_samples <= args.samples:
-        sys.exit("need --samples >= 2 (the check measures errors against the scores' spread) "
-                 "and 1 <= --alg1-samples <= --samples")
+        sys.exit(
+            "need --samples >= 2 (the check measures errors against the scores' spread) "
+            "and 1 <= --alg1-samples <= --samples"
+        )
     start, cpu_start = time.perf_counter(), time.process_time()
     tok = load_tokenizer(":demo:")
     env = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
     }
     results = {}
@@ -426,9 +468,11 @@ def main(argv=None) -> dict:
     env["cpu_share"] = (time.process_time() - cpu_start) / (wall * env["threads"])
     print(table(results))
     busy = "" if torch.cuda.is_available() else f", busy {env['cpu_share']:.0%} of the time"
-    print(f"\nwall time {wall:.0f} s on {env['device']} ({env['threads']} torch threads{busy}, load average "
-          f"{env['loadavg_start'][0]:.1f} at start); samples/s = training records scored per second over all "
-          "checkpoints, validation cost included")
+    print(
+        f"\nwall time {wall:.0f} s on {env['device']} ({env['threads']} torch threads{busy}, load average "
+        f"{env['loadavg_start'][0]:.1f} at start); samples/s = training records scored per second over all "
+        "checkpoints, validation cost included"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"args": vars(args), "env": env, "wall_seconds": wall, "models": results}

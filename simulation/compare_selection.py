@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from clues_flwr import client_app
 from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
@@ -85,7 +86,8 @@ def main() -> None:
 
     overrides = parse_set(args.set)
     rows = [
-        run_row(config(overrides, selection=s, **{"output-dir": str(args.out / s)}), args.nodes) for s in args.selections
+        run_row(config(overrides, selection=s, **{"output-dir": str(args.out / s)}), args.nodes)
+        for s in args.selections
     ]
     print("\n| selection | final test loss | test accuracy | selection P / R / F1 | seconds |")
     print("| --- | --- | --- | --- | --- |")

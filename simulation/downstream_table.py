@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from compare_selection import config, parse_set, recovery, run_row
+
 from results import command_line, figure, markdown_table, save_figure, write
 
 SETUPS = {
@@ -24,7 +25,14 @@ SETUPS = {
     "merge": {"mode": "merge", "aggregation": "ties"},
 }
 METHODS = ["none", "oracle", "perplexity", "ifd", "datainf", "clues"]
-NAMES = {"none": "mixed data", "oracle": "oracle", "perplexity": "PPL", "ifd": "IFD", "datainf": "DataInf", "clues": "CLUES"}
+NAMES = {
+    "none": "mixed data",
+    "oracle": "oracle",
+    "perplexity": "PPL",
+    "ifd": "IFD",
+    "datainf": "DataInf",
+    "clues": "CLUES",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,14 +73,24 @@ def main(argv: list[str] | None = None) -> None:
     for j, setup in enumerate(args.setups):
         losses = [next(r for r in results[setup] if r["selection"] == m)["test-loss"] for m in args.methods]
         ax.bar([i + j * width for i in range(len(args.methods))], losses, width, label=setup)
-    ax.set_xticks([i + width * (len(args.setups) - 1) / 2 for i in range(len(args.methods))], [NAMES[m] for m in args.methods])
+    ax.set_xticks(
+        [i + width * (len(args.setups) - 1) / 2 for i in range(len(args.methods))], [NAMES[m] for m in args.methods]
+    )
     every_loss = [r["test-loss"] for rows in results.values() for r in rows]
     ax.set_ylim(min(every_loss) * 0.95, max(every_loss) * 1.02)
     ax.set_ylabel("final test loss (lower is better)")
     ax.legend()
     plot = save_figure(fig, args.out / "downstream_table.png")
     command = command_line(__file__, argv)
-    write(args.out, "downstream_table", "Downstream table (paper Tables 1-2)", command, {"overrides": overrides, "results": results}, table, [plot])
+    write(
+        args.out,
+        "downstream_table",
+        "Downstream table (paper Tables 1-2)",
+        command,
+        {"overrides": overrides, "results": results},
+        table,
+        [plot],
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from compare_selection import config, parse_set, run_row
+
 from results import command_line, figure, markdown_table, save_figure, write
 
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         row = {"pollution": level}
         for selection in ("none", "clues"):
             runs = args.out / "runs" / f"sweep-{level:g}-{selection}"
-            result = run_row(config(overrides, selection=selection, pollution=str(level), **{"output-dir": str(runs)}), args.nodes)
+            result = run_row(
+                config(overrides, selection=selection, pollution=str(level), **{"output-dir": str(runs)}), args.nodes
+            )
             row[f"loss-{selection}"] = result["test-loss"]
             if selection == "clues":
                 row.update({k: result[k] for k in ("threshold", "precision", "recall", "f1", "accuracy")})
@@ -41,13 +44,36 @@ def main(argv: list[str] | None = None) -> None:
                 counts = sel["counts"]
                 row["kept"] = (counts["tp"] + counts["fp"]) / sum(counts.values())
         rows.append(row)
-        print(f"pollution {level:.0%}: loss none {row['loss-none']:.4f}, clues {row['loss-clues']:.4f}, τ {row['threshold']:.4g}, selection accuracy {row['accuracy']:.1f}")
+        print(
+            f"pollution {level:.0%}: loss none {row['loss-none']:.4f}, clues {row['loss-clues']:.4f}, "
+            f"τ {row['threshold']:.4g}, selection accuracy {row['accuracy']:.1f}"
+        )
 
-    header = ["pollution", "τ", "kept", "selection accuracy", "precision", "recall", "F1", "test loss, no selection", "test loss, CLUES"]
+    header = [
+        "pollution",
+        "τ",
+        "kept",
+        "selection accuracy",
+        "precision",
+        "recall",
+        "F1",
+        "test loss, no selection",
+        "test loss, CLUES",
+    ]
     table = markdown_table(
         header,
         [
-            [f"{r['pollution']:.0%}", r["threshold"], f"{r['kept']:.0%}", r["accuracy"], r["precision"], r["recall"], r["f1"], r["loss-none"], r["loss-clues"]]
+            [
+                f"{r['pollution']:.0%}",
+                r["threshold"],
+                f"{r['kept']:.0%}",
+                r["accuracy"],
+                r["precision"],
+                r["recall"],
+                r["f1"],
+                r["loss-none"],
+                r["loss-clues"],
+            ]
             for r in rows
         ],
     )
@@ -65,7 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     right.legend()
     plot = save_figure(fig, args.out / "pollution_sweep.png")
     command = command_line(__file__, argv)
-    write(args.out, "pollution_sweep", "Pollution sweep (paper Figure 4)", command, {"overrides": overrides, "rows": rows}, table, [plot])
+    write(
+        args.out,
+        "pollution_sweep",
+        "Pollution sweep (paper Figure 4)",
+        command,
+        {"overrides": overrides, "rows": rows},
+        table,
+        [plot],
+    )
 
 
 if __name__ == "__main__":

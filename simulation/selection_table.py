@@ -47,7 +47,9 @@ VARIANTS = {
     DEFAULT: ScoreConfig(),
     "CLUES paper (eqs. 5-8)": ScoreConfig.paper(),
     "CLUES official code": ScoreConfig.official(),
-    "CLUES official + cosine": ScoreConfig(precondition="adam-eps-inside", bias_correction=False, precondition_validation=False),
+    "CLUES official + cosine": ScoreConfig(
+        precondition="adam-eps-inside", bias_correction=False, precondition_validation=False
+    ),
     "CLUES sgd": ScoreConfig(precondition="sgd", cosine=False),
     "CLUES sgd + cosine": ScoreConfig(precondition="sgd"),
 }
@@ -70,8 +72,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="8bit")
     p.add_argument("--test-size", type=int, default=200, help="the public test split (clean records outside the pools)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trace-optimizer", choices=("reset", "keep"), default="reset", help="a fresh AdamW per client per trace round, or one kept across rounds")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is fastest on shared cores")
+    p.add_argument(
+        "--trace-optimizer",
+        choices=("reset", "keep"),
+        default="reset",
+        help="a fresh AdamW per client per trace round, or one kept across rounds",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is fastest on shared cores"
+    )
     p.add_argument("--out", type=Path, default=Path("results"))
 
 
@@ -112,7 +121,9 @@ def trace(model, tok, pools, rounds, steps, batch_size, lr, max_len, names, keep
         adapters, ms, vs, taken = [], [], [], []
         for i, pool in enumerate(pools):
             set_adapter_state(model, global_adapter)
-            _, opt = train_steps(training(model, tok, pool, batch_size, lr, max_len, seed=1009 * rnd + i, optimizer=optimizers[i]), steps)
+            _, opt = train_steps(
+                training(model, tok, pool, batch_size, lr, max_len, seed=1009 * rnd + i, optimizer=optimizers[i]), steps
+            )
             if keep_optimizer:
                 optimizers[i] = opt
             m, v, step = moments(model, opt, names)
@@ -150,7 +161,15 @@ def prepare(args: argparse.Namespace, layers: list[int]) -> Bench:
     initial = adapter_state(model)
     every = sorted({n for ns in names.values() for n in ns})
     trajectory = trace(
-        model, tok, splits.pools, args.trace_rounds, args.local_steps, args.batch_size, args.lr, args.max_len, every,
+        model,
+        tok,
+        splits.pools,
+        args.trace_rounds,
+        args.local_steps,
+        args.batch_size,
+        args.lr,
+        args.max_len,
+        every,
         keep_optimizer=args.trace_optimizer == "keep",
     )
     return Bench(args, splits, model, tok, initial, names, trajectory)
@@ -160,7 +179,10 @@ def raw_gradients(bench: Bench, sets: dict[str, list[Record]], names: list[str])
     """Per checkpoint, the raw per-sample gradients [N, d] of every set: the expensive part,
     done once and rescored by every variant."""
     cfg = ScoreConfig(batch_size=bench.args.batch_size, max_len=bench.args.max_len, cosine=False)
-    return [{k: gammas(bench.model, bench.tok, recs, c, names, cfg, raw=True) for k, recs in sets.items()} for c in bench.trajectory]
+    return [
+        {k: gammas(bench.model, bench.tok, recs, c, names, cfg, raw=True) for k, recs in sets.items()}
+        for c in bench.trajectory
+    ]
 
 
 def variant_scores(raw, trajectory, names, cfg) -> dict[str, torch.Tensor]:
@@ -180,9 +202,13 @@ def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
     args = bench.args
     set_adapter_state(bench.model, bench.initial)
     sizes = {"batch_size": args.batch_size, "max_len": args.max_len}
-    direction = datainf_direction(bench.model, bench.tok, bench.splits.validation, **sizes) if method == "datainf" else None
+    direction = (
+        datainf_direction(bench.model, bench.tok, bench.splits.validation, **sizes) if method == "datainf" else None
+    )
     sets = {k: v for k, v in bench.sets().items() if k != "validation"}
-    sets["anchors"] = [{**r, "quality": HIGH} for r in sets["anchors"]]  # public and clean by construction: the oracle's 1
+    sets["anchors"] = [
+        {**r, "quality": HIGH} for r in sets["anchors"]
+    ]  # public and clean by construction: the oracle's 1
     return {
         k: baseline_scores(method, bench.model, bench.tok, recs, seed=args.seed + j, direction=direction, **sizes)
         for j, (k, recs) in enumerate(sets.items())
@@ -246,7 +272,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.add_argument("--layer", type=int, default=0, help="CLUES scoring layer (-1 = last)")
-    p.add_argument("--recall", type=float, nargs="+", default=[0.5, 0.8, 0.9], help="anchor-quantile target recalls; the first is the plots' default rule")
+    p.add_argument(
+        "--recall",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.8, 0.9],
+        help="anchor-quantile target recalls; the first is the plots' default rule",
+    )
     p.add_argument("--keep-ratio", type=float, default=0.6, help="fixed share each client keeps (keep_top)")
     args = p.parse_args(argv)
 
@@ -255,12 +287,19 @@ def main(argv: list[str] | None = None) -> None:
     names = bench.names[args.layer]
     print(f"traced {len(bench.trajectory)} checkpoints in {time.time() - start:.0f}s")
     raw = raw_gradients(bench, bench.sets(), names)
-    print(f"per-sample gradients of {sum(map(len, bench.sets().values()))} records x {len(raw)} checkpoints in {time.time() - start:.0f}s")
+    print(
+        f"per-sample gradients of {sum(map(len, bench.sets().values()))} records x {len(raw)} checkpoints "
+        f"in {time.time() - start:.0f}s"
+    )
     scores = {name: variant_scores(raw, bench.trajectory, names, cfg) for name, cfg in VARIANTS.items()}
     scores.update({m: baseline_set_scores(bench, m) for m in BASELINES})
     print(f"scored {len(VARIANTS)} variants and {len(BASELINES)} baselines in {time.time() - start:.0f}s")
 
-    rules: list[Rule] = [("anchor-mean", None), *(("anchor-quantile", r) for r in args.recall), ("keep-ratio", args.keep_ratio)]
+    rules: list[Rule] = [
+        ("anchor-mean", None),
+        *(("anchor-quantile", r) for r in args.recall),
+        ("keep-ratio", args.keep_ratio),
+    ]
     rows = [{"method": m, **select(s, bench.clean, rule)} for m, s in scores.items() for rule in rules]
     sep = {m: separation(s, bench) for m, s in scores.items()}
 
@@ -273,8 +312,16 @@ def main(argv: list[str] | None = None) -> None:
     table += markdown_table(
         ["method", "rule", "τ", f"kept per client (of {n})", "P", "R", "F1", "Acc"],
         [
-            [r["method"], r["rule"], "-" if r["tau"] is None else r["tau"], " / ".join(map(str, r["kept"].values())),
-             f"{r['precision']:.1f}", f"{r['recall']:.1f}", f"{r['f1']:.1f}", f"{r['accuracy']:.1f}"]
+            [
+                r["method"],
+                r["rule"],
+                "-" if r["tau"] is None else r["tau"],
+                " / ".join(map(str, r["kept"].values())),
+                f"{r['precision']:.1f}",
+                f"{r['recall']:.1f}",
+                f"{r['f1']:.1f}",
+                f"{r['accuracy']:.1f}",
+            ]
             for r in rows
         ],
     )
@@ -286,7 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     table += markdown_table(
         ["method", "pooled", "best F1", "per client", *kinds],
         [
-            [m, f"{s['pooled']:.3f}", f"{s['best_f1']:.1f}", " / ".join(f"{v:.3f}" for v in s["per_client"].values()), *(f"{s['by_kind'][k]:.3f}" for k in kinds)]
+            [
+                m,
+                f"{s['pooled']:.3f}",
+                f"{s['best_f1']:.1f}",
+                " / ".join(f"{v:.3f}" for v in s["per_client"].values()),
+                *(f"{s['by_kind'][k]:.3f}" for k in kinds),
+            ]
             for m, s in sep.items()
         ],
     )
@@ -319,8 +372,21 @@ def main(argv: list[str] | None = None) -> None:
         plots.append(save_figure(fig, args.out / f"selection_table_hist_{name}.png"))
 
     command = command_line(__file__, argv)
-    data = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1), "rows": rows, "auroc": sep}
-    write(args.out, "selection_table", "Selection quality per method and rule (paper Table 3)", command, data, table, plots)
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seconds": round(time.time() - start, 1),
+        "rows": rows,
+        "auroc": sep,
+    }
+    write(
+        args.out,
+        "selection_table",
+        "Selection quality per method and rule (paper Table 3)",
+        command,
+        data,
+        table,
+        plots,
+    )
     print(f"done in {time.time() - start:.0f}s")
 
 

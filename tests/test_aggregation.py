@@ -169,8 +169,9 @@ def test_exact_reproduces_the_weighted_mean_of_products_within_rank():
     assert torch.linalg.norm(product(got) - want) / torch.linalg.norm(want) < 1e-6
     torch.testing.assert_close(got["m.bias"], fedavg(states, weights)["m.bias"])
     # B = U sqrt(S), A = sqrt(S) V^T: the factors are balanced
-    torch.testing.assert_close(got[B].double().T @ got[B].double(), got[A].double() @ got[A].double().T,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got[B].double().T @ got[B].double(), got[A].double() @ got[A].double().T, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_exact_is_the_best_low_rank_approximation_beyond_rank():
@@ -209,8 +210,9 @@ def test_exact_pairs_by_name_and_checks_rank():
     got = exact_delta([{**q, **k}], [1])
     torch.testing.assert_close(product(got), product(q), rtol=1e-5, atol=1e-5)
     kb, ka = got["m.k_proj.lora_B.weight"].double(), got["m.k_proj.lora_A.weight"].double()
-    torch.testing.assert_close(kb @ ka, k["m.k_proj.lora_B.weight"].double() @ k["m.k_proj.lora_A.weight"].double(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        kb @ ka, k["m.k_proj.lora_B.weight"].double() @ k["m.k_proj.lora_A.weight"].double(), rtol=1e-5, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- check_state

@@ -37,10 +37,24 @@ def superlink(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     proc = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-         "--host", "127.0.0.1", "--port", str(port),
-         "--database", str(tmp_path / "state.db"), "--disable-runtime-dependency-installation"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(tmp_path / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -66,9 +80,14 @@ def superlink(tmp_path):
 def test_flwr_run_selects_tunes_and_writes_a_loadable_adapter(superlink, tmp_path):
     runs = tmp_path / "runs"
     cmd = [
-        "flwr", "run", str(ROOT), "--stream",
-        "--run-config", f"num-server-rounds=2 trace-rounds=1 local-steps=8 output-dir='{runs}'",
-        "--federation-config", "num-supernodes=3",
+        "flwr",
+        "run",
+        str(ROOT),
+        "--stream",
+        "--run-config",
+        f"num-server-rounds=2 trace-rounds=1 local-steps=8 output-dir='{runs}'",
+        "--federation-config",
+        "num-supernodes=3",
     ]
     done = subprocess.run(cmd, env=superlink, capture_output=True, text=True, timeout=600)
     out = done.stdout + done.stderr

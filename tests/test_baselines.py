@@ -20,8 +20,7 @@ from clues_flwr.baselines import (
 from clues_flwr.data import batches, demo_splits, encode, encode_answer, prompt
 from clues_flwr.metrics import auroc
 from clues_flwr.model import ModelSpec, build, load_tokenizer
-from clues_flwr.scoring import scoring_mode, per_sample_loss
-
+from clues_flwr.scoring import per_sample_loss, scoring_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +93,9 @@ def brute_influence(hessian, val, test, slices, damping=0.1):
         lam = damping * g.pow(2).sum(1).mean() / d
         if lam == 0:
             continue
-        inv_mean = sum(torch.linalg.inv(torch.outer(gi, gi) + lam * torch.eye(d, dtype=torch.float64)) for gi in g) / len(g)
+        inv_mean = sum(
+            torch.linalg.inv(torch.outer(gi, gi) + lam * torch.eye(d, dtype=torch.float64)) for gi in g
+        ) / len(g)
         out -= test[:, s] @ (inv_mean @ v[s])
     return out
 
@@ -107,9 +108,7 @@ def test_datainf_direction_equals_explicit_inverse_hessians(separate_validation)
     val = torch.randn(5, 36, generator=g, dtype=torch.float64) if separate_validation else hessian
     test = torch.randn(4, 36, generator=g, dtype=torch.float64)
     slices = [slice(0, 12), slice(12, 30), slice(30, 36)]
-    u = direction_from_grads(
-        lambda: hessian.split(3), (lambda: val.split(2)) if separate_validation else None, slices
-    )
+    u = direction_from_grads(lambda: hessian.split(3), (lambda: val.split(2)) if separate_validation else None, slices)
     brute = brute_influence(hessian, val, test, slices)
     err = rel_err(test @ u, brute)
     print(f"DataInf u·g vs explicit inverse: relative error {err:.1e}")
@@ -136,7 +135,7 @@ def test_datainf_on_the_demo_model_matches_a_per_sample_loop(demo):
     assert len(names) == 16 and [s.stop - s.start for s in slices] == [2 * 16 * 128] * 8
     train, val = pool[:6], val[:5]
     g_train, g_val = loop_grads(model, tok, train, names), loop_grads(model, tok, val, names)
-    assert g_train[:, :16 * 128].abs().sum(1).min() > 0  # lora_A has a gradient
+    assert g_train[:, : 16 * 128].abs().sum(1).min() > 0  # lora_A has a gradient
     u = datainf_direction(model, tok, val, hessian=train, batch_size=4, max_len=96)
     u_ref = direction_from_grads(lambda: [g_train], lambda: [g_val], slices)
     scores = datainf_scores(model, tok, train, u, batch_size=4, max_len=96)
@@ -166,7 +165,11 @@ def test_keep_top_counts_and_ties():
 
 
 def test_oracle_and_random():
-    records = [{"output": "a", "quality": "high"}, {"output": "b", "quality": "low"}, {"output": "c", "quality": "high"}]
+    records = [
+        {"output": "a", "quality": "high"},
+        {"output": "b", "quality": "low"},
+        {"output": "c", "quality": "high"},
+    ]
     assert oracle_scores(records).tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="record 1 has no quality label"):
         oracle_scores([records[0], {"output": "b"}])

@@ -24,7 +24,9 @@ def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():
             value = getattr(section, f.name)
             written = list(value) if isinstance(value, tuple) else value
             parsed = getattr(getattr(AppConfig.from_run_config(toml), name), f.name)
-            assert parsed == value, f"{key_of(f)}: pyproject gives {toml[key_of(f)]!r}, {type(section).__name__} {value!r}"
+            assert parsed == value, (
+                f"{key_of(f)}: pyproject gives {toml[key_of(f)]!r}, {type(section).__name__} {value!r}"
+            )
             assert isinstance(written, list) or type(toml[key_of(f)]) is type(written), key_of(f)
 
 

@@ -98,11 +98,11 @@ def test_encode_masks_the_prompt_and_keeps_the_answer():
     ids, labels = encode(rec, tok, max_len=96)
     answer = tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ids[0] == tok.bos_token_id
-    assert labels[-len(answer):] == answer and ids[-len(answer):] == answer
-    assert all(l == -100 for l in labels[: -len(answer)])
+    assert labels[-len(answer) :] == answer and ids[-len(answer) :] == answer
+    assert all(label == -100 for label in labels[: -len(answer)])
     assert tok.decode(ids[1 : -len(answer)]) == prompt(rec)
     short_ids, short_labels = encode(rec, tok, max_len=6)
-    assert len(short_ids) == 6 and short_labels[-len(answer):] == answer
+    assert len(short_ids) == 6 and short_labels[-len(answer) :] == answer
     batch = collate([encode(rec, tok, 96), (short_ids, short_labels)], tok.pad_token_id)
     assert batch["attention_mask"].sum(1).tolist() == [len(ids), 6]
     assert (batch["labels"][1, 6:] == -100).all()

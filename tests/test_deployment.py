@@ -33,7 +33,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "clues"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 RECORDS_PER_SITE = 60
-RUN_CONFIG = "trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.1 seed=0 min-available-nodes=2 min-train-nodes=2"
+RUN_CONFIG = (
+    "trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.1 seed=0 min-available-nodes=2 min-train-nodes=2"
+)
 
 
 def free_port() -> int:
@@ -80,8 +82,12 @@ def make_site_key(path: Path) -> None:
         run_checked(["ssh-keygen", "-t", "ecdsa", "-b", "384", "-N", "", "-f", path.name, "-C", "", "-q"], path.parent)
         return
     key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15) -> None:
@@ -137,7 +143,9 @@ class Deployment:
     def spawn(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.base / f"{name}.log"
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, cwd=self.base, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=self.base, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.procs.append(proc)
         return proc, log
 
@@ -150,14 +158,26 @@ class Deployment:
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs / "ca.crt"}"\n'
         )
-        self.superlink, self.superlink_log = self.spawn("superlink", [
-            "flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-            "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-            "--ssl-certfile", str(self.certs / "server.pem"),
-            "--ssl-keyfile", str(self.certs / "server.key"),
-            "--enable-supernode-auth", "--database", str(self.base / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ])
+        self.superlink, self.superlink_log = self.spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+                "--enable-supernode-auth",
+                "--database",
+                str(self.base / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         # Up, and serving TLS with a certificate the CA vouches for, for 127.0.0.1.
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
         deadline = time.monotonic() + 60
@@ -176,7 +196,7 @@ class Deployment:
     def nodes(self) -> dict[int, str]:
         """Node ID → status (registered, online, offline, ...) as the SuperLink lists them."""
         out = self.flwr("supernode", "list", CONNECTION, "--format", "json")
-        return {int(n["node-id"]): n["status"] for n in json.loads(out[out.index("{"):])["nodes"]}
+        return {int(n["node-id"]): n["status"] for n in json.loads(out[out.index("{") :])["nodes"]}
 
     def wait_status(self, node_ids: set[int], status: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -191,13 +211,22 @@ class Deployment:
         return keys / name
 
     def start_supernode(self, name: str, key: Path, data: Path) -> tuple[subprocess.Popen, Path]:
-        return self.spawn(name, [
-            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.certs / "ca.crt"),
-            "--auth-supernode-private-key", str(key),
-            "--node-config", f'data-path="{data}"',
-            "--port", str(free_port()),  # the SuperNode's local Runtime API; one per SuperNode on a machine
-        ])
+        return self.spawn(
+            name,
+            [
+                "flower-supernode",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--root-certificates",
+                str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key",
+                str(key),
+                "--node-config",
+                f'data-path="{data}"',
+                "--port",
+                str(free_port()),  # the SuperNode's local Runtime API; one per SuperNode on a machine
+            ],
+        )
 
     def site(self, index: int) -> Site:
         """Site ``index`` (1-based): its data file, key, registration and SuperNode, online."""
@@ -208,7 +237,7 @@ class Deployment:
             data.write_text("".join(json.dumps(r) + "\n" for r in records))
             key = self.key(name)
             out = self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION, "--format", "json")
-            node_id = int(json.loads(out[out.index("{"):])["node-id"])
+            node_id = int(json.loads(out[out.index("{") :])["node-id"])
             proc, log = self.start_supernode(name, key, data)
             self.sites[name] = Site(name, node_id, proc, log, records)
             self.wait_status({node_id}, "online")
@@ -219,7 +248,11 @@ class Deployment:
         with log.open("w") as out:
             proc = subprocess.Popen(
                 ["flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config],
-                cwd=self.base, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=self.base,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs.append(proc)
         return proc
@@ -256,7 +289,9 @@ def test_two_registered_sites_run_clues_over_tls_and_an_unregistered_key_is_refu
     before = deployment.nodes()
     assert before[site1.node_id] == before[site2.node_id] == "online"
 
-    intruder, intruder_log = deployment.start_supernode("intruder", deployment.key("intruder"), deployment.base / "site1.jsonl")
+    intruder, intruder_log = deployment.start_supernode(
+        "intruder", deployment.key("intruder"), deployment.base / "site1.jsonl"
+    )
     try:
         intruder.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -316,5 +351,10 @@ def test_a_site_killed_during_a_tuning_round_is_named_and_the_run_goes_on(deploy
         # Its registration would otherwise outlive it; the other sites stay for later tests.
         stop(victim.proc, signal.SIGKILL)
         del deployment.sites[victim.name]
-        subprocess.run(["flwr", "supernode", "unregister", str(victim.node_id), CONNECTION],
-                       cwd=deployment.base, env=deployment.env, capture_output=True, timeout=60)
+        subprocess.run(
+            ["flwr", "supernode", "unregister", str(victim.node_id), CONNECTION],
+            cwd=deployment.base,
+            env=deployment.env,
+            capture_output=True,
+            timeout=60,
+        )

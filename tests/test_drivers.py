@@ -32,7 +32,9 @@ def outputs(out: Path, name: str) -> dict:
 
 
 def test_selection_table(tmp_path):
-    selection_table.main([*TINY, "--trace-rounds", "1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)])
+    selection_table.main(
+        [*TINY, "--trace-rounds", "1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)]
+    )
     assert len(list(tmp_path.glob("selection_table*.png"))) == 3
     data = outputs(tmp_path, "selection_table")
     methods = [*selection_table.VARIANTS, *selection_table.BASELINES]
@@ -41,7 +43,9 @@ def test_selection_table(tmp_path):
     for row in data["rows"]:
         assert 0 <= row["f1"] <= 100 and 0 <= row["precision"] <= 100 and 0 <= row["recall"] <= 100
     oracle = [r for r in data["rows"] if r["method"] == "oracle"]
-    assert [r["f1"] for r in oracle[:3]] == [100.0] * 3  # every threshold rule; a fixed ratio need not match each client's clean share
+    assert [r["f1"] for r in oracle[:3]] == [
+        100.0
+    ] * 3  # every threshold rule; a fixed ratio need not match each client's clean share
     assert data["auroc"]["oracle"]["pooled"] == 1.0 and set(data["auroc"]) == set(methods)
     md = (tmp_path / "selection_table.md").read_text()
     assert all(f"| {m} | {r} |" in md for m in methods for r in rules)
@@ -49,8 +53,26 @@ def test_selection_table(tmp_path):
 
 def test_ablations(tmp_path):
     ablations.main(
-        [*TINY, "--trace-rounds", "2", "--checkpoints", "1", "2", "--test-size", "20", "--anchor-counts", "5", "20",
-         "--anchor-draws", "2", "--recall", "0.5", "0.9", "--out", str(tmp_path)]
+        [
+            *TINY,
+            "--trace-rounds",
+            "2",
+            "--checkpoints",
+            "1",
+            "2",
+            "--test-size",
+            "20",
+            "--anchor-counts",
+            "5",
+            "20",
+            "--anchor-draws",
+            "2",
+            "--recall",
+            "0.5",
+            "0.9",
+            "--out",
+            str(tmp_path),
+        ]
     )
     rules = ["anchor-mean", "anchor-quantile r=0.5", "anchor-quantile r=0.9"]
     expected = {
@@ -74,7 +96,19 @@ def test_ablations(tmp_path):
 
 
 def test_backbone_scale_builds_each_size_once_and_ranks_with_both_methods(tmp_path):
-    argv = [*TINY, "--trace-rounds", "1", "--sizes", "64x1,96x2", "--pretrain-steps", "2", "--backbones", str(tmp_path / "bb"), "--out", str(tmp_path)]
+    argv = [
+        *TINY,
+        "--trace-rounds",
+        "1",
+        "--sizes",
+        "64x1,96x2",
+        "--pretrain-steps",
+        "2",
+        "--backbones",
+        str(tmp_path / "bb"),
+        "--out",
+        str(tmp_path),
+    ]
     backbone_scale.main(argv)
     rows = outputs(tmp_path, "backbone_scale")["rows"]
     assert [(r["size"], r["parameters"] > 0) for r in rows] == [("64x1", True), ("96x2", True)]
@@ -85,7 +119,9 @@ def test_backbone_scale_builds_each_size_once_and_ranks_with_both_methods(tmp_pa
     built = {f: f.stat().st_mtime_ns for f in (tmp_path / "bb").glob("*/model.safetensors")}
     assert len(built) == 2
     backbone_scale.main(argv)
-    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "bb").glob("*/model.safetensors")} == built, "a matching backbone is reused"
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "bb").glob("*/model.safetensors")} == built, (
+        "a matching backbone is reused"
+    )
 
 
 @pytest.mark.parametrize("sizes", ["128", "100x4", "128x0", "axb", ""])
@@ -97,7 +133,16 @@ def test_backbone_scale_refuses_bad_sizes(sizes):
 # The federation drivers run the real ServerApp and ClientApp on the in-process grid.
 SMALL_RUN = [
     f"--set={kv}"
-    for kv in ("demo-pool-size=24", "test-size=20", "trace-rounds=1", "local-steps=2", "num-server-rounds=1", "max-new-tokens=4", "fraction-evaluate=0.0", "batch-size=8")
+    for kv in (
+        "demo-pool-size=24",
+        "test-size=20",
+        "trace-rounds=1",
+        "local-steps=2",
+        "num-server-rounds=1",
+        "max-new-tokens=4",
+        "fraction-evaluate=0.0",
+        "batch-size=8",
+    )
 ]
 
 
@@ -113,7 +158,9 @@ def test_pollution_sweep(tmp_path):
 
 def test_downstream_table(tmp_path):
     methods = ["none", "oracle", "perplexity", "clues"]
-    downstream_table.main(["--setups", "fedavg", "merge", "--methods", *methods, "--nodes", "2", *SMALL_RUN, "--out", str(tmp_path)])
+    downstream_table.main(
+        ["--setups", "fedavg", "merge", "--methods", *methods, "--nodes", "2", *SMALL_RUN, "--out", str(tmp_path)]
+    )
     results = outputs(tmp_path, "downstream_table")["results"]
     assert list(results) == ["fedavg", "merge"]
     for rows in results.values():

@@ -6,10 +6,10 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from peft import PeftModel
 
+from clues_flwr.config import from_mapping
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
-from clues_flwr.config import from_mapping
 from clues_flwr.train import train_steps, training
 
 SPEC_8BIT = ModelSpec(quantization="8bit")
@@ -103,8 +103,15 @@ def test_4bit_on_cpu_is_refused_with_a_reason():
 
 
 def test_model_spec_checks_settings(tmp_path):
-    cfg = {"model-name": ":demo:", "quantization": "8bit", "lora-r": 8, "lora-alpha": 16,
-           "lora-dropout": 0.0, "lora-target-modules": "q_proj, v_proj,k_proj", "seed": 3}
+    cfg = {
+        "model-name": ":demo:",
+        "quantization": "8bit",
+        "lora-r": 8,
+        "lora-alpha": 16,
+        "lora-dropout": 0.0,
+        "lora-target-modules": "q_proj, v_proj,k_proj",
+        "seed": 3,
+    }
     assert from_mapping(ModelSpec, cfg).target_modules == ("q_proj", "v_proj", "k_proj")
     assert from_mapping(ModelSpec, cfg).seed == 3
     with pytest.raises(ValueError, match="quantization must be one of"):
@@ -130,6 +137,11 @@ def test_adapter_state_is_a_snapshot(model8):
     model, tok = model8
     before = adapter_state(model)
     first = {k: v.clone() for k, v in before.items()}
-    train_steps(training(model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], batch_size=8, lr=1e-2, max_len=96, seed=0), 2)
+    train_steps(
+        training(
+            model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], batch_size=8, lr=1e-2, max_len=96, seed=0
+        ),
+        2,
+    )
     assert all(torch.equal(before[k], first[k]) for k in before), "training changed an earlier snapshot"
     assert any(not torch.equal(v, first[k]) for k, v in adapter_state(model).items())

@@ -61,8 +61,7 @@ def test_records_round_trip_with_heterogeneous_keys():
 def test_natural_gives_one_value_per_client_in_sorted_order():
     languages = ["zh", "en", "fr", "en", "ja", "zh", "fr", "en"]
     records = [
-        {"instruction": f"q{i}", "input": "", "output": "a", "language": lang}
-        for i, lang in enumerate(languages)
+        {"instruction": f"q{i}", "input": "", "output": "a", "language": lang} for i, lang in enumerate(languages)
     ]
     parts = partition(records, 4, "natural", by="language")
     assert [{r["language"] for r in p} for p in parts] == [{"en"}, {"fr"}, {"ja"}, {"zh"}]
@@ -72,10 +71,7 @@ def test_natural_gives_one_value_per_client_in_sorted_order():
 
 
 def test_natural_mismatch_lists_the_values():
-    records = [
-        {"instruction": "q", "input": "", "output": "a", "language": lang}
-        for lang in ("fr", "en", "fr")
-    ]
+    records = [{"instruction": "q", "input": "", "output": "a", "language": lang} for lang in ("fr", "en", "fr")]
     with pytest.raises(ValueError, match=r"partition-by.*2 distinct values \['en', 'fr'\].*3 clients"):
         partition(records, 3, "natural", by="language")
 
@@ -125,10 +121,23 @@ def test_pollution_kinds_can_be_chosen_and_are_checked():
 def test_natural_partitions_capped_per_client(tmp_path):
     import json
 
-    rows = [{"instruction": "q", "input": f"{lang} {i}", "output": f"a{i}", "file": lang} for lang, n in (("en", 300), ("fr", 290), ("ja", 280)) for i in range(n)]
+    rows = [
+        {"instruction": "q", "input": f"{lang} {i}", "output": f"a{i}", "file": lang}
+        for lang, n in (("en", 300), ("fr", 290), ("ja", 280))
+        for i in range(n)
+    ]
     path = tmp_path / "pool.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    splits = federated_splits(str(path), 3, client_samples=200, scheme="natural", by="file", ratios=(0.25,), kinds=("random-noise",), test_size=20)
+    splits = federated_splits(
+        str(path),
+        3,
+        client_samples=200,
+        scheme="natural",
+        by="file",
+        ratios=(0.25,),
+        kinds=("random-noise",),
+        test_size=20,
+    )
     assert [len(p) for p in splits.pools] == [200, 200, 200]
     assert [{r["file"] for r in p} for p in splits.pools] == [{"en"}, {"fr"}, {"ja"}]
     assert all(sum(r["quality"] == LOW for r in p) == 50 for p in splits.pools)

@@ -26,7 +26,9 @@ def sums(n: int, seed: int, wrong: float = 0.0) -> list[dict]:
         a, b = rng.randrange(50), rng.randrange(50)
         bad = rng.random() < wrong
         answer = a + b + rng.randrange(1, 9) if bad else a + b
-        out.append({"instruction": "Add.", "input": f"{a} + {b}", "output": str(answer), "quality": "low" if bad else "high"})
+        out.append(
+            {"instruction": "Add.", "input": f"{a} + {b}", "output": str(answer), "quality": "low" if bad else "high"}
+        )
     return out
 
 
@@ -40,12 +42,24 @@ def tiny_gpt2():
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.train_from_iterator(
         ["### Instruction:\nAdd.\n\n### Input:\n1 + 2\n\n### Response:\n3"],
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = get_peft_model(
+        GPT2LMHeadModel(config), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     return model, tok
 
 

@@ -1,9 +1,9 @@
 """Every preset in conf/ parses, names only keys the app knows, with the defaults' types."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from clues_flwr.local_grid import app_defaults
 
@@ -22,7 +22,9 @@ def test_preset_keys_are_known(path):
     assert not unknown, f"{path.name}: unknown keys {unknown}"
     for key, value in preset.items():
         expected = type(defaults[key])
-        assert isinstance(value, expected) or (expected is float and isinstance(value, int)), f"{path.name}: {key} = {value!r} is not {expected.__name__}"
+        assert isinstance(value, expected) or (expected is float and isinstance(value, int)), (
+            f"{path.name}: {key} = {value!r} is not {expected.__name__}"
+        )
 
 
 def test_demo_preset_states_the_defaults():
@@ -40,11 +42,19 @@ def test_mmedbench_preset_gives_each_site_one_language(tmp_path):
     languages = ["Chinese", "English", "French", "Japanese", "Russian", "Spanish"]
     for lang in languages:
         rows = [
-            {"question": f"{lang} question {i}?", "options": {"A": "yes", "B": "no"}, "answer_idx": "A", "answer": "yes", "rationale": "Because."}
+            {
+                "question": f"{lang} question {i}?",
+                "options": {"A": "yes", "B": "no"},
+                "answer_idx": "A",
+                "answer": "yes",
+                "rationale": "Because.",
+            }
             for i in range(30)
         ]
         (tmp_path / "Train").mkdir(exist_ok=True)
-        (tmp_path / "Train" / f"{lang}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (tmp_path / "Train" / f"{lang}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
     preset = tomllib.loads((PRESETS[0].parent / "mmedbench.toml").read_text())
     run = {**app_defaults(), **preset, "dataset": str(tmp_path), "client-samples": 12, "test-size": 20}
     pools = splits_for(from_mapping(DataConfig, run), 6).pools

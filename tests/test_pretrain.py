@@ -16,7 +16,18 @@ from clues_flwr.scoring import scoring_names
 @pytest.mark.parametrize("all_facts", [True, False])
 def test_pretrain_writes_a_backbone_of_the_asked_shape_from_the_asked_facts(tmp_path, all_facts):
     out = tmp_path / "backbone"
-    info = pretrain(out, steps=2, batch_size=4, lr=1e-3, seed=0, threads=1, template_share=0.25, hidden_size=64, layers=2, all_facts=all_facts)
+    info = pretrain(
+        out,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        seed=0,
+        threads=1,
+        template_share=0.25,
+        hidden_size=64,
+        layers=2,
+        all_facts=all_facts,
+    )
     read = len(demo_records()[0]) if all_facts else len(demo_splits().pretrain)
     assert info["corpus_texts"] == read
     assert json.loads((out / "pretrain.json").read_text()) == info

@@ -12,11 +12,11 @@ from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 from clues_flwr.scoring import (
     ScoreConfig,
     answer_losses_of,
-    scoring_mode,
     per_sample_grads,
     per_sample_loss,
     precondition,
     scores,
+    scoring_mode,
     scoring_names,
     threshold,
     validation_sums,
@@ -28,8 +28,13 @@ def random_lora_llama(hidden, layers, vocab, seed, dtype=torch.float64):
     """A random Llama with LoRA on q/v whose B is non-zero (B = 0 would zero A's gradient)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
     )
     model = get_peft_model(
         LlamaForCausalLM(cfg).to(dtype),
@@ -133,7 +138,9 @@ def make_trajectory(model, names_all, seeds, lrs):
     out = []
     for seed, lr in zip(seeds, lrs):
         g = torch.Generator().manual_seed(seed)
-        adapter = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.2 for k, v in adapter_state(model).items()}
+        adapter = {
+            k: torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.2 for k, v in adapter_state(model).items()
+        }
         m = {n: torch.randn(params[n].shape, generator=g) * 1e-3 for n in names_all}
         v = {n: torch.rand(params[n].shape, generator=g) * 1e-5 for n in names_all}
         out.append(Checkpoint(adapter=adapter, exp_avg=m, exp_avg_sq=v, step=7 + seed, lr=lr))
@@ -205,7 +212,13 @@ def test_moments_outside_the_scoring_layer_do_not_matter(scored_setup):
 
 
 def test_precondition_formulas_on_numbers():
-    ckpt = Checkpoint(adapter={}, exp_avg={"w": torch.tensor([0.1, -0.2])}, exp_avg_sq={"w": torch.tensor([0.01, 0.04])}, step=1, lr=1.0)
+    ckpt = Checkpoint(
+        adapter={},
+        exp_avg={"w": torch.tensor([0.1, -0.2])},
+        exp_avg_sq={"w": torch.tensor([0.01, 0.04])},
+        step=1,
+        lr=1.0,
+    )
     g = torch.tensor([[0.5, 0.5]])
     b1, b2, eps = 0.9, 0.999, 1e-8
     m = b1 * torch.tensor([0.1, -0.2]) + (1 - b1) * g
@@ -307,13 +320,34 @@ def save_dropout_model(family: str, folder):
 
     torch.manual_seed(0)
     if family == "opt":
-        cfg = OPTConfig(vocab_size=2048, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=64, max_position_embeddings=128, dropout=0.1, attention_dropout=0.1,
-                        layerdrop=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg = OPTConfig(
+            vocab_size=2048,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
+            dropout=0.1,
+            attention_dropout=0.1,
+            layerdrop=0.3,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         model = OPTForCausalLM(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, max_position_embeddings=128, attention_dropout=0.1, pad_token_id=0)
+        cfg = LlamaConfig(
+            vocab_size=2048,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            attention_dropout=0.1,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
     return folder

@@ -136,7 +136,8 @@ FIQA = [
     {
         "input": "Should I pay off my mortgage early?",
         "output": "It depends on the interest rate compared with your expected investment return.",
-        "instruction": "Utilize your financial knowledge, give your answer or opinion to the input question or subject.",
+        "instruction": "Utilize your financial knowledge, give your answer or opinion "
+        "to the input question or subject.",
     }
 ]
 
@@ -198,11 +199,22 @@ def mmedbench(tmp_path):
     )
     write_jsonl(
         folder / "Train" / "Chinese.jsonl",
-        [mmed_row("哪些是维生素？", {"A": "维生素C", "B": "葡萄糖", "C": "维生素D"}, ["A", "C"], "维生素C, 维生素D", "")],
+        [
+            mmed_row(
+                "哪些是维生素？", {"A": "维生素C", "B": "葡萄糖", "C": "维生素D"}, ["A", "C"], "维生素C, 维生素D", ""
+            )
+        ],
     )
     write_jsonl(
         folder / "Test" / "English.jsonl",
-        [mmed_row("Which organ makes insulin?", {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Heart"}, "B", "Pancreas")],
+        [
+            mmed_row(
+                "Which organ makes insulin?",
+                {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Heart"},
+                "B",
+                "Pancreas",
+            )
+        ],
     )
     return folder
 
@@ -319,7 +331,9 @@ def test_unknown_format_and_bad_arguments(tmp_path):
 
 def test_missing_column_lists_the_columns(tmp_path):
     path = write_csv(tmp_path / "qa.csv", [{"question": "q", "answer": "a"}])
-    with pytest.raises(ValueError, match=r"qa\.csv: row 1 has no column 'instruction'; its columns are question, answer"):
+    with pytest.raises(
+        ValueError, match=r"qa\.csv: row 1 has no column 'instruction'; its columns are question, answer"
+    ):
         load_records(str(path))
     with pytest.raises(ValueError, match="no column 'answr'; its columns are question, answer"):
         load_records(str(path), mapping={"instruction": "question", "output": "answr"})
@@ -334,7 +348,9 @@ def test_preset_on_the_wrong_shape_lists_the_columns(tmp_path):
         load_records(str(path), preset="Henrychur/MMedBench")
 
 
-@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("e.json", "[]"), ("e.csv", "instruction,output\n"), ("e.csv", "")])
+@pytest.mark.parametrize(
+    "name, content", [("e.jsonl", ""), ("e.json", "[]"), ("e.csv", "instruction,output\n"), ("e.csv", "")]
+)
 def test_empty_file(tmp_path, name, content):
     (tmp_path / name).write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=rf"{name} has no rows"):
@@ -358,7 +374,9 @@ def test_not_parquet(tmp_path):
 @pytest.mark.parametrize("name", ["latin1.csv", "latin1.jsonl"])
 def test_not_utf8(tmp_path, name):
     path = tmp_path / name
-    content = "instruction,output\nCafé?,oui\n" if name.endswith(".csv") else '{"instruction": "Café?", "output": "oui"}\n'
+    content = (
+        "instruction,output\nCafé?,oui\n" if name.endswith(".csv") else '{"instruction": "Café?", "output": "oui"}\n'
+    )
     path.write_bytes(content.encode("latin-1"))
     with pytest.raises(ValueError, match=rf"{name} is not UTF-8"):
         load_records(str(path))
@@ -375,7 +393,9 @@ def test_bad_json_line_names_the_line(tmp_path):
 
 
 def test_all_answers_empty(tmp_path):
-    path = write_jsonl(tmp_path / "site.jsonl", [{"instruction": "a", "output": ""}, {"instruction": "b", "output": "  "}])
+    path = write_jsonl(
+        tmp_path / "site.jsonl", [{"instruction": "a", "output": ""}, {"instruction": "b", "output": "  "}]
+    )
     with pytest.raises(ValueError, match="no usable records: all 2 have an empty answer"):
         load_records(str(path))
 
@@ -411,6 +431,8 @@ def test_node_config_mapping_parses():
 def test_keep_carries_extra_columns(tmp_path):
     path = tmp_path / "multi.csv"
     path.write_text("instruction,output,language\nQ?,A,fr\n", encoding="utf-8")
-    assert load_records(str(path), keep=("language",)) == [{"instruction": "Q?", "input": "", "output": "A", "language": "fr"}]
+    assert load_records(str(path), keep=("language",)) == [
+        {"instruction": "Q?", "input": "", "output": "A", "language": "fr"}
+    ]
     with pytest.raises(ValueError, match="no column 'lang'; its columns are instruction, output, language"):
         load_records(str(path), keep=("lang",))

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, Context, RecordDict
+from safetensors.torch import load_file
 
 from clues_flwr import client_app, server_app
 from clues_flwr.client_app import SELECTION_KEY
 from clues_flwr.config import AppConfig
 from clues_flwr.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
-from flwr.app import ArrayRecord, Context, RecordDict
-from safetensors.torch import load_file
 
 NUM_NODES = 3
 SMALL = {
@@ -115,10 +115,16 @@ def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monk
 
     timeouts = []
     send = LocalGrid.send_and_receive
-    monkeypatch.setattr(LocalGrid, "send_and_receive", lambda self, messages, *, timeout=None: timeouts.append(timeout) or send(self, messages, timeout=timeout))
+    monkeypatch.setattr(
+        LocalGrid,
+        "send_and_receive",
+        lambda self, messages, *, timeout=None: timeouts.append(timeout) or send(self, messages, timeout=timeout),
+    )
     _, folder = run(tmp_path, before=dies_in_round_2, **{"round-timeout": 90.0})
     metrics = load(folder, "metrics.json")
-    assert metrics["failures"] == [{"where": "tune round 2", "node": 101, "reason": "no reply before the round's timeout"}]
+    assert metrics["failures"] == [
+        {"where": "tune round 2", "node": 101, "reason": "no reply before the round's timeout"}
+    ]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and "train-loss" in metrics["rounds"][2]
     assert timeouts and set(timeouts) == {90.0}, "every phase waits round-timeout seconds"
 
@@ -187,11 +193,12 @@ def test_merge_mode_thresholds_each_client_on_its_own_trajectory(tmp_path):
 def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     """trace-rounds × local-steps × batch-size = N: one local run sees each record exactly
     once, however the steps are cut into checkpoints."""
+    from flwr.app import ConfigRecord, Message
+    from flwr.clientapp import ClientApp
+
     from clues_flwr.client_app import CluesClient, Site
     from clues_flwr.data import demo_splits, encode
     from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
-    from flwr.app import ConfigRecord, Message
-    from flwr.clientapp import ClientApp
 
     model, tok = build(ModelSpec(quantization="none")), load_tokenizer(":demo:")
     records = demo_splits(num_clients=1, pool_size=24).pools[0]
@@ -205,10 +212,23 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     model.register_forward_pre_hook(record_rows, with_kwargs=True)
     app = ClientApp()
     CluesClient(lambda context: Site(model, tok, records)).register(app)
-    config = {"phase": "trace-local", "trace-rounds": 3, "local-steps": 2, "batch-size": 4, "server-round": 0, "learning-rate": 3e-3,
-              "weight-decay": 0.01, "max-seq-len": 96, "seed": 0, "score-layer": 0, "score-modules": ["q_proj", "v_proj"]}
+    config = {
+        "phase": "trace-local",
+        "trace-rounds": 3,
+        "local-steps": 2,
+        "batch-size": 4,
+        "server-round": 0,
+        "learning-rate": 3e-3,
+        "weight-decay": 0.01,
+        "max-seq-len": 96,
+        "seed": 0,
+        "score-layer": 0,
+        "score-modules": ["q_proj", "v_proj"],
+    }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "config": ConfigRecord(config)})
-    (reply,) = LocalGrid(app, {1: {}}, {}).send_and_receive([Message(content=content, dst_node_id=1, message_type="train")])
+    (reply,) = LocalGrid(app, {1: {}}, {}).send_and_receive(
+        [Message(content=content, dst_node_id=1, message_type="train")]
+    )
     assert not reply.has_error() and reply.content["trajectory"]["step"] == [2, 4, 6]
     assert sorted(seen) == sorted(tuple(encode(r, tok, 96)[0]) for r in records)
 
@@ -236,7 +256,12 @@ def test_aggregate_evaluate_means_the_clean_loss_over_clean_records():
     for i, (loss, n, clean, count) in enumerate(sites):
         sent = Message(content=RecordDict(), dst_node_id=100 + i, message_type="evaluate")
         sent.metadata.__dict__["_message_id"] = f"m{i}"
-        metrics = {"heldout-loss": loss, "num-examples": n, "heldout-clean-loss": clean, "heldout-clean-examples": count}
+        metrics = {
+            "heldout-loss": loss,
+            "num-examples": n,
+            "heldout-clean-loss": clean,
+            "heldout-clean-examples": count,
+        }
         replies.append(Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent))
     out = strategy.aggregate_evaluate(1, replies)
     assert out["heldout-loss"] == pytest.approx((20 + 10 + 20) / 24)
@@ -309,7 +334,10 @@ def test_sites_read_their_own_files_through_the_node_config(tmp_path):
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["task", "question", "answer", "quality"])
             writer.writeheader()
-            writer.writerows({"task": r["instruction"], "question": r["input"], "answer": r["output"], "quality": r["quality"]} for r in pool)
+            writer.writerows(
+                {"task": r["instruction"], "question": r["input"], "answer": r["output"], "quality": r["quality"]}
+                for r in pool
+            )
         nodes[200 + i] = {"data-path": str(path), "data-mapping": "instruction=task,input=question,output=answer"}
     out = tmp_path / "runs"
     cfg = run_config(out, **{"min-train-nodes": 2})
@@ -325,10 +353,23 @@ def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
     from clues_flwr.data import demo_splits
 
     languages = ["en", "fr", "ja"]
-    records = [{**r, "language": languages[i % 3]} for i, r in enumerate(demo_splits(num_clients=1, pool_size=240, pollution_ratios=(0.0,)).pools[0])]
+    records = [
+        {**r, "language": languages[i % 3]}
+        for i, r in enumerate(demo_splits(num_clients=1, pool_size=240, pollution_ratios=(0.0,)).pools[0])
+    ]
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(js.dumps({k: r[k] for k in ("instruction", "input", "output", "language")}) + "\n" for r in records), encoding="utf-8")
-    overrides = {"dataset": str(path), "partition": "natural", "partition-by": "language", "pollution": "0.5", "num-samples": 90, "test-size": 20}
+    path.write_text(
+        "".join(js.dumps({k: r[k] for k in ("instruction", "input", "output", "language")}) + "\n" for r in records),
+        encoding="utf-8",
+    )
+    overrides = {
+        "dataset": str(path),
+        "partition": "natural",
+        "partition-by": "language",
+        "pollution": "0.5",
+        "num-samples": 90,
+        "test-size": 20,
+    }
     grid, folder = run(tmp_path / "out", **overrides)
     clients = load(folder, "selection.json")["clients"]
     sizes = []
@@ -383,8 +424,12 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]
     assert [r["round"] for r in got] == [0, 1, 2, 3]
     history = saved["history"]["evaluate_metrics_serverapp"]
-    assert [r["test-loss"] for r in got[:3]] == [history[str(r)]["test-loss"] for r in range(3)], "the saved rounds, as saved"
-    assert load(folder, "selection.json")["counts"] == saved["report"]["selection"]["counts"], "the same selection again"
+    assert [r["test-loss"] for r in got[:3]] == [history[str(r)]["test-loss"] for r in range(3)], (
+        "the saved rounds, as saved"
+    )
+    assert load(folder, "selection.json")["counts"] == saved["report"]["selection"]["counts"], (
+        "the same selection again"
+    )
     # Round 3 against a run never stopped: two uninterrupted runs already differ by 1e-7 to
     # 1e-4 here (CPU float reductions, 8-bit kernels), while one round of training moves the
     # loss by percents, so 2e-3 tells a correct resume from a wrong starting adapter.
