@@ -1,9 +1,10 @@
 """ClientApp: the client side of CLUES on a site's own records.
 
-``CluesClient`` holds the CLUES handlers (trace and tune training, the score query) for
-any ClientApp: a project gives it a function that returns the site's model, tokenizer and
-records, and registers it. This app does that for the demo and for site files, and adds
-held-out evaluation.
+``CluesClient`` adds CLUES's handlers (trace rounds on ``train.clues_trace``, the score
+phase on ``query.clues_score``) to any ClientApp, beside the project's own ``train`` and
+``evaluate``; a project's training handler trains on ``selected_records``. This app does
+that for the demo and for site files: its own ``train`` tunes, its ``evaluate`` measures the
+held-out loss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from clues_flwr.messages import (
     CLEAN_LOSS_KEY,
     DIRECTION_KEY,
     MOMENTS_KEY,
+    SCORE_ACTION,
     SCORE_CONFIG_KEY,
+    SELECTION_FLAG,
+    TRACE_ACTION,
     moments_record,
     trajectory_from,
     trajectory_records,
@@ -39,7 +43,8 @@ from clues_flwr.sources import load_records, parse_mapping
 from clues_flwr.train import TrainConfig, train_steps, training
 from clues_flwr.trajectory import checkpoint, moments
 
-SELECTION_KEY = "clues-selection"
+SELECTION_KEY = "clues-selection"  # the keep mask in context.state
+TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
 
 @dataclass
@@ -51,10 +56,15 @@ class Site:
     records: list[Record]
 
 
-def selected(records: list[Record], selection: str, context: Context) -> list[Record]:
-    """The records a tuning round trains on: all (``none``), the clean ones by label
-    (``oracle``, benchmarks only) or, for CLUES and the baselines, those that passed in
-    the score phase."""
+def selected_records(records: list[Record], config: ConfigRecord, context: Context) -> list[Record]:
+    """The records a tuning round trains on, for any project's own training handler.
+
+    ``config`` is the round's train config; its ``clues-selection`` (set by the CLUES
+    strategy) says which selection: CLUES and the baselines keep the records that passed in
+    the score phase (stored on this node), ``oracle`` the clean ones by label (benchmarks
+    only), ``none`` or no flag at all every record.
+    """
+    selection = str(config.get(SELECTION_FLAG, "none"))
     if selection == "none":
         return records
     if selection == "oracle":
@@ -69,8 +79,28 @@ def selected(records: list[Record], selection: str, context: Context) -> list[Re
     return [r for r, k in zip(records, keep) if k]
 
 
+def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_offset: int = 0):
+    """``training`` on ``records`` with the server's hyperparameters (a ``TrainConfig`` in
+    ``config``); every round shuffles with its own seed, the trace apart by ``seed_offset``."""
+    train = from_mapping(TrainConfig, config)
+    seed = train.seed + 1009 * int(config["server-round"]) + seed_offset
+    return training(
+        site.model,
+        site.tokenizer,
+        records,
+        train.batch_size,
+        train.learning_rate,
+        train.max_seq_len,
+        seed,
+        train.weight_decay,
+    )
+
+
 class CluesClient:
-    """CLUES handlers for a ClientApp; ``site(context)`` gives the model, tokenizer, records.
+    """CLUES's handlers for a ClientApp, beside the project's own: the trace rounds
+    (``train.clues_trace``) and the score phase (``query.clues_score``). ``site(context)``
+    gives the model, tokenizer and records; tuning rounds stay with the project's own
+    ``@app.train()``, which trains on ``selected_records``.
 
     The hyperparameters come in each message's config, so a project needs no run-config
     keys of its own. The selection stays on the node (``context.state``); only counts leave.
@@ -80,51 +110,25 @@ class CluesClient:
         self.site = site
 
     def register(self, app: ClientApp) -> None:
-        app.train()(self.train)
-        app.query("score")(self.score)
+        app.train(TRACE_ACTION)(self.trace)
+        app.query(SCORE_ACTION)(self.score)
 
-    def train(self, msg: Message, context: Context) -> Message:
+    def trace(self, msg: Message, context: Context) -> Message:
+        """A federated trace round, or (merge mode) a whole local trajectory."""
         cfg = msg.content["config"]
         site = self.site(context)
         set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
-        phase = str(cfg["phase"])
-        if phase == "trace":
-            return self._trace(msg, cfg, site)
-        if phase == "trace-local":
+        if cfg["phase"] == "trace-local":
             return self._trace_local(msg, cfg, site)
-        if phase != "tune":
-            raise ValueError(f"unknown phase {phase!r} in the train config")
-        records = selected(site.records, str(cfg["selection"]), context)
-        loss = 0.0  # a site with nothing selected trains nothing and takes no weight
-        if records:
-            train = from_mapping(TrainConfig, cfg)
-            merge = cfg["mode"] == "merge"  # one round of whole epochs, then a one-shot merge
-            steps = math.ceil(train.local_epochs * len(records) / train.batch_size) if merge else train.local_steps
-            losses, _ = self._steps(site, records, cfg, steps)
-            loss = sum(losses) / len(losses)
-        return _reply(msg, site, {"train-loss": loss, "num-examples": len(records)})
-
-    @staticmethod
-    def _hyperparameters(cfg: ConfigRecord) -> dict:
-        """The server's hyperparameters for ``training``; the data order is seeded by the
-        round, trace rounds apart from tuning rounds."""
-        train = from_mapping(TrainConfig, cfg)
-        return {
-            "batch_size": train.batch_size,
-            "lr": train.learning_rate,
-            "max_len": train.max_seq_len,
-            "seed": train.seed + 1009 * int(cfg["server-round"]) + (7919 if cfg["phase"] != "tune" else 0),
-            "weight_decay": train.weight_decay,
-        }
-
-    def _steps(self, site: Site, records: list[Record], cfg: ConfigRecord, steps: int):
-        return train_steps(training(site.model, site.tokenizer, records, **self._hyperparameters(cfg)), steps)
+        return self._trace(msg, cfg, site)
 
     def _trace(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
         """One federated trace round; the scoring layer's moments go back for averaging."""
         score = from_mapping(ScoreConfig, cfg)
         names = scoring_names(site.model, score.layer, score.modules)
-        losses, opt = self._steps(site, site.records, cfg, from_mapping(TrainConfig, cfg).local_steps)
+        losses, opt = train_steps(
+            training_loop(site, site.records, cfg, TRACE_SEED), from_mapping(TrainConfig, cfg).local_steps
+        )
         m, v, step = moments(site.model, opt, names)
         metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": step}
         reply = _reply(msg, site, metrics)
@@ -138,7 +142,7 @@ class CluesClient:
         names = scoring_names(site.model, score.layer, score.modules)
         every = from_mapping(TrainConfig, cfg).local_steps
         total = int(cfg["trace-rounds"]) * every
-        loop = training(site.model, site.tokenizer, site.records, **self._hyperparameters(cfg))
+        loop = training_loop(site, site.records, cfg, TRACE_SEED)
         trajectory, losses = [], []
         for step, (loss, opt) in enumerate(islice(loop, total), start=1):
             losses.append(loss)
@@ -238,6 +242,24 @@ def demo_site(context: Context) -> Site:
 
 app = ClientApp()
 CluesClient(demo_site).register(app)
+
+
+@app.train()
+def tune(msg: Message, context: Context) -> Message:
+    """The demo's own tuning round, as any project has one: train on the records the score
+    phase kept. A site that kept nothing trains nothing and takes no weight."""
+    cfg = msg.content["config"]
+    site = demo_site(context)
+    set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
+    records = selected_records(site.records, cfg, context)
+    loss = 0.0
+    if records:
+        hyper = from_mapping(TrainConfig, cfg)
+        merge = cfg.get("mode") == "merge"  # one round of whole epochs, then a one-shot merge
+        steps = math.ceil(hyper.local_epochs * len(records) / hyper.batch_size) if merge else hyper.local_steps
+        losses, _ = train_steps(training_loop(site, records, cfg), steps)
+        loss = sum(losses) / len(losses)
+    return _reply(msg, site, {"train-loss": loss, "num-examples": len(records)})
 
 
 @app.evaluate()

@@ -2,16 +2,19 @@
 
 Both directions are defined here so a site can audit them in one place:
 
-server → client, ``train`` (trace and tune): the global adapter (``arrays``) and a config
-    of hyperparameters, ``phase`` and ``selection``.
-client → server, ``train``: the trained adapter, in a trace round also the scoring layer's
-    AdamW moments (``moments``) or, in merge mode, the whole local trajectory; metrics
+server → client, ``train.clues_trace``: the global adapter (``arrays``) and a config of
+    hyperparameters and ``phase`` (``trace``, or ``trace-local`` in merge mode).
+client → server, ``train.clues_trace``: the trained adapter and the scoring layer's AdamW
+    moments (``moments``) or, in merge mode, the whole local trajectory; metrics
     ``train-loss``, ``num-examples`` (records trained on) and ``adam-step``.
-server → client, ``query.score``: the trajectory (adapters, scoring-layer moments), the
+server → client, ``train`` (tuning, the project's own handler): the global adapter and the
+    hyperparameters with ``clues-selection``, the selection to train on.
+client → server, ``train``: the trained adapter; ``train-loss`` and ``num-examples``.
+server → client, ``query.clues_score``: the trajectory (adapters, scoring-layer moments), the
     validation sums G_t, η_t, τ (or the keep ratio), the histogram edges and the scoring
     settings; for a baseline instead the initial adapter, its name, batch size, length
     and seed, and for DataInf the direction u computed on the public validation set.
-client → server, ``query.score``: counts only: ``kept``, ``total``, a histogram over the
+client → server, ``query.clues_score``: counts only: ``kept``, ``total``, a histogram over the
     server's fixed edges and, when records carry a quality label, ``tp fp fn tn``.
 client → server, ``evaluate``: ``heldout-loss`` and ``num-examples`` of the site's held-out
     records and, when they carry quality labels, the loss and count of the clean ones.
@@ -26,6 +29,12 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clues_flwr.trajectory import Checkpoint
 
+# CLUES's own message types, beside a project's ``train``/``evaluate``: Flower routes
+# ``train.<action>`` and ``query.<action>`` to the handlers registered for that action.
+TRACE_ACTION, SCORE_ACTION = "clues_trace", "clues_score"
+TRACE_MESSAGE, SCORE_MESSAGE = f"train.{TRACE_ACTION}", f"query.{SCORE_ACTION}"
+# In a tuning round's train config (as FedProx adds ``proximal-mu``): which selection to train on.
+SELECTION_FLAG = "clues-selection"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAJECTORY_KEY = "trajectory"
 SCORE_CONFIG_KEY = "score-config"

@@ -46,6 +46,9 @@ from clues_flwr.messages import (
     DIRECTION_KEY,
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
+    SCORE_MESSAGE,
+    SELECTION_FLAG,
+    TRACE_MESSAGE,
     moments_from,
     trajectory_from,
     trajectory_records,
@@ -138,7 +141,7 @@ class CluesStrategy(FedAvg):
         elif self.selection.method in BASELINES and first <= num_rounds:
             self._score(grid, self._baseline_public(initial_arrays, base), timeout)
         self.phase = "tune"
-        tune = ConfigRecord({**base, "phase": "tune", "selection": self.selection.method, "mode": self.tune.mode})
+        tune = ConfigRecord({**base, SELECTION_FLAG: self.selection.method, "mode": self.tune.mode})
         history, arrays = Result(), initial_arrays
         if first > 1:
             history = _history_from(saved["history"])
@@ -205,7 +208,7 @@ class CluesStrategy(FedAvg):
         )
         nodes = self._nodes(grid)
         content = RecordDict({self.arrayrecord_key: initial_arrays, self.configrecord_key: config})
-        replies = self._send(grid, self._construct_messages(content, nodes, "train"), timeout)
+        replies = self._send(grid, self._construct_messages(content, nodes, TRACE_MESSAGE), timeout)
         trajectories = {}
         for node, reply in self._screen(replies, "trace"):
             trajectory, _ = trajectory_from(reply)
@@ -270,7 +273,7 @@ class CluesStrategy(FedAvg):
         shared = None in public
         nodes = self._nodes(grid) if shared else list(public)
         messages = [
-            Message(content=public[None if shared else n][0], dst_node_id=n, message_type="query.score") for n in nodes
+            Message(content=public[None if shared else n][0], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes
         ]
         taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
         rule = (
@@ -314,6 +317,10 @@ class CluesStrategy(FedAvg):
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.phase == "trace":
+            messages = [
+                Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=TRACE_MESSAGE) for m in messages
+            ]
         if self.phase == "tune" and self.scored_nodes is not None:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.scored_nodes]
             if dropped:

@@ -8,13 +8,14 @@ import functools
 import random
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clues_flwr.client_app import CluesClient, Site
+from clues_flwr.client_app import CluesClient, Site, selected_records
 from clues_flwr.config import SelectionConfig, TuneConfig
+from clues_flwr.data import batches
 from clues_flwr.local_grid import LocalGrid
-from clues_flwr.model import adapter_state
+from clues_flwr.model import adapter_state, set_adapter_state
 from clues_flwr.scoring import ScoreConfig, anchor_scores
 from clues_flwr.strategy import CluesStrategy
 
@@ -63,12 +64,31 @@ def tiny_gpt2():
     return model, tok
 
 
-def their_client_app() -> ClientApp:
+def their_client_app(trained: list) -> ClientApp:
+    """Their project: its own training handler (plain SGD, no CLUES code but the one call
+    that gives the records to train on), then CLUES's handlers registered beside it."""
     app = ClientApp()
 
     def site(context) -> Site:
         model, tok = tiny_gpt2()
         return Site(model, tok, sums(30, seed=context.node_config["site"], wrong=0.3))
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        model, tok = tiny_gpt2()
+        set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+        records = selected_records(site(context).records, msg.content["config"], context)
+        trained.append((context.node_id, len(records)))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        model.train()
+        for batch in batches(records, tok, 8, 48, seed=int(msg.content["config"]["server-round"])):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        content = RecordDict(
+            {"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord({"num-examples": len(records)})}
+        )
+        return Message(content, reply_to=msg)
 
     CluesClient(site).register(app)
     return app
@@ -86,7 +106,8 @@ def test_another_project_runs_clues(capsys):
         min_train_nodes=2,
         min_available_nodes=2,
     )
-    grid = LocalGrid(their_client_app(), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
+    trained = []
+    grid = LocalGrid(their_client_app(trained), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
     initial = ArrayRecord(adapter_state(model))
     hyper = ConfigRecord({"learning-rate": 1e-2, "local-steps": 3, "batch-size": 8, "max-seq-len": 48})
     result = strategy.start(grid, initial, num_rounds=2, train_config=hyper)
@@ -97,6 +118,8 @@ def test_another_project_runs_clues(capsys):
     assert sorted(selection["clients"]) == ["7", "8"]
     assert sum(c["total"] for c in selection["clients"].values()) == 60
     assert sorted(result.train_metrics_clientapp) == [1, 2] and strategy.report["failures"] == []
+    kept = {int(n): c["kept"] for n, c in selection["clients"].items()}
+    assert sorted(trained) == sorted([(n, k) for n, k in kept.items()] * 2), "their handler tunes on what CLUES kept"
     final = result.arrays.to_torch_state_dict()
     assert any(not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items())
     assert "[clues] score: threshold" in capsys.readouterr().out

@@ -82,20 +82,25 @@ def test_clients_send_only_counts(tmp_path):
 
 
 def fail_on(node_id, message_type):
+    """Fail ``node_id`` on messages of ``message_type``: a full type, or a category (``train``
+    is the trace's ``train.clues_trace`` and the tuning rounds' ``train``)."""
+
     def hook(node, msg):
-        if node == node_id and msg.metadata.message_type == message_type:
+        kind = msg.metadata.message_type
+        if node == node_id and message_type in (kind, kind.split(".")[0]):
             raise RuntimeError("site down")
 
     return hook
 
 
 def test_score_failure_leaves_the_node_out_and_is_named(tmp_path):
-    grid, folder = run(tmp_path, before=fail_on(101, "query.score"))
+    grid, folder = run(tmp_path, before=fail_on(101, "query.clues_score"))
     selection, metrics = load(folder, "selection.json"), load(folder, "metrics.json")
     assert sorted(selection["clients"]) == ["100", "102"]
     assert [(f["where"], f["node"]) for f in metrics["failures"]] == [("score", 101)]
-    trained = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 101]
-    assert len(trained) == SMALL["trace-rounds"], "an unscored node is not asked to tune"
+    from_101 = [r.metadata.message_type for r in grid.replies if r.metadata.src_node_id == 101]
+    traced, tuned = from_101.count("train.clues_trace"), from_101.count("train")
+    assert traced == SMALL["trace-rounds"] and not tuned, "an unscored node is not asked to tune"
     assert len(metrics["rounds"]) == 3
 
 
@@ -110,7 +115,7 @@ def test_tuning_failure_is_survived_and_named(tmp_path):
 def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monkeypatch):
     def dies_in_round_2(node, msg):
         cfg = msg.content["config"]
-        if node == 101 and msg.metadata.message_type == "train" and cfg["phase"] == "tune" and cfg["server-round"] == 2:
+        if node == 101 and msg.metadata.message_type == "train" and cfg["server-round"] == 2:
             raise Lost
 
     timeouts = []
@@ -137,7 +142,7 @@ def test_a_round_timeout_that_is_not_positive_is_refused(value):
 
 def test_too_few_replies_skip_the_round(tmp_path):
     def only_100_tunes(node, msg):
-        if msg.metadata.message_type == "train" and msg.content["config"]["phase"] == "tune" and node != 100:
+        if msg.metadata.message_type == "train" and node != 100:
             raise RuntimeError("site down")
 
     _, folder = run(tmp_path, before=only_100_tunes)
@@ -148,7 +153,7 @@ def test_too_few_replies_skip_the_round(tmp_path):
 
 def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
     def nothing_passes(node, msg):
-        if node == 100 and msg.metadata.message_type == "query.score":
+        if node == 100 and msg.metadata.message_type == "query.clues_score":
             msg.content["config"]["threshold"] = 1e30
 
     grid, folder = run(tmp_path, before=nothing_passes)
@@ -161,7 +166,7 @@ def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
 @pytest.mark.parametrize("poison", ["nan", "shape", "key"])
 def test_bad_adapter_replies_are_rejected(tmp_path, poison):
     def corrupt(node, reply):
-        if node != 101 or reply.metadata.message_type != "train":
+        if node != 101 or not reply.metadata.message_type.startswith("train"):
             return
         state = reply.content["arrays"].to_torch_state_dict()
         name = sorted(state)[0]
@@ -186,7 +191,7 @@ def test_merge_mode_thresholds_each_client_on_its_own_trajectory(tmp_path):
     selection, metrics = load(folder, "selection.json"), load(folder, "metrics.json")
     assert [r["round"] for r in metrics["rounds"]] == [0, 1], "merge mode tunes in one round"
     assert len({c["threshold"] for c in selection["clients"].values()}) == NUM_NODES
-    trace = [r for r in grid.replies if r.metadata.message_type == "train" and "trajectory" in r.content]
+    trace = [r for r in grid.replies if r.metadata.message_type == "train.clues_trace"]
     assert len(trace) == NUM_NODES and all(len(r.content["trajectory"]["lr"]) == 2 for r in trace)
 
 
@@ -227,7 +232,7 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "config": ConfigRecord(config)})
     (reply,) = LocalGrid(app, {1: {}}, {}).send_and_receive(
-        [Message(content=content, dst_node_id=1, message_type="train")]
+        [Message(content=content, dst_node_id=1, message_type="train.clues_trace")]
     )
     assert not reply.has_error() and reply.content["trajectory"]["step"] == [2, 4, 6]
     assert sorted(seen) == sorted(tuple(encode(r, tok, 96)[0]) for r in records)
@@ -272,7 +277,7 @@ def test_aggregate_evaluate_means_the_clean_loss_over_clean_records():
 def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_path, selection):
     grid, folder = run(tmp_path, selection=selection)
     types = [r.metadata.message_type for r in grid.replies]
-    assert types.count("query.score") == NUM_NODES
+    assert types.count("query.clues_score") == NUM_NODES
     assert not any("moments" in r.content for r in grid.replies), "baselines need no trace"
     summary = load(folder, "selection.json")
     assert summary["method"] == selection and len(summary["clients"]) == NUM_NODES
@@ -295,7 +300,7 @@ def test_keep_ratio_keeps_the_same_share_at_every_site(tmp_path, selection):
 @pytest.mark.parametrize("selection", ["none", "oracle"])
 def test_selection_baselines_skip_scoring(tmp_path, selection):
     grid, folder = run(tmp_path, selection=selection)
-    assert not any(r.metadata.message_type == "query.score" for r in grid.replies)
+    assert not any(r.metadata.message_type == "query.clues_score" for r in grid.replies)
     assert not (folder / "selection.json").exists()
     tune = [r for r in grid.replies if r.metadata.message_type == "train"]
     sizes = {r.content["metrics"]["num-examples"] for r in tune}
@@ -393,8 +398,8 @@ class StopsAtTuneRound(LocalGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        cfg = messages[0].content["config"] if messages else {}
-        if cfg.get("phase") == "tune" and cfg.get("server-round") == self.round:
+        tune = messages and messages[0].metadata.message_type == "train"
+        if tune and messages[0].content["config"]["server-round"] == self.round:
             raise Stopped
         return super().send_and_receive(messages, timeout=timeout)
 
@@ -414,13 +419,13 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     trained = set()
 
     def note_training(node, msg):
-        if msg.metadata.message_type == "train":
-            trained.add((msg.content["config"]["phase"], msg.content["config"]["server-round"]))
+        if msg.metadata.message_type.startswith("train"):
+            trained.add((msg.metadata.message_type, msg.content["config"]["server-round"]))
 
     grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), resumed_cfg, before=note_training)
     folder = server_app.run_clues(grid, resumed_cfg)
     assert folder == partial.with_name(partial.name.removesuffix(".partial")) and not partial.exists()
-    assert trained == {("tune", 3)}, "no trace round and no earlier tuning round runs again"
+    assert trained == {("train", 3)}, "no trace round and no earlier tuning round runs again"
     got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]
     assert [r["round"] for r in got] == [0, 1, 2, 3]
     history = saved["history"]["evaluate_metrics_serverapp"]
