@@ -33,6 +33,7 @@ import torch
 
 from clues_flwr.aggregation import fedavg
 from clues_flwr.baselines import baseline_scores, datainf_direction, keep_top
+from clues_flwr.combine import combine, standardise
 from clues_flwr.data import DemoSplits, Record, demo_splits, parse_ratios
 from clues_flwr.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer, set_adapter_state
@@ -54,6 +55,13 @@ VARIANTS = {
     "CLUES sgd + cosine": ScoreConfig(precondition="sgd"),
 }
 BASELINES = ("perplexity", "ifd", "datainf", "random", "oracle")
+# Combined scores: (rule, signals), each signal standardised against its anchor scores.
+COMBINED = {
+    "CLUES + perplexity (sum)": ("sum", (DEFAULT, "perplexity")),
+    "CLUES + perplexity (min)": ("min", (DEFAULT, "perplexity")),
+    "CLUES + IFD (sum)": ("sum", (DEFAULT, "ifd")),
+    "perplexity + IFD (sum)": ("sum", ("perplexity", "ifd")),
+}
 
 # A rule is (name, value): ("anchor-mean", None), ("anchor-quantile", recall) or ("keep-ratio", ratio).
 Rule = tuple[str, float | None]
@@ -215,6 +223,14 @@ def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
     }
 
 
+def combined_scores(scores: dict[str, dict[str, torch.Tensor]], rule: str, signals: tuple[str, ...]) -> dict:
+    """Every set's combined score from ``signals``, each standardised against its anchors."""
+    return {
+        key: combine([standardise(scores[m][key], scores[m]["anchors"]) for m in signals], rule)
+        for key in scores[signals[0]]
+    }
+
+
 def rule_label(rule: Rule) -> str:
     name, value = rule
     if name == "anchor-quantile":
@@ -293,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     scores = {name: variant_scores(raw, bench.trajectory, names, cfg) for name, cfg in VARIANTS.items()}
     scores.update({m: baseline_set_scores(bench, m) for m in BASELINES})
+    scores.update({name: combined_scores(scores, *how) for name, how in COMBINED.items()})
     print(f"scored {len(VARIANTS)} variants and {len(BASELINES)} baselines in {time.time() - start:.0f}s")
 
     rules: list[Rule] = [
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_xticks(x, [m.replace("CLUES ", "CLUES\n") for m in methods], rotation=60, ha="right", fontsize=7)
         ax.legend(fontsize=7, ncols=2)
     plots = [save_figure(fig, args.out / "selection_table_f1.png")]
-    for name, group in (("clues", list(VARIANTS)), ("baselines", list(BASELINES))):
+    for name, group in (("clues", list(VARIANTS)), ("baselines", list(BASELINES)), ("combined", list(COMBINED))):
         fig, axes = figure((2.6 * len(group), 2.8), ncols=len(group))
         for ax, m in zip(axes, group):
             taus = {r["rule"]: r["tau"] for r in rows if r["method"] == m and r["rule"] in ("anchor-mean", default)}

@@ -192,3 +192,21 @@ def test_demo_clean_records_outrank_polluted_ones(demo):
     print("demo AUROC (clean vs polluted):", {m: round(a, 3) for m, a in aurocs.items()})
     # measured: perplexity 0.982, ifd 0.990, datainf 0.568, random 0.484, oracle 1.0
     assert aurocs["perplexity"] > 0.9 and aurocs["ifd"] > 0.9 and aurocs["oracle"] == 1.0
+
+
+def test_combined_scores_put_signals_on_the_anchors_scale():
+    from clues_flwr.combine import combine, standardise
+
+    anchors = torch.tensor([1.0, 2.0, 3.0])
+    assert standardise(torch.tensor([2.0, 4.0]), anchors).tolist() == [0.0, 2.0]
+    g = torch.Generator().manual_seed(0)
+    s, a = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    # a site's scale and offset do not matter: a signal scaled by 7 and shifted by -3 is the same
+    torch.testing.assert_close(standardise(7 * s - 3, 7 * a - 3), standardise(s, a), rtol=1e-12, atol=1e-12)
+    x, y = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 3.0, 0.25])
+    assert combine([x, y], "sum").tolist() == [1.0, 1.0, 0.75]
+    assert combine([x, y], "min").tolist() == [0.0, -2.0, 0.25]
+    with pytest.raises(ValueError, match="combination rule"):
+        combine([x], "max")
+    with pytest.raises(ValueError, match="at least 2 anchor"):
+        standardise(x, torch.tensor([1.0]))

@@ -35,9 +35,9 @@ def test_selection_table(tmp_path):
     selection_table.main(
         [*TINY, "--trace-rounds", "1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)]
     )
-    assert len(list(tmp_path.glob("selection_table*.png"))) == 3
+    assert len(list(tmp_path.glob("selection_table*.png"))) == 4
     data = outputs(tmp_path, "selection_table")
-    methods = [*selection_table.VARIANTS, *selection_table.BASELINES]
+    methods = [*selection_table.VARIANTS, *selection_table.BASELINES, *selection_table.COMBINED]
     rules = ["anchor-mean", "anchor-quantile r=0.5", "anchor-quantile r=0.9", "keep 50%"]
     assert [(r["method"], r["rule"]) for r in data["rows"]] == [(m, r) for m in methods for r in rules]
     for row in data["rows"]:

@@ -1,0 +1,34 @@
+"""Combined selection scores: several signals (CLUES, perplexity, IFD) on one scale.
+
+Each signal is standardised against the public anchors' scores, z = (s − mean_anchor) /
+std_anchor: the anchors are clean and public, so every site and the server put the same
+signal on the same scale, and one global τ on the combined score still means the same
+thing at every site. Signals fail on different pollution kinds (CLUES's preconditioned
+direction forgets how large a gradient was, so long junk can pass it; a loss keeps that
+magnitude), so a record's combined score is their sum (``sum``: a weak signal is outvoted)
+or their minimum (``min``: a record must look clean to every signal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+RULES = ("sum", "min")
+
+
+def standardise(scores: torch.Tensor, anchor_scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` in units of the anchors' spread around their mean (float64)."""
+    anchors = torch.as_tensor(anchor_scores, dtype=torch.float64)
+    if anchors.numel() < 2:
+        raise ValueError("standardising against the anchors needs at least 2 anchor scores")
+    return (torch.as_tensor(scores, dtype=torch.float64) - anchors.mean()) / anchors.std().clamp_min(1e-12)
+
+
+def combine(standardised: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
+    """One score per record from the standardised signals."""
+    if rule not in RULES:
+        raise ValueError(f"combination rule must be one of {RULES}, got {rule!r}")
+    stacked = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in standardised])
+    return stacked.sum(0) if rule == "sum" else stacked.min(0).values
