@@ -7,11 +7,11 @@ and for stepping through a run in a debugger.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from uuid import uuid4
 
-import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
@@ -84,7 +84,7 @@ class LocalGrid(Grid):
         self.replies += replies
         return replies
 
-    # CluesStrategy and Flower's strategies use only get_node_ids and send_and_receive;
+    # CLUES and Flower's strategies use only get_node_ids and send_and_receive;
     # the push/pull API beneath them is not simulated, so it refuses instead of half-working.
     def create_message(self, *args, **kwargs):
         raise NotImplementedError(UNSUPPORTED)

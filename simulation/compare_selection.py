@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from clues_flwr import client_app
 from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes

@@ -5,32 +5,27 @@
 from __future__ import annotations
 
 import functools
-import random
+import logging
+import sys
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdam, FedProx
 
 from clues_flwr.client_app import CluesClient, Site, selected_records
-from clues_flwr.config import SelectionConfig, TuneConfig
+from clues_flwr.config import SelectionConfig
 from clues_flwr.data import batches
 from clues_flwr.local_grid import LocalGrid
 from clues_flwr.model import adapter_state, set_adapter_state
 from clues_flwr.scoring import ScoreConfig, anchor_scores
-from clues_flwr.strategy import CluesStrategy
+from clues_flwr.selection import CluesSelection
+from clues_flwr.strategy import CluesTuning
+from clues_flwr.train import TrainConfig
 
-
-def sums(n: int, seed: int, wrong: float = 0.0) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(50), rng.randrange(50)
-        bad = rng.random() < wrong
-        answer = a + b + rng.randrange(1, 9) if bad else a + b
-        out.append(
-            {"instruction": "Add.", "input": f"{a} + {b}", "output": str(answer), "quality": "low" if bad else "high"}
-        )
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "own-project"))
+from own_project.task import sums  # noqa: E402  (the example project's arithmetic records)
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,32 +89,55 @@ def their_client_app(trained: list) -> ClientApp:
     return app
 
 
-def test_another_project_runs_clues(capsys):
-    model, tok = tiny_gpt2()
+def selection_stage(model, tok) -> CluesSelection:
     cfg = ScoreConfig(modules=("c_attn",), batch_size=8, max_len=48)
-    strategy = CluesStrategy(
+    return CluesSelection(
         score_anchors=functools.partial(anchor_scores, model, tok, sums(12, seed=90), sums(6, seed=91), cfg=cfg),
         score_config=cfg,
         selection=SelectionConfig(trace_rounds=2),
-        tune=TuneConfig(aggregation="ties"),
-        fraction_evaluate=0.0,
-        min_train_nodes=2,
-        min_available_nodes=2,
+        train=TrainConfig(learning_rate=1e-2, local_steps=3, batch_size=8, max_seq_len=48),
     )
+
+
+def test_another_project_selects_with_clues_and_tunes_with_its_own_fedprox(caplog):
+    model, tok = tiny_gpt2()
     trained = []
     grid = LocalGrid(their_client_app(trained), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
     initial = ArrayRecord(adapter_state(model))
-    hyper = ConfigRecord({"learning-rate": 1e-2, "local-steps": 3, "batch-size": 8, "max-seq-len": 48})
-    result = strategy.start(grid, initial, num_rounds=2, train_config=hyper)
+    selection = selection_stage(model, tok)
+    with caplog.at_level(logging.INFO):
+        report = selection.run(grid, initial)
+        assert not trained, "selection alone tunes nothing"
+        fedprox = FedProx(proximal_mu=0.1, fraction_evaluate=0.0)
+        result = CluesTuning(fedprox, report).start(grid, initial, num_rounds=2)
 
-    assert len(strategy.trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in strategy.trajectory)
-    assert all(".h.0." in n for n in strategy.trajectory[0].exp_avg), "first-layer moments of GPT-2"
-    selection = strategy.report["selection"]
-    assert sorted(selection["clients"]) == ["7", "8"]
-    assert sum(c["total"] for c in selection["clients"].values()) == 60
-    assert sorted(result.train_metrics_clientapp) == [1, 2] and strategy.report["failures"] == []
-    kept = {int(n): c["kept"] for n, c in selection["clients"].items()}
-    assert sorted(trained) == sorted([(n, k) for n, k in kept.items()] * 2), "their handler tunes on what CLUES kept"
+    assert len(selection.trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in selection.trajectory)
+    assert all(".h.0." in n for n in selection.trajectory[0].exp_avg), "first-layer moments of GPT-2"
+    assert sorted(report.clients) == [7, 8] and sum(c["total"] for c in report.clients.values()) == 60
+    assert sorted(result.train_metrics_clientapp) == [1, 2] and report.failures == []
+    kept = {n: c["kept"] for n, c in report.clients.items()}
+    assert sorted(trained) == sorted(list(kept.items()) * 2), "their handler tunes on what CLUES kept"
     final = result.arrays.to_torch_state_dict()
     assert any(not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items())
-    assert "[clues] score: threshold" in capsys.readouterr().out
+    assert "[clues] score: threshold" in caplog.text and "[ROUND 2/2]" in caplog.text, "Flower's own round logs stay"
+
+
+class RecordingFedAdam(FedAdam):
+    """FedAdam, keeping what its own aggregate_train returned."""
+
+    def aggregate_train(self, server_round, replies):
+        self.returned = super().aggregate_train(server_round, replies)
+        return self.returned
+
+
+def test_fedadam_after_clues_selection_aggregates_with_fedadam():
+    model, tok = tiny_gpt2()
+    grid = LocalGrid(their_client_app([]), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
+    initial = ArrayRecord(adapter_state(model))
+    report = selection_stage(model, tok).run(grid, initial)
+    fedadam = RecordingFedAdam(fraction_evaluate=0.0, eta=0.05)
+    result = CluesTuning(fedadam, report).start(grid, initial, num_rounds=1)
+    assert fedadam.m_t is not None and fedadam.v_t is not None, "FedAdam's server moments were updated"
+    final, returned = result.arrays.to_torch_state_dict(), fedadam.returned[0].to_torch_state_dict()
+    assert final.keys() == returned.keys() and all(torch.equal(final[k], returned[k]) for k in final)
+    assert any(not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items())

@@ -1,9 +1,9 @@
 """Every preset in conf/ parses, names only keys the app knows, with the defaults' types."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from clues_flwr.local_grid import app_defaults
 

@@ -8,12 +8,15 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
 from clues_flwr import client_app, server_app
 from clues_flwr.client_app import SELECTION_KEY
-from clues_flwr.config import AppConfig
+from clues_flwr.config import AppConfig, SelectionConfig
 from clues_flwr.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
+from clues_flwr.selection import SelectionReport
+from clues_flwr.strategy import CluesTuning
 
 NUM_NODES = 3
 SMALL = {
@@ -255,7 +258,7 @@ def test_clean_heldout_loss_is_weighted_by_clean_records_and_tune_rounds_send_no
 def test_aggregate_evaluate_means_the_clean_loss_over_clean_records():
     from flwr.app import Message, MetricRecord
 
-    strategy = server_app.strategy_from(AppConfig.from_run_config(app_defaults()), score_anchors=None)
+    strategy = CluesTuning(FedAvg(), SelectionReport.of(SelectionConfig()))
     sites = [(2.0, 10, 1.0, 2), (1.0, 10, 3.0, 8), (5.0, 4, 0.0, 0)]  # loss, n, clean loss, clean n
     replies = []
     for i, (loss, n, clean, count) in enumerate(sites):

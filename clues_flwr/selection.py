@@ -1,0 +1,365 @@
+"""The CLUES selection stage: trace, score, one global standard; a report of what was kept.
+
+``CluesSelection.run`` works on any Flower ``Grid``, alone (selection only) or in front of
+any Flower strategy that then tunes on the selected records (``strategy.CluesTuning``):
+
+- *trace* (``mode="federated"``): ``trace-rounds`` FedAvg rounds on all records, run by
+  Flower's own ``Strategy.start`` (``TraceStrategy``). Each round's global adapter, with the
+  clients' scoring-layer AdamW moments averaged by examples, is a checkpoint, so client and
+  anchor scores live in one geometry.
+- *trace* (``mode="merge"``, the paper's model-merging setting): every client traces alone
+  and uploads its trajectory. Its scores then live in its own geometry, so the server scores
+  the anchors on each client's trajectory and sends that client its own τ: the standard stays
+  global (the same public anchors and rule), each τ measured with the client's own ruler.
+- *score*: the server computes the validation sums G_t and the anchor scores, derives τ by
+  the threshold rule, and sends ``query.clues_score`` with the trajectory, G_t, η_t and τ.
+  Clients keep S(z) ≥ τ on the node and answer with counts only.
+- the paper's baselines (``selection`` perplexity, ifd, datainf, random) skip the trace:
+  sites and anchors are scored at the initial adapter, then the same τ or ``keep-ratio``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from clues_flwr.aggregation import fedavg
+from clues_flwr.config import BASELINES, SelectionConfig, to_record
+from clues_flwr.log import say
+from clues_flwr.messages import (
+    DIRECTION_KEY,
+    MOMENTS_KEY,
+    SCORE_CONFIG_KEY,
+    SCORE_MESSAGE,
+    TRACE_MESSAGE,
+    moments_from,
+    trajectory_from,
+    trajectory_records,
+)
+from clues_flwr.metrics import selection_scores
+from clues_flwr.resume import RunState
+from clues_flwr.scoring import ScoreConfig, histogram_edges, threshold
+from clues_flwr.screen import Screen
+from clues_flwr.train import TrainConfig
+from clues_flwr.trajectory import Checkpoint
+
+# What the server needs from the public side: G_t per checkpoint and the anchor scores.
+AnchorScorer = Callable[[list[Checkpoint]], tuple[list[torch.Tensor], torch.Tensor]]
+# A baseline's anchor scores at an adapter, and the DataInf direction (None for others).
+BaselineScorer = Callable[[str, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]]
+# Per site (None: every site) what it is sent to score with, and what the report learns.
+Public = dict[int | None, tuple[RecordDict, dict]]
+
+
+@dataclasses.dataclass
+class SelectionReport:
+    """What the selection stage learned: the rule, each site's counts (never a record or
+    a per-record score), the trace rounds' metrics and every failure."""
+
+    method: str
+    threshold_rule: str
+    target_recall: float
+    keep_ratio: float
+    clients: dict[int, dict] = dataclasses.field(default_factory=dict)
+    trace: dict[int, dict] = dataclasses.field(default_factory=dict)
+    failures: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int] | None:
+        """Confusion counts summed over the sites, when every site's records are labelled."""
+        if not self.clients or not all("tp" in r for r in self.clients.values()):
+            return None
+        return {k: sum(r[k] for r in self.clients.values()) for k in ("tp", "fp", "fn", "tn")}
+
+    def to_state(self) -> dict[str, Any]:
+        """All of it as JSON, for the run state and ``metrics.json``; ``selection`` is
+        empty when no score phase ran (``none``, ``oracle``)."""
+        return {
+            "selection": self.to_json() if self.clients else {},
+            "trace": {str(r): dict(m) for r, m in self.trace.items()},
+            "failures": self.failures,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], selection: SelectionConfig) -> "SelectionReport":
+        report = cls.of(selection)
+        report.clients = {int(n): row for n, row in state["selection"].get("clients", {}).items()}
+        report.trace = {int(r): m for r, m in state["trace"].items()}
+        report.failures = list(state["failures"])
+        return report
+
+    @classmethod
+    def of(cls, selection: SelectionConfig) -> "SelectionReport":
+        """An empty report for ``selection``."""
+        return cls(selection.method, selection.threshold_rule, selection.target_recall, selection.keep_ratio)
+
+    def to_json(self) -> dict[str, Any]:
+        """``selection.json``: the rule, the sites, and precision/recall/F1 when labelled."""
+        out = {
+            "method": self.method,
+            "threshold-rule": self.threshold_rule,
+            "target-recall": self.target_recall,
+            "keep-ratio": self.keep_ratio,
+            "clients": {str(n): r for n, r in self.clients.items()},
+        }
+        if self.counts:
+            out.update(counts=self.counts, **selection_scores(self.counts))
+        return out
+
+
+class TraceStrategy(FedAvg):
+    """FedAvg on all records whose rounds make the global trajectory; run by Flower's
+    ``start``. Clients answer ``train.clues_trace`` with their adapter and the scoring
+    layer's moments; each round's aggregate and the example-weighted mean of the moments
+    are a checkpoint."""
+
+    def __init__(self, screen: Screen, train: TrainConfig, **fedavg_kwargs: Any):
+        super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
+        self.screen, self.train = screen, train
+        self.trajectory: list[Checkpoint] = []
+        self._global: dict[str, torch.Tensor] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._global = arrays.to_torch_state_dict()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        to = [m.metadata.dst_node_id for m in messages]
+        return self.screen.sent(
+            Message(m.content, dst_node_id=n, message_type=TRACE_MESSAGE) for m, n in zip(messages, to)
+        )
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        where = f"trace round {server_round}"
+        valid = [m.content for _, m in self.screen.usable(replies, where, self._global)]
+        if len(valid) < self.min_train_nodes:
+            self.screen.failure(where, None, f"only {len(valid)} usable replies, {self.min_train_nodes} needed")
+            return None, None
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in valid]
+        adapter = fedavg([c["arrays"].to_torch_state_dict() for c in valid], weights)
+        ms, vs = zip(*(moments_from(c[MOMENTS_KEY]) for c in valid))
+        steps = {int(c["metrics"]["adam-step"]) for c in valid}
+        self.trajectory.append(
+            Checkpoint(
+                adapter=adapter,
+                exp_avg=fedavg(ms, weights),
+                exp_avg_sq=fedavg(vs, weights),
+                step=max(steps),
+                lr=self.train.learning_rate,
+                weight_decay=self.train.weight_decay,
+                round=server_round,
+            )
+        )
+        return ArrayRecord(adapter), self.train_metrics_aggr_fn(valid, self.weighted_by_key)
+
+
+class CluesSelection:
+    """The selection stage on a Grid: ``run`` traces (CLUES) or not (baselines), scores,
+    sets τ by the anchors, and returns a ``SelectionReport``; each site keeps its
+    selection on the node for its own training handler (``client_app.selected_records``).
+
+    Parameters
+    ----------
+    score_anchors : AnchorScorer
+        Given a trajectory, the validation sums G_t and the anchors' scores (the server holds
+        the public validation and anchor sets), e.g. ``partial(scoring.anchor_scores, ...)``.
+    score_config : ScoreConfig
+        How to score (scoring layer, preconditioning, cosine, batch size).
+    selection : SelectionConfig
+        The scorer (``clues`` or a baseline), trace rounds, threshold rule and keep ratio.
+    train : TrainConfig
+        The clients' local training in the trace rounds.
+    mode : str
+        ``federated`` (one global trajectory) or ``merge`` (every site traces alone).
+    score_baseline : BaselineScorer, optional
+        For a baseline selection: its anchor scores at an adapter, and DataInf's direction.
+    min_available_nodes, min_train_nodes : int
+        Sites to wait for, and the fewest usable replies a phase goes on with.
+    fraction_train : float
+        Share of the sites sampled for each trace round.
+    timeout : float
+        Seconds each phase waits for replies.
+    """
+
+    def __init__(
+        self,
+        *,
+        score_anchors: AnchorScorer,
+        score_config: ScoreConfig = ScoreConfig(),
+        selection: SelectionConfig = SelectionConfig(),
+        train: TrainConfig = TrainConfig(),
+        mode: str = "federated",
+        score_baseline: BaselineScorer | None = None,
+        min_available_nodes: int = 2,
+        min_train_nodes: int = 2,
+        fraction_train: float = 1.0,
+        timeout: float = 3600.0,
+    ):
+        if selection.method in BASELINES and score_baseline is None:
+            raise ValueError(f"selection {selection.method!r} needs score_baseline, the server's scorer of the anchors")
+        if selection.method not in ("clues", *BASELINES):
+            raise ValueError(f"selection {selection.method!r} has no score phase: tune on every record or by label")
+        self.score_anchors, self.score_baseline = score_anchors, score_baseline
+        self.score_config, self.selection, self.train, self.mode = score_config, selection, train, mode
+        self.min_available_nodes, self.min_train_nodes = min_available_nodes, min_train_nodes
+        self.fraction_train, self.timeout = fraction_train, timeout
+        self.trajectory: list[Checkpoint] = []
+        self.public_info: dict | None = None  # a federated trajectory's τ, edges, anchor scores
+
+    def run(self, grid: Grid, initial_arrays: ArrayRecord, store: RunState | None = None) -> SelectionReport:
+        """Select on every site. With ``store``, a federated trajectory and its public side
+        are saved before the score phase, and a saved one is scored again instead of traced
+        anew (a site's selection lives on the node for one run only)."""
+        saved = store.load() if store else None
+        report = (
+            SelectionReport.from_state(saved["report"], self.selection) if saved else SelectionReport.of(self.selection)
+        )
+        report.clients = {}
+        screen = Screen(report.failures)
+        self.public_info = saved.get("public") if saved else None
+        if self.selection.method != "clues":
+            public = self._baseline_public(initial_arrays)
+        elif self.public_info:
+            say("resume: scoring again on the saved trajectory and threshold")
+            self.trajectory, val_sums = store.trajectory()
+            public = {None: (self._clues_content(self.trajectory, val_sums, self.public_info), self.public_info)}
+        else:
+            trajectories = self._trace(grid, initial_arrays, report, screen)
+            public = {}
+            for key, trajectory in trajectories.items():
+                val_sums, anchor_scores = self.score_anchors(trajectory)
+                info = self._info(anchor_scores)
+                public[key] = (self._clues_content(trajectory, val_sums, info), info)
+                if store and key is None:
+                    self.public_info = info
+                    store.save_trajectory(trajectory, val_sums)
+                    store.save({"round": 0, "public": info, "history": {}, "report": report.to_state()})
+        self._score(grid, public, report, screen)
+        return report
+
+    # ---- trace ------------------------------------------------------------------------
+
+    def _base(self) -> dict:
+        return {
+            **to_record(self.train),
+            "score-layer": self.score_config.layer,
+            "score-modules": list(self.score_config.modules),
+        }
+
+    def _trace(self, grid: Grid, initial_arrays: ArrayRecord, report: SelectionReport, screen: Screen) -> dict:
+        rounds = self.selection.trace_rounds
+        if self.mode == "federated":
+            say(f"trace: {rounds} federated round(s) on all data")
+            strategy = TraceStrategy(
+                screen,
+                self.train,
+                fraction_train=self.fraction_train,
+                min_train_nodes=self.min_train_nodes,
+                min_available_nodes=self.min_available_nodes,
+            )
+            result = strategy.start(
+                grid, initial_arrays, rounds, self.timeout, ConfigRecord({**self._base(), "phase": "trace"})
+            )
+            report.trace = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
+            if not strategy.trajectory:
+                raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
+            self.trajectory = strategy.trajectory
+            return {None: strategy.trajectory}
+        say(f"trace: every client traces {rounds} checkpoint(s) alone (merge mode)")
+        config = ConfigRecord({**self._base(), "phase": "trace-local", "trace-rounds": rounds, "server-round": 0})
+        content = RecordDict({"arrays": initial_arrays, "config": config})
+        messages = [Message(content, dst_node_id=n, message_type=TRACE_MESSAGE) for n in self._nodes(grid)]
+        replies = grid.send_and_receive(screen.sent(messages), timeout=self.timeout)
+        trajectories = {
+            node: trajectory_from(msg.content)[0]
+            for node, msg in screen.usable(replies, "trace", initial_arrays.to_torch_state_dict())
+        }
+        self._enough(len(trajectories), "trace")
+        return trajectories
+
+    # ---- score ------------------------------------------------------------------------
+
+    def _info(self, anchor_scores: torch.Tensor) -> dict:
+        """What clients and the report learn of the anchors: τ, the histogram edges, the scores."""
+        return {
+            "threshold": threshold(anchor_scores, self.selection.threshold_rule, self.selection.target_recall),
+            "histogram-edges": histogram_edges(anchor_scores, self.selection.histogram_bins),
+            "anchor-scores": anchor_scores.tolist(),
+        }
+
+    def _selection_config(self, info: dict, **extra) -> ConfigRecord:
+        keys = ("threshold", "histogram-edges")
+        return ConfigRecord(
+            {
+                **{k: info[k] for k in keys},
+                "keep-ratio": self.selection.keep_ratio,
+                "method": self.selection.method,
+                **extra,
+            }
+        )
+
+    def _clues_content(self, trajectory: list[Checkpoint], val_sums: list[torch.Tensor], info: dict) -> RecordDict:
+        content = RecordDict(trajectory_records(trajectory, val_sums))
+        content[SCORE_CONFIG_KEY] = ConfigRecord(to_record(self.score_config))
+        content["config"] = self._selection_config(info)
+        return content
+
+    def _baseline_public(self, initial_arrays: ArrayRecord) -> Public:
+        """A baseline scores at the adapter every site starts from, as the paper applies the
+        baselines on each client before any training; no trajectory is needed. DataInf's
+        direction comes from the public validation set, so sites and anchors share it."""
+        method = self.selection.method
+        say(f"score: {method} at the initial adapter (no trace)")
+        anchor_scores, direction = self.score_baseline(method, initial_arrays.to_torch_state_dict())
+        info = self._info(anchor_scores)
+        sizes = {"batch-size": self.score_config.batch_size, "max-seq-len": self.score_config.max_len}
+        content = RecordDict(
+            {"arrays": initial_arrays, "config": self._selection_config(info, **sizes, seed=self.train.seed)}
+        )
+        if direction is not None:
+            content[DIRECTION_KEY] = ArrayRecord({"u": direction.float().contiguous()})
+        return {None: (content, info)}
+
+    def _score(self, grid: Grid, public: Public, report: SelectionReport, screen: Screen) -> None:
+        """Send each site what it scores with and τ (or the keep ratio); collect counts."""
+        shared = None in public
+        nodes = self._nodes(grid) if shared else list(public)
+        messages = [Message(public[None if shared else n][0], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
+        taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
+        rule = (
+            f"each client keeps its top {self.selection.keep_ratio:.0%}"
+            if self.selection.keep_ratio
+            else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.selection.threshold_rule})"
+        )
+        say(f"score: {rule}; scoring {len(nodes)} client(s)")
+        replies = grid.send_and_receive(screen.sent(messages), timeout=self.timeout)
+        for node, msg in screen.usable(replies, "score"):
+            m = msg.content["metrics"]
+            row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(m["histogram"])}
+            if "tp" in m:
+                row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
+            row.update(public[None if shared else node][1])
+            report.clients[node] = row
+            say(f"  client {node}: kept {row['kept']}/{row['total']}")
+        self._enough(len(report.clients), "score")
+        summary = report.to_json()
+        if "f1" in summary:
+            say(
+                "selection (positive = clean): precision {precision:.1f}, recall {recall:.1f}, "
+                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(**summary)
+            )
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _nodes(self, grid: Grid) -> list[int]:
+        nodes, _ = sample_nodes(grid, self.min_available_nodes, len(list(grid.get_node_ids())))
+        return list(nodes)
+
+    def _enough(self, count: int, phase: str) -> None:
+        if count < self.min_train_nodes:
+            raise RuntimeError(f"{phase}: {count} client(s) replied, min-train-nodes is {self.min_train_nodes}")

@@ -1,0 +1,1 @@
+"""A Flower project of its own that puts CLUES selection in front of FedProx."""

@@ -1,0 +1,41 @@
+"""The project's ServerApp: CLUES selection, then its own FedProx through Flower's loop."""
+
+from __future__ import annotations
+
+from functools import partial
+from logging import INFO
+
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedProx
+from peft import get_peft_model_state_dict
+
+from clues_flwr.config import SelectionConfig
+from clues_flwr.scoring import ScoreConfig, anchor_scores
+from clues_flwr.selection import CluesSelection
+from clues_flwr.strategy import CluesTuning
+from clues_flwr.train import TrainConfig
+from own_project.task import load_model, sums
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context):
+    run = context.run_config
+    model, tokenizer = load_model()
+    validation, anchors = sums(30, seed=1000), sums(10, seed=1001)  # public and clean
+    initial = ArrayRecord({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
+    score = ScoreConfig(max_len=48)
+    selection = CluesSelection(
+        score_anchors=partial(anchor_scores, model, tokenizer, validation, anchors, cfg=score),
+        score_config=score,
+        selection=SelectionConfig(trace_rounds=int(run["trace-rounds"])),
+        train=TrainConfig(learning_rate=float(run["learning-rate"]), local_steps=int(run["local-steps"]), batch_size=8),
+    )
+    report = selection.run(grid, initial)
+    log(INFO, "CLUES kept %s", {n: f"{c['kept']}/{c['total']}" for n, c in report.clients.items()})
+    strategy = CluesTuning(FedProx(proximal_mu=float(run["proximal-mu"]), fraction_evaluate=0.0), report)
+    result = strategy.start(grid, initial, num_rounds=int(run["num-server-rounds"]))
+    return report, result
