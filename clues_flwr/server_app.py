@@ -133,7 +133,6 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
             store.save(state, arrays.to_torch_state_dict())
         return metrics
 
-    say(f"tune: rounds {first}..{rounds} on {cfg.selection.method} data, aggregation {cfg.tune.aggregation}")
     tune_config = ConfigRecord({**to_record(train), "mode": cfg.tune.mode})
     result = strategy.start(
         grid, arrays, max(rounds - first + 1, 0), fed.round_timeout, tune_config, evaluate_fn=after_round

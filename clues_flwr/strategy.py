@@ -108,7 +108,8 @@ class CluesTuning(Strategy):
         self._global: dict[str, torch.Tensor] = {}
 
     def summary(self) -> None:
-        say(f"tune: {self.report.method} selection, then {type(self.strategy).__name__}")
+        rounds = f", from round {self.offset + 1}" if self.offset else ""
+        say(f"tune: {self.report.method} selection, then {type(self.strategy).__name__}{rounds}")
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):

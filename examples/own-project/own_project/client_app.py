@@ -12,7 +12,13 @@ from clues_flwr.client_app import CluesClient, Site, selected_records
 from own_project.task import load_model, sums, train
 
 app = ClientApp()
-loaded = cache(load_model)  # one model per process, its adapter overwritten each round
+
+
+@cache
+def loaded():
+    """One model per process, its adapter overwritten each round (a named function, so that
+    Ray can pickle the app by reference)."""
+    return load_model()
 
 
 def site_records(context: Context) -> list[dict]:
