@@ -14,3 +14,10 @@ def require(key: str, value: Any, ok: bool, allowed: str) -> None:
 
 def one_of(key: str, value: Any, choices: Collection) -> None:
     require(key, value, value in choices, f"one of {', '.join(map(repr, choices))}")
+
+
+def at_least(section: Any, least: int, *keys: str) -> None:
+    """Each of ``keys``, run-config names of ``section``'s fields, is at least ``least``."""
+    for key in keys:
+        value = getattr(section, key.replace("-", "_"))
+        require(key, value, value >= least, f"at least {least}")

@@ -118,14 +118,14 @@ class CluesClient:
         cfg = msg.content["config"]
         site = self.site(context)
         set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
-        if cfg["phase"] == "trace-local":
-            return self._trace_local(msg, cfg, site)
-        return self._trace(msg, cfg, site)
-
-    def _trace(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
-        """One federated trace round; the scoring layer's moments go back for averaging."""
         score = from_mapping(ScoreConfig, cfg)
         names = scoring_names(site.model, score.layer, score.modules)
+        if cfg["phase"] == "trace-local":
+            return self._trace_local(msg, cfg, site, names)
+        return self._trace(msg, cfg, site, names)
+
+    def _trace(self, msg: Message, cfg: ConfigRecord, site: Site, names: list[str]) -> Message:
+        """One federated trace round; the scoring layer's moments go back for averaging."""
         losses, opt = train_steps(
             training_loop(site, site.records, cfg, TRACE_SEED), from_mapping(TrainConfig, cfg).local_steps
         )
@@ -135,11 +135,9 @@ class CluesClient:
         reply.content[MOMENTS_KEY] = moments_record(m, v)
         return reply
 
-    def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site) -> Message:
+    def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site, names: list[str]) -> Message:
         """Merge mode: one local training run of ``trace-rounds`` × ``local-steps`` steps with
         one optimizer and one data order, checkpointed every ``local-steps`` steps."""
-        score = from_mapping(ScoreConfig, cfg)
-        names = scoring_names(site.model, score.layer, score.modules)
         every = from_mapping(TrainConfig, cfg).local_steps
         total = int(cfg["trace-rounds"]) * every
         loop = training_loop(site, site.records, cfg, TRACE_SEED)

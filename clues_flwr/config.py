@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clues_flwr.aggregation import METHODS
-from clues_flwr.checks import one_of, require
+from clues_flwr.checks import at_least, one_of, require
 from clues_flwr.data import parse_names, parse_ratios
 from clues_flwr.model import ModelSpec
 from clues_flwr.partition import SCHEMES
@@ -122,9 +122,8 @@ class DataConfig:
         for kind in self.pollution_kinds:
             one_of("pollution-kinds", kind, KINDS)
         one_of("partition", self.partition, SCHEMES)
-        for key, least in (("num-samples", 0), ("client-samples", 0), ("test-size", 1), ("demo-pool-size", 1)):
-            value = getattr(self, key.replace("-", "_"))
-            require(key, value, value >= least, f"at least {least}" + (" (0: all)" if least == 0 else ""))
+        at_least(self, 0, "num-samples", "client-samples")  # 0: all
+        at_least(self, 1, "test-size", "demo-pool-size")
         require("heldout-fraction", self.heldout_fraction, 0 <= self.heldout_fraction < 1, "in [0, 1)")
 
 

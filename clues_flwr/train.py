@@ -8,7 +8,7 @@ from itertools import islice
 
 import torch
 
-from clues_flwr.checks import require
+from clues_flwr.checks import at_least, require
 from clues_flwr.data import Record, batches
 
 
@@ -28,9 +28,7 @@ class TrainConfig:
     def __post_init__(self):
         require("learning-rate", self.learning_rate, self.learning_rate > 0, "positive")
         require("weight-decay", self.weight_decay, self.weight_decay >= 0, "0 or more")
-        for key in ("local-steps", "batch-size", "local-epochs"):
-            value = getattr(self, key.replace("-", "_"))
-            require(key, value, value >= 1, "at least 1")
+        at_least(self, 1, "local-steps", "batch-size", "local-epochs")
         require("max-seq-len", self.max_seq_len, self.max_seq_len >= 2, "at least 2")
 
 
