@@ -229,7 +229,7 @@ class CluesSelection:
             self.trajectory, val_sums = store.trajectory()
             public = {None: (self._clues_content(self.trajectory, val_sums, self.public_info), self.public_info)}
         else:
-            trajectories = self._trace(grid, initial_arrays, report, screen)
+            trajectories = self.trace(grid, initial_arrays, report)
             public = {}
             for key, trajectory in trajectories.items():
                 val_sums, anchor_scores = self.score_anchors(trajectory)
@@ -251,7 +251,14 @@ class CluesSelection:
             "score-modules": list(self.score_config.modules),
         }
 
-    def _trace(self, grid: Grid, initial_arrays: ArrayRecord, report: SelectionReport, screen: Screen) -> dict:
+    def trace(
+        self, grid: Grid, initial_arrays: ArrayRecord, report: SelectionReport | None = None
+    ) -> dict[int | None, list[Checkpoint]]:
+        """The trajectory every site is scored on (key None), or in merge mode each site's
+        own (keyed by node); the trace rounds' metrics and failures go into ``report``.
+        Experiment drivers call it alone to score many variants on the app's own trace."""
+        report = report if report is not None else SelectionReport.of(self.selection)
+        screen = Screen(report.failures)
         rounds = self.selection.trace_rounds
         if self.mode == "federated":
             say(f"trace: {rounds} federated round(s) on all data")

@@ -1,24 +1,23 @@
 """Selection-level ablations of CLUES on the demo: scoring layer, number of anchors,
 threshold rule and number of checkpoints, each judged by AUROC and P/R/F1 (positive = clean).
 
-    python simulation/ablations.py --threads 1    # ~1 minute on 2 shared CPU cores
-    python simulation/ablations.py --pool-size 1000 --model-name <hub model> --quantization 4bit   # a GPU
+    python simulation/ablations.py                # ~3 minutes on 2 shared CPU cores
+    python simulation/ablations.py --set demo-pool-size=1000 --set model-name=<hub model>   # a GPU
 
-Built on ``selection_table``'s machinery: one trace of ``--trace-rounds`` rounds keeps the
-AdamW moments of every layer in ``--layers``, and one gradient pass per checkpoint captures
-all those layers at once, so the ablations cost about one selection table. Every ablation
-scores with the default variant (paper preconditioning + cosine) at the first of
-``--layers`` unless it varies that, and applies ``anchor-mean`` and ``anchor-quantile`` at
-each ``--recall``:
+The setting is the app's run config (``--set`` overrides) and the trace the app's own
+(``clues_flwr.bench.prepare``), once per scoring layer in ``--layers`` (the trace is seeded,
+so only the moments it keeps differ). Every ablation scores with the default variant (paper
+preconditioning + cosine) at the first of ``--layers`` unless it varies that, and applies
+``anchor-mean`` and ``anchor-quantile`` at each ``--recall``:
 
 - layer: the first of ``--layers`` against the others (-1 = the last layer).
 - anchors: τ from n anchors drawn at random ``--anchor-draws`` times from the clean public
   records outside the pools, the demo's 10 anchors and its public test split
-  (``--test-size``); τ, P, R and F1 as mean ± std over the draws, since few anchors make a
+  (run-config ``test-size``); τ, P, R and F1 as mean ± std over the draws, since few anchors make a
   noisy τ. The recall bound is the anchor-quantile guarantee 1 − k/(n + 1) of the τ used.
 - rules: the demo's 10 anchors under each rule, with the score histogram.
 - checkpoints: the first k checkpoints of the one trace. Training is seeded by round and
-  client, so a prefix is exactly the trajectory a k-round trace would give.
+  site, so a prefix is exactly the trajectory a k-round trace would give.
 
 Writes ``ablation_<name>.json``, ``.md`` and ``.png`` per ablation into ``--out``.
 """
@@ -31,21 +30,22 @@ import time
 
 import numpy as np
 import torch
-from selection_table import (
+
+from clues_flwr.bench import (
     DEFAULT,
     VARIANTS,
-    add_arguments,
+    driver_arguments,
+    driver_run_config,
     prepare,
     raw_gradients,
     rule_label,
-    score_histogram,
     select,
     separation,
     variant_scores,
 )
-
-from clues_flwr.data import NUM_ANCHORS
-from results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.config import AppConfig
+from clues_flwr.model import cached
+from clues_flwr.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
 METRICS = ("tau", "precision", "recall", "f1", "accuracy")
 
@@ -94,7 +94,7 @@ SELECTION_HEADER = ["rule", "τ", "kept", "P", "R", "F1", "Acc"]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    driver_arguments(p)
     p.add_argument(
         "--layers",
         type=int,
@@ -111,52 +111,49 @@ def main(argv: list[str] | None = None) -> None:
         "--checkpoints", type=int, nargs="+", default=[1, 2, 4], help="trajectory prefixes (at most --trace-rounds)"
     )
     args = p.parse_args(argv)
-    if max(args.checkpoints) > args.trace_rounds:
-        p.error(f"--checkpoints {max(args.checkpoints)} exceeds --trace-rounds {args.trace_rounds}")
-    if max(args.anchor_counts) > NUM_ANCHORS + args.test_size:
-        p.error(
-            f"--anchor-counts {max(args.anchor_counts)} exceeds the {NUM_ANCHORS + args.test_size} "
-            "clean public records (raise --test-size)"
-        )
+    run = driver_run_config(args)
+    if max(args.checkpoints) > run["trace-rounds"]:
+        p.error(f"--checkpoints {max(args.checkpoints)} exceeds trace-rounds {run['trace-rounds']}")
 
     start = time.time()
     command = command_line(__file__, argv)
-    bench = prepare(args, args.layers)
-    candidates = bench.splits.anchors + bench.splits.test
-    print(f"traced {len(bench.trajectory)} checkpoints in {time.time() - start:.0f}s")
-    every = [n for layer in args.layers for n in bench.names[layer]]
-    raw = raw_gradients(bench, {**bench.sets(), "candidates": candidates}, every)
-    print(f"per-sample gradients of {len(args.layers)} layers x {len(raw)} checkpoints in {time.time() - start:.0f}s")
-
-    params = dict(bench.model.named_parameters())
-    by_layer, col = {}, 0
-    for layer in args.layers:
-        width = sum(params[n].numel() for n in bench.names[layer])
-        by_layer[layer] = [{k: g[:, col : col + width] for k, g in r.items()} for r in raw]
-        col += width
+    last = cached(AppConfig.from_run_config(run).model)[0].config.num_hidden_layers - 1
+    layers = [last if layer == -1 else layer for layer in args.layers]
+    benches = {layer: prepare({**run, "score-layer": layer}, args.nodes) for layer in layers}
+    first = layers[0]
+    bench = benches[first]
+    candidates = bench.public["anchor"] + bench.public["test"]
+    if max(args.anchor_counts) > len(candidates):
+        p.error(f"--anchor-counts {max(args.anchor_counts)} exceeds the {len(candidates)} clean public records")
+    print(f"traced {len(layers)} x {len(bench.trajectory)} checkpoints in {time.time() - start:.0f}s")
+    raws = {
+        layer: raw_gradients(b, {**b.sets(), "candidates": candidates} if layer == first else b.sets())
+        for layer, b in benches.items()
+    }
+    print(
+        f"per-sample gradients of {len(layers)} layers x {len(bench.trajectory)} checkpoints "
+        f"in {time.time() - start:.0f}s"
+    )
     cfg = VARIANTS[DEFAULT]
-    first = args.layers[0]
-    names = bench.names[first]
+    names = bench.names
     rules = [("anchor-mean", None), *(("anchor-quantile", r) for r in args.recall)]
     clean = bench.clean
     total = sum(map(len, clean.values()))
-    last = bench.model.config.num_hidden_layers - 1
     args.out.mkdir(parents=True, exist_ok=True)
-    common = {"args": {k: str(v) for k, v in vars(args).items()}, "variant": DEFAULT}
+    common = {"args": {k: str(v) for k, v in vars(args).items()}, "run_config": run, "variant": DEFAULT}
+    cfg_run = bench.config
     setting = (
-        f"{len(clean)} clients × {args.pool_size} records polluted {args.pollution}; {DEFAULT}, "
-        f"{args.trace_rounds} checkpoints of {args.local_steps} steps, scoring layer {first}, the "
-        f"{len(bench.splits.anchors)} demo anchors, unless varied. Positive = clean.\n\n"
+        f"{len(clean)} sites of {' / '.join(str(len(c)) for c in clean.values())} records polluted "
+        f"{cfg_run.data.pollution}; {DEFAULT}, {cfg_run.selection.trace_rounds} checkpoints of "
+        f"{cfg_run.train.local_steps} steps, scoring layer {first}, the {len(bench.public['anchor'])} "
+        "demo anchors, unless varied. Positive = clean.\n\n"
     )
 
     # Scoring layer.
     rows, aurocs = [], {}
-    scores = {
-        layer: variant_scores(by_layer[layer], bench.trajectory, bench.names[layer], cfg) for layer in args.layers
-    }
+    scores = {layer: variant_scores(raws[layer], b.trajectory, b.names, cfg) for layer, b in benches.items()}
     for layer, s in scores.items():
-        resolved = last if layer == -1 else layer
-        label = str(resolved) + {0: " (first)", last: " (last)"}.get(resolved, "")
+        label = str(layer) + {0: " (first)", last: " (last)"}.get(layer, "")
         aurocs[label] = separation(s, bench)
         rows += [{"layer": label, **select(s, clean, rule)} for rule in rules]
     table = setting + markdown_table(
@@ -271,7 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     fig, (left, right) = figure((12, 3.6), ncols=2)
     score_histogram(
-        left, s, bench, {r["rule"]: r["tau"] for r in rows}, f"{DEFAULT}, AUROC {separation(s, bench)['pooled']:.3f}"
+        left,
+        s,
+        bench.clean,
+        {r["rule"]: r["tau"] for r in rows},
+        f"{DEFAULT}, AUROC {separation(s, bench)['pooled']:.3f}",
     )
     left.legend(fontsize=7)
     x = np.arange(len(rows))
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     # Number of checkpoints: prefixes of the one trace.
     rows, aurocs = [], {}
     for k in args.checkpoints:
-        sk = variant_scores(by_layer[first][:k], bench.trajectory[:k], names, cfg)
+        sk = variant_scores(raws[first][:k], bench.trajectory[:k], names, cfg)
         aurocs[k] = separation(sk, bench)
         rows += [{"checkpoints": k, **select(sk, clean, rule)} for rule in rules]
     table = setting + markdown_table(

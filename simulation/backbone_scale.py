@@ -2,7 +2,7 @@
 ``--sizes`` (hidden × layers) and scores the same demo split with CLUES (the app's default
 variant) and with perplexity, the baseline that wins on the 1M demo.
 
-    python simulation/backbone_scale.py --sizes 128x4 --threads 1           # the shipped size, ~5 min on a CPU
+    python simulation/backbone_scale.py --sizes 128x4                        # the shipped size, ~5 min on a CPU
     python simulation/backbone_scale.py --sizes 128x4,512x8,1024x12 --device cuda --pretrain-steps 20000
 
 The paper's ranking claims come from a 7B model; on the 1M demo CLUES separates clean from
@@ -19,20 +19,20 @@ import json
 import time
 from pathlib import Path
 
-from selection_table import (
+from clues_flwr.bench import (
     DEFAULT,
     VARIANTS,
-    add_arguments,
     baseline_set_scores,
+    driver_arguments,
+    driver_run_config,
     prepare,
     raw_gradients,
     select,
     separation,
     variant_scores,
 )
-
 from clues_flwr.pretrain import attention_heads, pretrain
-from results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -48,7 +48,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -> dict:
+def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace, seed: int) -> dict:
     """Pretrain into ``folder`` unless a backbone built with these settings is there; its
     ``pretrain.json``."""
     wanted = {
@@ -56,7 +56,7 @@ def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -
         "layers": layers,
         "steps": args.pretrain_steps,
         "all_facts": not args.unread_facts,
-        "seed": args.seed,
+        "seed": seed,
         "lr": args.pretrain_lr,
     }
     info_file = folder / "pretrain.json"
@@ -71,7 +71,7 @@ def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -
         args.pretrain_steps,
         32,
         args.pretrain_lr,
-        args.seed,
+        seed,
         args.threads or 2,
         0.25,
         hidden_size=hidden,
@@ -83,7 +83,7 @@ def backbone(folder: Path, hidden: int, layers: int, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
+    driver_arguments(p)
     p.add_argument("--sizes", default="128x4,192x4", help="hidden x layers, comma-separated; hidden a multiple of 32")
     p.add_argument("--pretrain-steps", type=int, default=3000)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
@@ -106,17 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     sizes = parse_sizes(args.sizes)
+    run = driver_run_config(args)
 
     start, rows = time.time(), []
     for hidden, layers in sizes:
         folder = args.backbones / f"{hidden}x{layers}{'-unread' if args.unread_facts else ''}-s{args.pretrain_steps}"
-        info = backbone(folder, hidden, layers, args)
-        args.model_name = str(folder)
-        bench = prepare(args, [0])
-        names = bench.names[0]
-        raw = raw_gradients(bench, bench.sets(), names)
+        info = backbone(folder, hidden, layers, args, run["seed"])
+        bench = prepare({**run, "model-name": str(folder)}, args.nodes)
+        raw = raw_gradients(bench, bench.sets())
         scores = {
-            "CLUES": variant_scores(raw, bench.trajectory, names, VARIANTS[DEFAULT]),
+            "CLUES": variant_scores(raw, bench.trajectory, bench.names, VARIANTS[DEFAULT]),
             "perplexity": baseline_set_scores(bench, "perplexity"),
         }
         row = {"size": f"{hidden}x{layers}", "parameters": info["parameters"], "pretrain_loss": info["final_loss"]}
@@ -138,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     table = (
         f"Demo backbones pretrained {args.pretrain_steps} steps "
         f"on {'half' if args.unread_facts else 'all'} of the facts; "
-        f"{args.pollution} pollution, {args.pool_size} records per client, trace {args.trace_rounds} rounds. "
+        f"{bench.config.data.pollution} pollution, {bench.config.data.demo_pool_size} records per site, "
+        f"trace {bench.config.selection.trace_rounds} rounds. "
         f"CLUES is the default variant (Adam + cosine, first layer); F1 under {rule}.\n\n"
     )
     table += markdown_table(
@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     ax.legend()
     args.out.mkdir(parents=True, exist_ok=True)
     plot = save_figure(fig, args.out / "backbone_scale.png")
-    data = {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - start, 1), "rows": rows}
+    data = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "run_config": run,
+        "seconds": round(time.time() - start, 1),
+        "rows": rows,
+    }
     write(
         args.out, "backbone_scale", "Ranking against backbone size", command_line(__file__, argv), data, table, [plot]
     )

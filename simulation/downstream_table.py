@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compare_selection import config, parse_set, recovery, run_row
-
-from results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.bench import federation, parse_set, recovery, run_config
+from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
 
 SETUPS = {
     "fedavg": {"mode": "federated", "aggregation": "fedavg"},
@@ -50,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for method in args.methods:
             runs = args.out / "runs" / f"downstream-{setup}-{method}"
-            cfg = config(overrides, **SETUPS[setup], selection=method, **{"output-dir": str(runs)})
-            rows.append(run_row(cfg, args.nodes))
+            cfg = run_config(overrides, **SETUPS[setup], selection=method, **{"output-dir": str(runs)})
+            rows.append(federation(cfg, args.nodes))
             print(f"{setup} {method}: test loss {rows[-1]['test-loss']:.4f}, accuracy {rows[-1]['test-accuracy']:.3f}")
         results[setup] = rows
 

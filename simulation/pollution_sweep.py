@@ -15,9 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from compare_selection import config, parse_set, run_row
-
-from results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.bench import federation, parse_set, run_config
+from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         row = {"pollution": level}
         for selection in ("none", "clues"):
             runs = args.out / "runs" / f"sweep-{level:g}-{selection}"
-            result = run_row(
-                config(overrides, selection=selection, pollution=str(level), **{"output-dir": str(runs)}), args.nodes
+            result = federation(
+                run_config(overrides, selection=selection, pollution=str(level), **{"output-dir": str(runs)}),
+                args.nodes,
             )
             row[f"loss-{selection}"] = result["test-loss"]
             if selection == "clues":

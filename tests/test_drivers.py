@@ -1,11 +1,17 @@
 """The experiment drivers in ``simulation/`` at their smallest sizes: each writes its JSON,
-Markdown and PNGs into the shared results folder, and the report links every plot."""
+Markdown and PNGs into the shared results folder, and the report links every plot; and a
+driver's selection is the app's."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from clues_flwr import bench
+from clues_flwr.client_app import app as client_app
+from clues_flwr.local_grid import LocalGrid, demo_nodes
+from clues_flwr.server_app import run_clues
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "simulation"))
 
@@ -15,7 +21,8 @@ import downstream_table  # noqa: E402
 import pollution_sweep  # noqa: E402
 import selection_table  # noqa: E402
 
-TINY = ["--pool-size", "24", "--pollution", "0.5,0.5", "--local-steps", "2", "--batch-size", "32"]
+SETTINGS = ("demo-pool-size=24", "pollution=0.5,0.5", "local-steps=2", "batch-size=32", "test-size=20")
+TINY = ["--nodes", "2", *(f"--set={kv}" for kv in SETTINGS)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +40,7 @@ def outputs(out: Path, name: str) -> dict:
 
 def test_selection_table(tmp_path):
     selection_table.main(
-        [*TINY, "--trace-rounds", "1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)]
+        [*TINY, "--set=trace-rounds=1", "--recall", "0.5", "0.9", "--keep-ratio", "0.5", "--out", str(tmp_path)]
     )
     assert len(list(tmp_path.glob("selection_table*.png"))) == 4
     data = outputs(tmp_path, "selection_table")
@@ -55,13 +62,10 @@ def test_ablations(tmp_path):
     ablations.main(
         [
             *TINY,
-            "--trace-rounds",
-            "2",
+            "--set=trace-rounds=2",
             "--checkpoints",
             "1",
             "2",
-            "--test-size",
-            "20",
             "--anchor-counts",
             "5",
             "20",
@@ -98,8 +102,7 @@ def test_ablations(tmp_path):
 def test_backbone_scale_builds_each_size_once_and_ranks_with_both_methods(tmp_path):
     argv = [
         *TINY,
-        "--trace-rounds",
-        "1",
+        "--set=trace-rounds=1",
         "--sizes",
         "64x1,96x2",
         "--pretrain-steps",
@@ -128,6 +131,22 @@ def test_backbone_scale_builds_each_size_once_and_ranks_with_both_methods(tmp_pa
 def test_backbone_scale_refuses_bad_sizes(sizes):
     with pytest.raises(ValueError, match="--sizes"):
         backbone_scale.parse_sizes(sizes)
+
+
+def test_a_drivers_selection_is_the_apps(tmp_path):
+    """The app's run (ServerApp and ClientApp on the in-process grid) and the drivers'
+    machinery on the same run config keep the same records at every site."""
+    run = bench.run_config(bench.parse_set(SETTINGS), **{"trace-rounds": 2, "output-dir": str(tmp_path)})
+    folder = run_clues(LocalGrid(client_app, demo_nodes(2), run), {**run, "num-server-rounds": 1})
+    clients = json.loads((folder / "selection.json").read_text())["clients"]
+    app_kept = [clients[str(node)]["kept"] for node in demo_nodes(2)]
+    b = bench.prepare(run, 2)
+    scores = bench.variant_scores(bench.raw_gradients(b, b.sets()), b.trajectory, b.names, b.config.score)
+    rule = ("anchor-quantile", b.config.selection.target_recall)
+    driver = bench.select(scores, b.clean, rule)
+    assert list(driver["kept"].values()) == app_kept
+    assert 0 < sum(app_kept) < sum(map(len, b.sites.values())), "a selection that keeps some, not all"
+    assert driver["tau"] == pytest.approx(clients["100"]["threshold"], rel=1e-5)
 
 
 # The federation drivers run the real ServerApp and ClientApp on the in-process grid.

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,3 +59,16 @@ def write(out: Path, name: str, title: str, command: str, data: dict, table: str
     sections = [p.read_text() for p in sorted(out.glob("*.md")) if p.name != REPORT]
     (out / REPORT).write_text("# CLUES experiments on the demo\n\n" + "\n".join(sections))
     print(f"wrote {out / f'{name}.md'} and {out / REPORT}")
+
+
+def score_histogram(ax, scores: dict, clean: dict[str, list[bool]], taus: dict[str, float], title: str) -> None:
+    """Clean and polluted scores pooled over sites, with each τ as a vertical line."""
+    pooled = torch.cat([scores[k] for k in clean]).numpy()
+    truth = np.array([c for k in clean for c in clean[k]])
+    edges = np.histogram_bin_edges(pooled, bins=30)
+    ax.hist(pooled[truth], bins=edges, alpha=0.6, label="clean")
+    ax.hist(pooled[~truth], bins=edges, alpha=0.6, label="polluted")
+    for i, (label, tau) in enumerate(taus.items()):
+        ax.axvline(tau, color=f"C{i + 2}", linestyle="--", label=f"τ {label}")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("score (higher = keep)", fontsize=8)

@@ -1,0 +1,259 @@
+"""Selection benchmarks on the app's own runs, shared by the drivers under ``simulation/``.
+
+``prepare`` builds what a run of the app would: the run config (the app's defaults and
+``--set`` overrides), the model, the public sets, each demo site's records as its
+ClientApp holds them, and the trajectory traced by the app's own ``CluesSelection.trace``
+and ``CluesClient`` handlers on an in-process grid, so a driver's trace is the app's (same
+seeds, same averaging). Scoring then caches raw per-sample gradients once per checkpoint
+and rescores them under every variant, rule and combination. ``federation`` runs the whole
+app (selection and tuning) for the downstream tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from clues_flwr import client_app
+from clues_flwr.baselines import baseline_scores, datainf_direction, keep_top
+from clues_flwr.combine import combine, standardise
+from clues_flwr.config import AppConfig
+from clues_flwr.data import Record
+from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
+from clues_flwr.metrics import auroc, best_f1, confusion, selection_scores
+from clues_flwr.model import cached, initial_adapter, set_adapter_state
+from clues_flwr.pollution import HIGH
+from clues_flwr.scoring import ScoreConfig, anchor_scores, gamma_from_grads, gammas, scoring_names, threshold
+from clues_flwr.selection import CluesSelection
+from clues_flwr.server_app import public_sets, run_clues
+from clues_flwr.trajectory import Checkpoint
+
+DEFAULT = "CLUES paper + cosine (default)"
+VARIANTS = {
+    DEFAULT: ScoreConfig(),
+    "CLUES paper (eqs. 5-8)": ScoreConfig.paper(),
+    "CLUES official code": ScoreConfig.official(),
+    "CLUES official + cosine": ScoreConfig(
+        precondition="adam-eps-inside", bias_correction=False, precondition_validation=False
+    ),
+    "CLUES sgd": ScoreConfig(precondition="sgd", cosine=False),
+    "CLUES sgd + cosine": ScoreConfig(precondition="sgd"),
+}
+# A rule is (name, value): ("anchor-mean", None), ("anchor-quantile", recall) or ("keep-ratio", ratio).
+Rule = tuple[str, float | None]
+
+
+def parse_set(items: list[str]) -> dict:
+    """``key=value`` pairs with TOML values (``8``, ``0.5``, ``"ties"`` or bare ``ties``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def run_config(overrides: dict, **more) -> dict:
+    """The app's run-config defaults with ``overrides``; unknown keys stop the driver."""
+    defaults = app_defaults()
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise SystemExit(f"unknown run-config keys: {', '.join(unknown)}")
+    return {**defaults, **overrides, **more}
+
+
+@dataclass
+class Bench:
+    """One run's selection problem: the sites' records (labelled), the public sets, the
+    model at its initial adapter and the app's trajectory."""
+
+    config: AppConfig
+    model: Any
+    tokenizer: Any
+    initial: dict[str, torch.Tensor]
+    public: dict[str, list[Record]]
+    sites: dict[str, list[Record]]
+    trajectory: list[Checkpoint]
+    names: list[str]
+
+    def sets(self) -> dict[str, list[Record]]:
+        """Every set a score is needed for: validation, anchors and each site."""
+        return {"validation": self.public["validation"], "anchors": self.public["anchor"], **self.sites}
+
+    @property
+    def clean(self) -> dict[str, list[bool]]:
+        return {k: [r["quality"] == HIGH for r in recs] for k, recs in self.sites.items()}
+
+    @property
+    def kinds(self) -> list[str]:
+        return [r["pollution"] for recs in self.sites.values() for r in recs]
+
+
+def prepare(run: dict, nodes: int) -> Bench:
+    """The app's selection problem for the run config ``run`` on ``nodes`` demo sites,
+    traced by the app itself (no trace for ``selection`` other than ``clues``)."""
+    cfg = AppConfig.from_run_config(run)
+    model, tokenizer = cached(cfg.model)
+    public = public_sets(cfg.data)
+    grid = LocalGrid(client_app.app, demo_nodes(nodes), run)
+    sites = {f"client{i}": client_app.local_split(ctx)[0] for i, ctx in enumerate(grid.contexts.values())}
+    initial = initial_adapter(cfg.model)
+    stage = CluesSelection(
+        score_anchors=functools.partial(
+            anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg.score
+        ),
+        score_config=cfg.score,
+        selection=dataclasses.replace(cfg.selection, method="clues"),
+        train=cfg.train,
+        min_available_nodes=nodes,
+        min_train_nodes=nodes,
+    )
+    trajectory = stage.trace(grid, ArrayRecord(initial))[None]
+    set_adapter_state(model, initial)
+    names = scoring_names(model, cfg.score.layer, cfg.score.modules)
+    return Bench(cfg, model, tokenizer, initial, public, sites, trajectory, names)
+
+
+def raw_gradients(bench: Bench, sets: dict[str, list[Record]]) -> list[dict[str, torch.Tensor]]:
+    """Per checkpoint, the raw per-sample gradients [N, d] of every set: the expensive part,
+    done once and rescored by every variant."""
+    cfg = dataclasses.replace(bench.config.score, cosine=False)
+    return [
+        {k: gammas(bench.model, bench.tokenizer, recs, c, bench.names, cfg, raw=True) for k, recs in sets.items()}
+        for c in bench.trajectory
+    ]
+
+
+def variant_scores(raw, trajectory, names, cfg: ScoreConfig) -> dict[str, torch.Tensor]:
+    """S for every set from the cached raw gradients, under one variant; a shorter
+    ``trajectory`` scores with its checkpoints only."""
+    total = {k: 0.0 for k in raw[0] if k != "validation"}
+    for ckpt, grads in zip(trajectory, raw):
+        raw_val = not cfg.precondition_validation
+        g_val = gamma_from_grads(grads["validation"], ckpt, names, cfg, raw_val).sum(0).double()
+        for key in total:
+            total[key] = total[key] + ckpt.lr * (gamma_from_grads(grads[key], ckpt, names, cfg).double() @ g_val)
+    return {k: v.cpu() for k, v in total.items()}
+
+
+def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
+    """A baseline's scores of the anchors and of every site at the initial adapter, as the
+    app scores them; DataInf's direction from the public validation set."""
+    set_adapter_state(bench.model, bench.initial)
+    sizes = {"batch_size": bench.config.score.batch_size, "max_len": bench.config.score.max_len}
+    val = bench.public["validation"]
+    direction = datainf_direction(bench.model, bench.tokenizer, val, **sizes) if method == "datainf" else None
+    sets = {k: v for k, v in bench.sets().items() if k != "validation"}
+    sets["anchors"] = [{**r, "quality": HIGH} for r in sets["anchors"]]  # public and clean: the oracle's 1
+    seed = bench.config.data.seed
+    return {
+        k: baseline_scores(method, bench.model, bench.tokenizer, recs, seed=seed + j, direction=direction, **sizes)
+        for j, (k, recs) in enumerate(sets.items())
+    }
+
+
+def combined_scores(scores: dict[str, dict[str, torch.Tensor]], rule: str, signals: tuple[str, ...]) -> dict:
+    """Every set's combined score from ``signals``, each standardised against its anchors."""
+    return {
+        key: combine([standardise(scores[m][key], scores[m]["anchors"]) for m in signals], rule)
+        for key in scores[signals[0]]
+    }
+
+
+def rule_label(rule: Rule) -> str:
+    name, value = rule
+    if name == "anchor-quantile":
+        return f"anchor-quantile r={value:g}"
+    return f"keep {value:.0%}" if name == "keep-ratio" else name
+
+
+def select(scores: dict[str, torch.Tensor], clean: dict[str, list[bool]], rule: Rule) -> dict:
+    """Each site's keep mask under ``rule``; confusion counts add up across sites."""
+    name, value = rule
+    tau = None if name == "keep-ratio" else threshold(scores["anchors"], name, value)
+    counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
+    kept = {}
+    for k, truth in clean.items():
+        keep = keep_top(scores[k], value) if name == "keep-ratio" else scores[k] >= tau
+        c = confusion(keep.tolist(), truth)
+        counts = {x: counts[x] + c[x] for x in counts}
+        kept[k] = c["tp"] + c["fp"]
+    return {"rule": rule_label(rule), "tau": tau, "kept": kept, "counts": counts, **selection_scores(counts)}
+
+
+def separation(scores: dict[str, torch.Tensor], bench: Bench) -> dict:
+    """AUROC of clean over polluted: pooled over sites, per site, and per pollution kind;
+    and the best F1 any one global τ could reach with these scores."""
+    clean = bench.clean
+    pooled = torch.cat([scores[k] for k in clean]).tolist()
+    truth = [c for k in clean for c in clean[k]]
+    kinds = bench.kinds
+    return {
+        "pooled": auroc(pooled, truth),
+        "best_f1": best_f1(pooled, truth),
+        "per_client": {k: auroc(scores[k].tolist(), clean[k]) for k in clean},
+        "by_kind": {
+            kind: auroc(*zip(*[(s, c) for s, c, kd in zip(pooled, truth, kinds) if c or kd == kind]))
+            for kind in sorted(set(kinds) - {"none"})
+        },
+    }
+
+
+def federation(run: dict, nodes: int) -> dict:
+    """The whole app (selection and tuning) on the in-process grid: final test loss and
+    accuracy, the loss per round and, when there was a score phase, the selection's
+    P/R/F1/accuracy and τ."""
+    start = time.time()
+    folder = run_clues(LocalGrid(client_app.app, demo_nodes(nodes), run), run)
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+    row = {
+        "selection": run["selection"],
+        "test-loss": rounds[-1]["test-loss"],
+        "test-accuracy": rounds[-1]["test-accuracy"],
+        "loss-per-round": [r["test-loss"] for r in rounds],
+        "seconds": round(time.time() - start, 1),
+        "run": str(folder),
+    }
+    if (folder / "selection.json").exists():
+        sel = json.loads((folder / "selection.json").read_text())
+        row.update({k: sel.get(k) for k in ("precision", "recall", "f1", "accuracy")})
+        row["threshold"] = next(iter(sel["clients"].values()))["threshold"]
+    return row
+
+
+def recovery(rows: list[dict], method: str = "clues") -> float | None:
+    """(loss_none − loss_method) / (loss_none − loss_oracle), when all three ran."""
+    by = {r["selection"]: r["test-loss"] for r in rows}
+    if {"none", method, "oracle"} <= set(by) and by["none"] != by["oracle"]:
+        return (by["none"] - by[method]) / (by["none"] - by["oracle"])
+    return None
+
+
+def driver_arguments(parser) -> None:
+    """The flags every driver shares: run-config overrides, sites, threads, output."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
+    parser.add_argument("--nodes", type=int, default=4, help="demo sites (one per pollution ratio)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); 1 is fastest on shared cores"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results"))
+
+
+def driver_run_config(args) -> dict:
+    """The run config a driver's flags describe; sets the thread count first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run_config(parse_set(args.set))
