@@ -29,10 +29,19 @@ from clues_flwr.combine import combine, standardise
 from clues_flwr.config import AppConfig
 from clues_flwr.data import Record
 from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
-from clues_flwr.metrics import auroc, best_f1, confusion, selection_scores
+from clues_flwr.calibrate import histogram_threshold
+from clues_flwr.metrics import auroc, best_f1, confusion, histogram, selection_scores
 from clues_flwr.model import cached, initial_adapter, set_adapter_state
 from clues_flwr.pollution import HIGH
-from clues_flwr.scoring import ScoreConfig, anchor_scores, gamma_from_grads, gammas, scoring_names, threshold
+from clues_flwr.scoring import (
+    ScoreConfig,
+    anchor_scores,
+    gamma_from_grads,
+    gammas,
+    histogram_edges,
+    scoring_names,
+    threshold,
+)
 from clues_flwr.selection import CluesSelection
 from clues_flwr.server_app import public_sets, run_clues
 from clues_flwr.trajectory import Checkpoint
@@ -48,8 +57,10 @@ VARIANTS = {
     "CLUES sgd": ScoreConfig(precondition="sgd", cosine=False),
     "CLUES sgd + cosine": ScoreConfig(precondition="sgd"),
 }
-# A rule is (name, value): ("anchor-mean", None), ("anchor-quantile", recall) or ("keep-ratio", ratio).
-Rule = tuple[str, float | None]
+# A rule is (name, value): ("anchor-mean", None), ("anchor-quantile", recall), ("keep-ratio", ratio)
+# or ("histogram", fit).
+Rule = tuple[str, float | str | None]
+HISTOGRAM_BINS = 40
 
 
 def parse_set(items: list[str]) -> dict:
@@ -177,13 +188,20 @@ def rule_label(rule: Rule) -> str:
     name, value = rule
     if name == "anchor-quantile":
         return f"anchor-quantile r={value:g}"
+    if name == "histogram":
+        return f"histogram ({value})"
     return f"keep {value:.0%}" if name == "keep-ratio" else name
 
 
 def select(scores: dict[str, torch.Tensor], clean: dict[str, list[bool]], rule: Rule) -> dict:
     """Each site's keep mask under ``rule``; confusion counts add up across sites."""
     name, value = rule
-    tau = None if name == "keep-ratio" else threshold(scores["anchors"], name, value)
+    if name == "histogram":
+        edges = histogram_edges(scores["anchors"], HISTOGRAM_BINS)
+        sites = [histogram(scores[k].tolist(), edges) for k in clean]
+        tau = histogram_threshold(sites, edges, scores["anchors"].tolist(), value)
+    else:
+        tau = None if name == "keep-ratio" else threshold(scores["anchors"], name, value)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
     kept = {}
     for k, truth in clean.items():

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     rules: list[Rule] = [
         ("anchor-mean", None),
         *(("anchor-quantile", r) for r in args.recall),
+        ("histogram", "mixture"),
+        ("histogram", "valley"),
         ("keep-ratio", args.keep_ratio),
     ]
     rows = [{"method": m, **select(s, bench.clean, rule)} for m, s in scores.items() for rule in rules]
