@@ -25,11 +25,11 @@ from flwr.app import ArrayRecord
 
 from clues_flwr import client_app
 from clues_flwr.baselines import baseline_scores, datainf_direction, keep_top
+from clues_flwr.calibrate import histogram_threshold
 from clues_flwr.combine import combine, standardise
-from clues_flwr.config import AppConfig
+from clues_flwr.config import AppConfig, SelectionConfig
 from clues_flwr.data import Record
 from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
-from clues_flwr.calibrate import histogram_threshold
 from clues_flwr.metrics import auroc, best_f1, confusion, histogram, selection_scores
 from clues_flwr.model import cached, initial_adapter, set_adapter_state
 from clues_flwr.pollution import HIGH
@@ -60,7 +60,6 @@ VARIANTS = {
 # A rule is (name, value): ("anchor-mean", None), ("anchor-quantile", recall), ("keep-ratio", ratio)
 # or ("histogram", fit).
 Rule = tuple[str, float | str | None]
-HISTOGRAM_BINS = 40
 
 
 def parse_set(items: list[str]) -> dict:
@@ -193,13 +192,20 @@ def rule_label(rule: Rule) -> str:
     return f"keep {value:.0%}" if name == "keep-ratio" else name
 
 
-def select(scores: dict[str, torch.Tensor], clean: dict[str, list[bool]], rule: Rule) -> dict:
-    """Each site's keep mask under ``rule``; confusion counts add up across sites."""
+def select(
+    scores: dict[str, torch.Tensor],
+    clean: dict[str, list[bool]],
+    rule: Rule,
+    bins: int = SelectionConfig.histogram_bins,
+) -> dict:
+    """Each site's keep mask under ``rule``; confusion counts add up across sites. The
+    histogram rule sees only each site's histogram over ``bins`` bins, as in the app."""
     name, value = rule
     if name == "histogram":
-        edges = histogram_edges(scores["anchors"], HISTOGRAM_BINS)
+        edges = histogram_edges(scores["anchors"], bins)
         sites = [histogram(scores[k].tolist(), edges) for k in clean]
-        tau = histogram_threshold(sites, edges, scores["anchors"].tolist(), value)
+        fallback = threshold(scores["anchors"], "anchor-quantile", SelectionConfig.target_recall)
+        tau, _ = histogram_threshold(sites, edges, scores["anchors"].tolist(), value, fallback)
     else:
         tau = None if name == "keep-ratio" else threshold(scores["anchors"], name, value)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)

@@ -9,11 +9,16 @@ distribution; the anchors only say which part of it is clean. Two fits:
 - ``mixture``: a two-component Gaussian mixture fitted by EM to the binned counts, the clean
   component the one under which the anchors are likelier; τ maximises the F1 the fitted
   mixture expects (keep s ≥ τ, positive = clean).
+- ``anchored``: the same, but the clean component is the anchors' own mean and spread and
+  only the weights and the polluted component are fitted: for scores whose clean and
+  polluted parts overlap so much that a free fit splits the clean mode.
 - ``valley``: the lowest point of the smoothed pooled histogram between the clean mode (the
   one the anchors sit in) and the nearest mode below it; the mixture's τ when there is no
   mode below.
 
-Both see only the histogram, so τ is resolved to about one bin.
+Both see only the histogram, so τ is resolved to about one bin. When the fitted components
+overlap so much that the histogram is not bimodal (Ashman's D < 2), no fit can say where
+clean ends and the caller's fallback τ (an anchor rule's) is used instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-FITS = ("mixture", "valley")
+FITS = ("mixture", "anchored", "valley")
 
 
 def pooled(histograms: Sequence[Sequence[int]]) -> np.ndarray:
@@ -65,7 +70,9 @@ def _bin_moments(lo: np.ndarray, hi: np.ndarray, mean: float, std: float):
     return mass, first, var + first**2
 
 
-def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, iterations: int = 300):
+def fit_mixture(
+    counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, anchored: bool = False, iterations: int = 300
+):
     """EM for two Gaussians on binned counts, the open end bins treated as censored (exact
     EM for interval data); returns ((weight, mean, std) clean, the same polluted).
 
@@ -79,7 +86,8 @@ def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray,
     floor = (e[1] - e[0]) / 4
     overall_mean = float((counts * mid).sum() / total)
     overall_std = max(float(np.sqrt((counts * (mid - overall_mean) ** 2).sum() / total)), floor)
-    params = [(0.5, float(anchors.mean()), max(float(anchors.std()), floor)), (0.5, overall_mean, overall_std)]
+    clean = (float(anchors.mean()), max(float(anchors.std(ddof=1 if anchors.size > 1 else 0)), floor))
+    params = [(0.5, *clean), (0.5, overall_mean, overall_std)]
     for _ in range(iterations):
         moments = [_bin_moments(lo, hi, m, s) for _, m, s in params]
         joint = np.stack([w * mass for (w, _, _), (mass, _, _) in zip(params, moments)])
@@ -93,13 +101,17 @@ def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray,
             mean = float((weight * first).sum() / mass)
             var = float((weight * (second - 2 * mean * first + mean**2)).sum() / mass)
             new.append((mass / total, mean, max(math.sqrt(max(var, 0.0)), floor)))
+        if anchored:
+            new[0] = (new[0][0], *clean)
         done = all(np.allclose(a, b, rtol=1e-8, atol=1e-12) for a, b in zip(new, params))
         params = new
         if done:
             break
+    if anchored:
+        return params[0], params[1]
     likelihood = [sum(-0.5 * ((anchors - m) / s) ** 2 - math.log(s)) for _, m, s in params]
-    clean = int(np.argmax(likelihood))
-    return params[clean], params[1 - clean]
+    first = int(np.argmax(likelihood))
+    return params[first], params[1 - first]
 
 
 def expected_f1(candidates: np.ndarray, clean, polluted) -> np.ndarray:
@@ -112,9 +124,9 @@ def expected_f1(candidates: np.ndarray, clean, polluted) -> np.ndarray:
     return 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
 
 
-def mixture_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> float:
+def mixture_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, anchored: bool = False) -> float:
     e = np.asarray(edges, dtype=np.float64)
-    clean, polluted = fit_mixture(counts, edges, anchors)
+    clean, polluted = fit_mixture(counts, edges, anchors, anchored)
     candidates = np.linspace(e[0], e[-1], 20 * (len(e) - 1) + 1)
     return float(candidates[int(np.argmax(expected_f1(candidates, clean, polluted)))])
 
@@ -147,14 +159,23 @@ def valley_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.nda
     return float(x[low] - (x[1] - x[0]) / 2)
 
 
+def separation(clean, polluted) -> float:
+    """Ashman's D of two fitted components: below 2 a mixture of two Gaussians is not
+    clearly bimodal, so the histogram cannot say where clean ends."""
+    (_, m1, s1), (_, m2, s2) = clean, polluted
+    return math.sqrt(2) * abs(m1 - m2) / math.sqrt(s1**2 + s2**2)
+
+
 def histogram_threshold(
     histograms: Sequence[Sequence[int]],
     edges: Sequence[float],
     anchor_scores: Sequence[float],
     fit: str = "mixture",
-) -> float:
+    fallback: float | None = None,
+) -> tuple[float, str]:
     """The global τ from the sites' histograms over ``edges`` (counts include the under- and
-    overflow bins) and the anchors' scores, by ``fit``."""
+    overflow bins) and the anchors' scores, by ``fit``; and a note, empty unless τ is the
+    ``fallback`` (an anchor rule's τ) because the fitted components are not separated."""
     if fit not in FITS:
         raise ValueError(f"histogram-fit must be one of {FITS}, got {fit!r}")
     if len(edges) < 3:
@@ -165,4 +186,9 @@ def histogram_threshold(
     anchors = np.asarray(anchor_scores, dtype=np.float64)
     if counts.sum() < 2 or anchors.size < 1:
         raise ValueError("the histogram rule needs at least 2 scored records and 1 anchor")
-    return (mixture_threshold if fit == "mixture" else valley_threshold)(counts, edges, anchors)
+    d = separation(*fit_mixture(counts, edges, anchors))
+    if fallback is not None and d < 2:
+        return fallback, f"the pooled histogram is not bimodal (Ashman's D {d:.2f} < 2): the anchor rule's τ"
+    if fit == "valley":
+        return valley_threshold(counts, edges, anchors), ""
+    return mixture_threshold(counts, edges, anchors, anchored=fit == "anchored"), ""

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clues_flwr.baselines import baseline_scores, keep_top
+from clues_flwr.combine import combine, standardise
 from clues_flwr.config import DataConfig, from_mapping
 from clues_flwr.data import Record, split_heldout
 from clues_flwr.messages import (
@@ -30,6 +31,7 @@ from clues_flwr.messages import (
     SCORE_ACTION,
     SCORE_CONFIG_KEY,
     SELECTION_FLAG,
+    THRESHOLD_ACTION,
     TRACE_ACTION,
     moments_record,
     trajectory_from,
@@ -44,6 +46,7 @@ from clues_flwr.train import TrainConfig, train_steps, training
 from clues_flwr.trajectory import checkpoint, moments
 
 SELECTION_KEY = "clues-selection"  # the keep mask in context.state
+SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
 
@@ -98,7 +101,8 @@ def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_
 
 class CluesClient:
     """CLUES's handlers for a ClientApp, beside the project's own: the trace rounds
-    (``train.clues_trace``) and the score phase (``query.clues_score``). ``site(context)``
+    (``train.clues_trace``) and the score phase (``query.clues_score``, then
+    ``query.clues_threshold``). ``site(context)``
     gives the model, tokenizer and records; tuning rounds stay with the project's own
     ``@app.train()``, which trains on ``selected_records``.
 
@@ -112,6 +116,7 @@ class CluesClient:
     def register(self, app: ClientApp) -> None:
         app.train(TRACE_ACTION)(self.trace)
         app.query(SCORE_ACTION)(self.score)
+        app.query(THRESHOLD_ACTION)(self.threshold)
 
     def trace(self, msg: Message, context: Context) -> Message:
         """A federated trace round, or (merge mode) a whole local trajectory."""
@@ -157,45 +162,59 @@ class CluesClient:
         return reply
 
     def score(self, msg: Message, context: Context) -> Message:
-        """Score every record, keep S(z) ≥ τ (or the top ``keep-ratio``), reply with counts."""
+        """Score every record; the scores stay on the node, only a histogram of them leaves
+        (over the server's edges), from which the server may set τ."""
         content = msg.content
         cfg = content["config"]
         site = self.site(context)
-        method = str(cfg["method"])
-        if method == "clues":
-            trajectory, val_sums = trajectory_from(content)
-            s = scores(
-                site.model,
-                site.tokenizer,
-                site.records,
-                trajectory,
-                val_sums,
-                from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY]),
-            )
-        else:
-            set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
-            direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
-            s = baseline_scores(
-                method,
-                site.model,
-                site.tokenizer,
-                site.records,
-                batch_size=int(cfg["batch-size"]),
-                max_len=int(cfg["max-seq-len"]),
-                seed=int(cfg["seed"]) + context.node_id,
-                direction=direction,
-            )
+        signals = str(cfg["method"]).split("+")
+        per_signal = [self._signal(name, content, site, context) for name in signals]
+        if len(per_signal) > 1:
+            per_signal = [standardise(s, list(cfg[f"anchor-scores-{n}"])) for n, s in zip(signals, per_signal)]
+        s = combine(per_signal) if len(per_signal) > 1 else per_signal[0]
+        context.state[SCORES_KEY] = ArrayRecord({"scores": s.double().contiguous()})
+        metrics = {"total": len(s), "histogram": histogram(s.tolist(), list(cfg["histogram-edges"]))}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    def threshold(self, msg: Message, context: Context) -> Message:
+        """Keep S(z) ≥ τ (or the top ``keep-ratio``) of the scores the score query left on the
+        node; reply with counts."""
+        cfg = msg.content["config"]
+        site = self.site(context)
+        if SCORES_KEY not in context.state:
+            raise RuntimeError("no scores on this node: it did not answer the score query")
+        s = context.state[SCORES_KEY]["scores"].numpy()
+        if len(s) != len(site.records):
+            raise RuntimeError(f"the stored scores cover {len(s)} records but the site now has {len(site.records)}")
         ratio = float(cfg["keep-ratio"])
-        keep = (keep_top(s, ratio) if ratio else s >= float(cfg["threshold"])).tolist()
+        keep = (keep_top(s, ratio) if ratio else torch.from_numpy(s) >= float(cfg["threshold"])).tolist()
         context.state[SELECTION_KEY] = ArrayRecord({"keep": torch.tensor(keep, dtype=torch.int8)})
-        metrics = {
-            "kept": sum(keep),
-            "total": len(keep),
-            "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
-        }
+        metrics = {"kept": sum(keep), "total": len(keep)}
         if site.records and all("quality" in r for r in site.records):
             metrics.update(confusion(keep, [r["quality"] == "high" for r in site.records]))
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @staticmethod
+    def _signal(name: str, content: RecordDict, site: Site, context: Context) -> torch.Tensor:
+        """One signal's scores of every record: CLUES along the trajectory, a baseline at the
+        adapter the message carries."""
+        cfg = content["config"]
+        if name == "clues":
+            trajectory, val_sums = trajectory_from(content)
+            score = from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY])
+            return scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score)
+        set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
+        direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
+        return baseline_scores(
+            name,
+            site.model,
+            site.tokenizer,
+            site.records,
+            batch_size=int(cfg["batch-size"]),
+            max_len=int(cfg["max-seq-len"]),
+            seed=int(cfg["seed"]) + context.node_id,
+            direction=direction,
+        )
 
 
 def _reply(msg: Message, site: Site, metrics: dict) -> Message:

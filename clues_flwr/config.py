@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clues_flwr.aggregation import METHODS
+from clues_flwr.calibrate import FITS
 from clues_flwr.checks import at_least, one_of, require
 from clues_flwr.data import parse_names, parse_ratios
 from clues_flwr.model import ModelSpec
@@ -31,19 +32,21 @@ from clues_flwr.train import TrainConfig
 
 MODES = ("federated", "merge")
 BASELINES = ("perplexity", "ifd", "datainf", "random")
-SELECTIONS = ("clues", *BASELINES, "none", "oracle")
+COMBINED = ("clues+perplexity", "clues+ifd")  # signals standardised by the anchors, summed
+SELECTIONS = ("clues", *COMBINED, *BASELINES, "none", "oracle")
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """Which records each site keeps: the scorer, its trajectory and the threshold rule."""
 
-    method: str = dataclasses.field(default="clues", metadata={"key": "selection"})
+    method: str = dataclasses.field(default="clues+perplexity", metadata={"key": "selection"})
     trace_rounds: int = 4
-    threshold_rule: str = "anchor-quantile"
+    threshold_rule: str = "histogram"
     target_recall: float = 0.5
-    keep_ratio: float = 0.0  # 0: the anchor threshold; else each site's top share
-    histogram_bins: int = 10
+    keep_ratio: float = 0.0  # 0: the threshold rule; else each site's top share
+    histogram_bins: int = 40
+    histogram_fit: str = "mixture"
 
     def __post_init__(self):
         one_of("selection", self.method, SELECTIONS)
@@ -53,7 +56,8 @@ class SelectionConfig:
         one_of("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
         require("target-recall", self.target_recall, 0 < self.target_recall < 1, "in (0, 1)")
         require("keep-ratio", self.keep_ratio, 0 <= self.keep_ratio <= 1, "in [0, 1] (0: the anchor threshold)")
-        require("histogram-bins", self.histogram_bins, self.histogram_bins >= 1, "at least 1")
+        require("histogram-bins", self.histogram_bins, self.histogram_bins >= 2, "at least 2")
+        one_of("histogram-fit", self.histogram_fit, FITS)
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,17 @@ client → server, ``train.clues_trace``: the trained adapter and the scoring la
 server → client, ``train`` (tuning, the project's own handler): the global adapter and the
     hyperparameters with ``clues-selection``, the selection to train on.
 client → server, ``train``: the trained adapter; ``train-loss`` and ``num-examples``.
-server → client, ``query.clues_score``: the trajectory (adapters, scoring-layer moments), the
-    validation sums G_t, η_t, τ (or the keep ratio), the histogram edges and the scoring
-    settings; for a baseline instead the initial adapter, its name, batch size, length
-    and seed, and for DataInf the direction u computed on the public validation set.
-client → server, ``query.clues_score``: counts only: ``kept``, ``total``, a histogram over the
-    server's fixed edges and, when records carry a quality label, ``tp fp fn tn``.
+server → client, ``query.clues_score``: the selection's name (``clues``, a baseline, or
+    signals joined by ``+``), the histogram edges and, per signal, what it scores with:
+    for CLUES the trajectory (adapters, scoring-layer moments), the validation sums G_t, η_t
+    and the scoring settings; for a baseline the initial adapter, batch size, length and
+    seed, and for DataInf the direction u computed on the public validation set; for a
+    combination each signal's public anchor scores (``anchor-scores-<signal>``).
+client → server, ``query.clues_score``: counts only: ``total`` and a histogram of the
+    site's scores over the server's fixed edges. The scores stay on the node.
+server → client, ``query.clues_threshold``: τ, or the keep ratio.
+client → server, ``query.clues_threshold``: counts only: ``kept``, ``total`` and, when records
+    carry a quality label, ``tp fp fn tn``.
 client → server, ``evaluate``: ``heldout-loss`` and ``num-examples`` of the site's held-out
     records and, when they carry quality labels, the loss and count of the clean ones.
 
@@ -31,8 +36,9 @@ from clues_flwr.trajectory import Checkpoint
 
 # CLUES's own message types, beside a project's ``train``/``evaluate``: Flower routes
 # ``train.<action>`` and ``query.<action>`` to the handlers registered for that action.
-TRACE_ACTION, SCORE_ACTION = "clues_trace", "clues_score"
+TRACE_ACTION, SCORE_ACTION, THRESHOLD_ACTION = "clues_trace", "clues_score", "clues_threshold"
 TRACE_MESSAGE, SCORE_MESSAGE = f"train.{TRACE_ACTION}", f"query.{SCORE_ACTION}"
+THRESHOLD_MESSAGE = f"query.{THRESHOLD_ACTION}"
 # In a tuning round's train config (as FedProx adds ``proximal-mu``): which selection to train on.
 SELECTION_FLAG = "clues-selection"
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -36,7 +36,7 @@ from clues_flwr.trajectory import Checkpoint
 log = logging.getLogger(__name__)
 
 PRECONDITIONERS = ("adam", "adam-eps-inside", "sgd")
-THRESHOLD_RULES = ("anchor-mean", "anchor-quantile")
+THRESHOLD_RULES = ("anchor-mean", "anchor-quantile", "histogram")  # histogram: calibrate.py
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str = "anchor
     if rule == "anchor-mean":
         return float(s.mean())
     if rule != "anchor-quantile":
-        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+        raise ValueError(f"threshold rule must be anchor-mean or anchor-quantile here, got {rule!r}")
     if not 0 < recall < 1:
         raise ValueError(f"target recall must be in (0, 1), got {recall}")
     n = s.numel()

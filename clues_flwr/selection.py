@@ -21,6 +21,7 @@ any Flower strategy that then tunes on the selected records (``strategy.CluesTun
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,21 +32,27 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from clues_flwr.aggregation import fedavg
+from clues_flwr.baselines import baseline_scores, datainf_direction
+from clues_flwr.calibrate import histogram_threshold
+from clues_flwr.combine import combine, standardise
 from clues_flwr.config import BASELINES, SelectionConfig, to_record
+from clues_flwr.data import Record
 from clues_flwr.log import say
 from clues_flwr.messages import (
     DIRECTION_KEY,
     MOMENTS_KEY,
     SCORE_CONFIG_KEY,
     SCORE_MESSAGE,
+    THRESHOLD_MESSAGE,
     TRACE_MESSAGE,
     moments_from,
     trajectory_from,
     trajectory_records,
 )
 from clues_flwr.metrics import selection_scores
+from clues_flwr.model import set_adapter_state
 from clues_flwr.resume import RunState
-from clues_flwr.scoring import ScoreConfig, histogram_edges, threshold
+from clues_flwr.scoring import ScoreConfig, anchor_scores, histogram_edges, threshold
 from clues_flwr.screen import Screen
 from clues_flwr.train import TrainConfig
 from clues_flwr.trajectory import Checkpoint
@@ -70,6 +77,7 @@ class SelectionReport:
     clients: dict[int, dict] = dataclasses.field(default_factory=dict)
     trace: dict[int, dict] = dataclasses.field(default_factory=dict)
     failures: list[dict] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int] | None:
@@ -93,6 +101,7 @@ class SelectionReport:
         report.clients = {int(n): row for n, row in state["selection"].get("clients", {}).items()}
         report.trace = {int(r): m for r, m in state["trace"].items()}
         report.failures = list(state["failures"])
+        report.warnings = list(state["selection"].get("warnings", []))
         return report
 
     @classmethod
@@ -108,10 +117,35 @@ class SelectionReport:
             "target-recall": self.target_recall,
             "keep-ratio": self.keep_ratio,
             "clients": {str(n): r for n, r in self.clients.items()},
+            "warnings": self.warnings,
         }
         if self.counts:
             out.update(counts=self.counts, **selection_scores(self.counts))
         return out
+
+
+def guards(clients: dict[int, dict], keep_ratio: float = 0.0) -> list[str]:
+    """What a user should look at before tuning: a site that kept nothing or everything, and
+    records passing τ more often than the clean public anchors do (then the score ranks
+    some pollution above clean data, since at most the anchors' share of clean records
+    should pass, and fewer polluted ones)."""
+    out = []
+    for node, row in clients.items():
+        if row["total"] and row["kept"] in (0, row["total"]):
+            what = "none" if row["kept"] == 0 else "all"
+            out.append(f"site {node} kept {what} of its {row['total']} records")
+    total = sum(r["total"] for r in clients.values())
+    if keep_ratio or not total:
+        return out
+    kept = sum(r["kept"] for r in clients.values())
+    anchors = [a >= r["threshold"] for r in clients.values() for a in r["anchor-scores"]]
+    passing = sum(anchors) / len(anchors)
+    if kept / total > passing + 0.1:
+        out.append(
+            f"{kept / total:.0%} of the sites' records pass τ but only {passing:.0%} of the clean anchors do: "
+            "the score ranks some records above clean data (pollution it cannot see?)"
+        )
+    return out
 
 
 class TraceStrategy(FedAvg):
@@ -200,16 +234,40 @@ class CluesSelection:
         fraction_train: float = 1.0,
         timeout: float = 3600.0,
     ):
-        if selection.method in BASELINES and score_baseline is None:
+        if set(selection.method.split("+")) & set(BASELINES) and score_baseline is None:
             raise ValueError(f"selection {selection.method!r} needs score_baseline, the server's scorer of the anchors")
-        if selection.method not in ("clues", *BASELINES):
+        if selection.method in ("none", "oracle"):
             raise ValueError(f"selection {selection.method!r} has no score phase: tune on every record or by label")
         self.score_anchors, self.score_baseline = score_anchors, score_baseline
         self.score_config, self.selection, self.train, self.mode = score_config, selection, train, mode
         self.min_available_nodes, self.min_train_nodes = min_available_nodes, min_train_nodes
         self.fraction_train, self.timeout = fraction_train, timeout
+        self.signals = selection.method.split("+")
         self.trajectory: list[Checkpoint] = []
         self.public_info: dict | None = None  # a federated trajectory's τ, edges, anchor scores
+
+    @classmethod
+    def from_public(
+        cls, model, tokenizer, validation: list[Record], anchors: list[Record], *, seed: int = 0, **kwargs: Any
+    ) -> "CluesSelection":
+        """The stage for a server that holds ``model`` (a PEFT model) and the public
+        ``validation`` and ``anchors`` records: it scores the anchors itself, with CLUES
+        along a trajectory and with any baseline at an adapter (DataInf's direction from
+        ``validation``). ``kwargs`` are the constructor's."""
+        score = kwargs.get("score_config", ScoreConfig())
+        sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
+
+        def score_baseline(method: str, adapter: dict[str, torch.Tensor]):
+            set_adapter_state(model, adapter)
+            direction = datainf_direction(model, tokenizer, validation, **sizes) if method == "datainf" else None
+            scored = baseline_scores(method, model, tokenizer, anchors, seed=seed, direction=direction, **sizes)
+            return scored, direction
+
+        return cls(
+            score_anchors=functools.partial(anchor_scores, model, tokenizer, validation, anchors, cfg=score),
+            score_baseline=score_baseline,
+            **kwargs,
+        )
 
     def run(self, grid: Grid, initial_arrays: ArrayRecord, store: RunState | None = None) -> SelectionReport:
         """Select on every site. With ``store``, a federated trajectory and its public side
@@ -219,27 +277,26 @@ class CluesSelection:
         report = (
             SelectionReport.from_state(saved["report"], self.selection) if saved else SelectionReport.of(self.selection)
         )
-        report.clients = {}
+        report.clients, report.warnings = {}, []
         screen = Screen(report.failures)
         self.public_info = saved.get("public") if saved else None
-        if self.selection.method != "clues":
-            public = self._baseline_public(initial_arrays)
+        if "clues" not in self.signals:
+            say(f"score: {self.selection.method} at the initial adapter (no trace)")
+            traced = {None: None}
         elif self.public_info:
-            say("resume: scoring again on the saved trajectory and threshold")
-            self.trajectory, val_sums = store.trajectory()
-            public = {None: (self._clues_content(self.trajectory, val_sums, self.public_info), self.public_info)}
+            say("resume: scoring again on the saved trajectory")
+            self.trajectory, _ = store.trajectory()
+            traced = {None: self.trajectory}
         else:
-            trajectories = self.trace(grid, initial_arrays, report)
-            public = {}
-            for key, trajectory in trajectories.items():
-                val_sums, anchor_scores = self.score_anchors(trajectory)
-                info = self._info(anchor_scores)
-                public[key] = (self._clues_content(trajectory, val_sums, info), info)
-                if store and key is None:
-                    self.public_info = info
-                    store.save_trajectory(trajectory, val_sums)
-                    store.save({"round": 0, "public": info, "history": {}, "report": report.to_state()})
+            traced = self.trace(grid, initial_arrays, report)
+        public = {key: self._public(initial_arrays, trajectory) for key, trajectory in traced.items()}
+        if store and None in public and "clues" in self.signals and not self.public_info:
+            content, info = public[None]
+            store.save_trajectory(self.trajectory, trajectory_from(content)[1])
+            store.save({"round": 0, "public": info, "history": {}, "report": report.to_state()})
         self._score(grid, public, report, screen)
+        if None in public:
+            self.public_info = public[None][1]
         return report
 
     # ---- trace ------------------------------------------------------------------------
@@ -291,69 +348,103 @@ class CluesSelection:
 
     # ---- score ------------------------------------------------------------------------
 
-    def _info(self, anchor_scores: torch.Tensor) -> dict:
-        """What clients and the report learn of the anchors: τ, the histogram edges, the scores."""
-        return {
-            "threshold": threshold(anchor_scores, self.selection.threshold_rule, self.selection.target_recall),
-            "histogram-edges": histogram_edges(anchor_scores, self.selection.histogram_bins),
-            "anchor-scores": anchor_scores.tolist(),
+    def _public(self, initial_arrays: ArrayRecord, trajectory: list[Checkpoint] | None) -> tuple[RecordDict, dict]:
+        """What a site is sent to score with, and what the report learns of the anchors.
+
+        CLUES scores along ``trajectory``; a baseline at the adapter every site starts from,
+        as the paper applies the baselines before any training (DataInf's direction comes
+        from the public validation set, so sites and anchors share it). Signals joined by
+        ``+`` are each standardised against their anchor scores and summed
+        (``combine.combine``), so one global τ means the same at every site."""
+        content, config, anchors = RecordDict(), {}, {}
+        for name in self.signals:
+            if name == "clues":
+                val_sums, anchors[name] = self.score_anchors(trajectory)
+                for key, record in trajectory_records(trajectory, val_sums).items():
+                    content[key] = record
+                content[SCORE_CONFIG_KEY] = ConfigRecord(to_record(self.score_config))
+                continue
+            anchors[name], direction = self.score_baseline(name, initial_arrays.to_torch_state_dict())
+            content["arrays"] = initial_arrays
+            if direction is not None:
+                content[DIRECTION_KEY] = ArrayRecord({"u": direction.float().contiguous()})
+            config.update(
+                {"batch-size": self.score_config.batch_size, "max-seq-len": self.score_config.max_len},
+                seed=self.train.seed,
+            )
+        if len(self.signals) > 1:
+            combined = combine([standardise(anchors[n], anchors[n]) for n in self.signals])
+            config.update({f"anchor-scores-{n}": anchors[n].tolist() for n in self.signals})
+        else:
+            combined = anchors[self.signals[0]]
+        rule = self.selection.threshold_rule
+        info = {
+            "threshold": None if rule == "histogram" else threshold(combined, rule, self.selection.target_recall),
+            "histogram-edges": histogram_edges(combined, self.selection.histogram_bins),
+            "anchor-scores": combined.tolist(),
         }
-
-    def _selection_config(self, info: dict, **extra) -> ConfigRecord:
-        keys = ("threshold", "histogram-edges")
-        return ConfigRecord(
-            {
-                **{k: info[k] for k in keys},
-                "keep-ratio": self.selection.keep_ratio,
-                "method": self.selection.method,
-                **extra,
-            }
+        content["config"] = ConfigRecord(
+            {**config, "method": self.selection.method, "histogram-edges": info["histogram-edges"]}
         )
-
-    def _clues_content(self, trajectory: list[Checkpoint], val_sums: list[torch.Tensor], info: dict) -> RecordDict:
-        content = RecordDict(trajectory_records(trajectory, val_sums))
-        content[SCORE_CONFIG_KEY] = ConfigRecord(to_record(self.score_config))
-        content["config"] = self._selection_config(info)
-        return content
-
-    def _baseline_public(self, initial_arrays: ArrayRecord) -> Public:
-        """A baseline scores at the adapter every site starts from, as the paper applies the
-        baselines on each client before any training; no trajectory is needed. DataInf's
-        direction comes from the public validation set, so sites and anchors share it."""
-        method = self.selection.method
-        say(f"score: {method} at the initial adapter (no trace)")
-        anchor_scores, direction = self.score_baseline(method, initial_arrays.to_torch_state_dict())
-        info = self._info(anchor_scores)
-        sizes = {"batch-size": self.score_config.batch_size, "max-seq-len": self.score_config.max_len}
-        content = RecordDict(
-            {"arrays": initial_arrays, "config": self._selection_config(info, **sizes, seed=self.train.seed)}
-        )
-        if direction is not None:
-            content[DIRECTION_KEY] = ArrayRecord({"u": direction.float().contiguous()})
-        return {None: (content, info)}
+        return content, info
 
     def _score(self, grid: Grid, public: Public, report: SelectionReport, screen: Screen) -> None:
-        """Send each site what it scores with and τ (or the keep ratio); collect counts."""
+        """Two queries: every site scores its records and sends a histogram; the server sets
+        τ (by the anchors, or from the pooled histograms), then every site keeps S(z) ≥ τ (or
+        its top ``keep-ratio``) and sends counts."""
         shared = None in public
+
+        def group(node: int) -> int | None:
+            return None if shared else node
+
         nodes = self._nodes(grid) if shared else list(public)
-        messages = [Message(public[None if shared else n][0], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
-        taus = sorted({round(info["threshold"], 6) for _, info in public.values()})
-        rule = (
-            f"each client keeps its top {self.selection.keep_ratio:.0%}"
-            if self.selection.keep_ratio
-            else f"threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({self.selection.threshold_rule})"
-        )
-        say(f"score: {rule}; scoring {len(nodes)} client(s)")
+        messages = [Message(public[group(n)][0], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
+        say(f"score: {self.selection.method} on {len(nodes)} site(s)")
         replies = grid.send_and_receive(screen.sent(messages), timeout=self.timeout)
-        for node, msg in screen.usable(replies, "score"):
+        scored = {node: msg.content["metrics"] for node, msg in screen.usable(replies, "score")}
+        self._enough(len(scored), "score")
+        for key, (_, info) in public.items():
+            members = [n for n in scored if group(n) == key]
+            if info["threshold"] is None and members:
+                histograms = [list(scored[n]["histogram"]) for n in members]
+                fallback = threshold(info["anchor-scores"], "anchor-quantile", self.selection.target_recall)
+                info["threshold"], note = histogram_threshold(
+                    histograms, info["histogram-edges"], info["anchor-scores"], self.selection.histogram_fit, fallback
+                )
+                if note:
+                    say(f"score: {note} (anchor-quantile, target recall {self.selection.target_recall})")
+                    report.warnings.append(note)
+        taus = sorted({round(info["threshold"], 6) for _, info in public.values() if info["threshold"] is not None})
+        ratio = self.selection.keep_ratio
+        rule = self.selection.threshold_rule
+        say(
+            f"score: each site keeps its top {ratio:.0%}"
+            if ratio
+            else f"score: threshold τ = {', '.join(f'{t:.4g}' for t in taus)} ({rule}); every site applies it"
+        )
+        messages = [
+            Message(
+                RecordDict(
+                    {"config": ConfigRecord({"threshold": public[group(n)][1]["threshold"], "keep-ratio": ratio})}
+                ),
+                dst_node_id=n,
+                message_type=THRESHOLD_MESSAGE,
+            )
+            for n in scored
+        ]
+        replies = grid.send_and_receive(screen.sent(messages), timeout=self.timeout)
+        for node, msg in screen.usable(replies, "threshold"):
             m = msg.content["metrics"]
-            row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(m["histogram"])}
+            row = {"kept": int(m["kept"]), "total": int(m["total"]), "histogram": list(scored[node]["histogram"])}
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
-            row.update(public[None if shared else node][1])
+            row.update(public[group(node)][1])
             report.clients[node] = row
-            say(f"  client {node}: kept {row['kept']}/{row['total']}")
-        self._enough(len(report.clients), "score")
+            say(f"  site {node}: kept {row['kept']}/{row['total']}")
+        self._enough(len(report.clients), "threshold")
+        report.warnings += guards(report.clients, ratio)
+        for warning in report.warnings:
+            say(f"warning: {warning}")
         summary = report.to_json()
         if "f1" in summary:
             say(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clues_flwr.baselines import baseline_scores, datainf_direction
 from clues_flwr.config import AppConfig, DataConfig, to_record
 from clues_flwr.data import Record
 from clues_flwr.log import say
@@ -17,7 +15,6 @@ from clues_flwr.model import cached, initial_adapter, resolve_model_name, set_ad
 from clues_flwr.partition import splits_for
 from clues_flwr.report import finish_run, open_run, per_round, resumable
 from clues_flwr.resume import RunState
-from clues_flwr.scoring import anchor_scores
 from clues_flwr.selection import CluesSelection, SelectionReport
 from clues_flwr.sources import load_records
 from clues_flwr.strategy import CluesTuning, tuning_strategy
@@ -57,14 +54,6 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
         return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
 
-    def score_baseline(method: str, adapter: dict) -> tuple:
-        set_adapter_state(model, adapter)
-        sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
-        direction = datainf_direction(model, tokenizer, public["validation"], **sizes) if method == "datainf" else None
-        return baseline_scores(
-            method, model, tokenizer, public["anchor"], seed=cfg.data.seed, direction=direction, **sizes
-        ), direction
-
     fed = cfg.federation
     config = {"run_config": dict(run), "base_model": resolve_model_name(cfg.model.name)}
     if cfg.output.resume_from:
@@ -85,15 +74,16 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
             SelectionReport.from_state(saved["report"], cfg.selection) if saved else SelectionReport.of(cfg.selection)
         )
     else:
-        selection = CluesSelection(
-            score_anchors=functools.partial(
-                anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=score
-            ),
+        selection = CluesSelection.from_public(
+            model,
+            tokenizer,
+            public["validation"],
+            public["anchor"],
+            seed=cfg.data.seed,
             score_config=score,
             selection=cfg.selection,
             train=train,
             mode=cfg.tune.mode,
-            score_baseline=score_baseline,
             min_available_nodes=fed.min_available_nodes,
             min_train_nodes=fed.min_train_nodes,
             fraction_train=fed.fraction_train,

@@ -50,6 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from clues_flwr.data import batches, demo_splits
 from clues_flwr.model import ModelSpec, adapter_state, build, device, load_base, load_tokenizer, set_adapter_state
 from clues_flwr.scoring import ScoreConfig, gamma_from_grads, scores, scoring_mode, scoring_names, validation_sums
+from clues_flwr.timing import timed
 from clues_flwr.train import to_device, train_steps, training
 from clues_flwr.trajectory import Checkpoint
 
@@ -172,20 +173,6 @@ def random_trajectory(model, names: list[str], n: int, seed: int) -> list[Checkp
 
 
 # --- the three scorers -------------------------------------------------------------------
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *args):
-    """(result, seconds) with the GPU's queued work included."""
-    sync()
-    start = time.perf_counter()
-    out = fn(*args)
-    sync()
-    return out, time.perf_counter() - start
 
 
 def batched(model, tok, train, val, traj, cfg):

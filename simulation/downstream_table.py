@@ -5,9 +5,9 @@ federation trains, under FedAvg, TIES and one-shot merging.
     python simulation/downstream_table.py --setups fedavg --set num-server-rounds=8
 
 Rows: mixed data (no selection), the oracle (clean records only), the baselines perplexity,
-IFD and DataInf, and CLUES; each at the app's defaults apart from ``selection`` and the
-setup. Cells: final test loss and exact-match answer accuracy on the public test set, and
-the share of the oracle's improvement over mixed data that the method recovers.
+IFD and DataInf, CLUES, and CLUES + perplexity (the app's default); each at the app's defaults
+apart from ``selection`` and the setup. Cells: final test loss and exact-match answer accuracy
+on the public test set, and the share of the oracle's improvement over mixed data that the method recovers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SETUPS = {
     "ties": {"mode": "federated", "aggregation": "ties"},
     "merge": {"mode": "merge", "aggregation": "ties"},
 }
-METHODS = ["none", "oracle", "perplexity", "ifd", "datainf", "clues"]
+METHODS = ["none", "oracle", "perplexity", "ifd", "datainf", "clues", "clues+perplexity"]
 NAMES = {
     "none": "mixed data",
     "oracle": "oracle",
@@ -31,6 +31,7 @@ NAMES = {
     "ifd": "IFD",
     "datainf": "DataInf",
     "clues": "CLUES",
+    "clues+perplexity": "CLUES + PPL (default)",
 }
 
 

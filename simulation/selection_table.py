@@ -44,9 +44,11 @@ from clues_flwr.bench import (
     separation,
     variant_scores,
 )
+from clues_flwr.config import SelectionConfig
 from clues_flwr.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
 BASELINES = ("perplexity", "ifd", "datainf", "random", "oracle")
+APP_DEFAULT = "CLUES + perplexity (sum)"  # the app's default selection, selection = "clues+perplexity"
 # Combined scores: (rule, signals), each signal standardised against its anchor scores.
 COMBINED = {
     "CLUES + perplexity (sum)": ("sum", (DEFAULT, "perplexity")),
@@ -149,6 +151,24 @@ def main(argv: list[str] | None = None) -> None:
             for m, s in sep.items()
         ],
     )
+    app_rule = rule_label((SelectionConfig.threshold_rule, SelectionConfig.histogram_fit))
+    app_row = next(r for r in rows if r["method"] == APP_DEFAULT and r["rule"] == app_rule)
+    table += (
+        f"\nEach site's kept share against its clean share under the app's default ({APP_DEFAULT}, {app_rule}):\n\n"
+    )
+    table += markdown_table(
+        ["site", "records", "clean share", "kept share", "difference (points)"],
+        [
+            [
+                site,
+                len(truth),
+                f"{100 * sum(truth) / len(truth):.1f}",
+                f"{100 * app_row['kept'][site] / len(truth):.1f}",
+                f"{100 * (app_row['kept'][site] - sum(truth)) / len(truth):+.1f}",
+            ]
+            for site, truth in bench.clean.items()
+        ],
+    )
     print("\n" + table)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         f1 = [r["f1"] for r in rows if r["rule"] == rule_label(rule)]
         left.bar(x + (j - (len(rules) - 1) / 2) * width, f1, width, label=rule_label(rule))
     left.set(ylabel="F1 (%)", title="F1 per method and rule", ylim=(0, 105))
-    default = rule_label(rules[1])
+    default = app_rule
     picked = [r for r in rows if r["rule"] == default]
     for j, metric in enumerate(("precision", "recall", "f1")):
         right.bar(x + (j - 1) * 0.27, [r[metric] for r in picked], 0.27, label=metric)

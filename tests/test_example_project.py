@@ -32,7 +32,9 @@ def test_the_example_project_selects_with_clues_and_tunes_with_its_own_fedprox(m
     kinds = [msg.metadata.message_type for _, msg in sent]
     assert kinds.count("train.clues_trace") == 2 * 2 and kinds.count("query.clues_score") == 2
     tune = [(node, msg.content["config"]) for node, msg in sent if msg.metadata.message_type == "train"]
-    assert len(tune) == 2 * 2 and all(c["proximal-mu"] == 0.1 and c["clues-selection"] == "clues" for _, c in tune)
+    assert len(tune) == 2 * 2 and all(
+        c["proximal-mu"] == 0.1 and c["clues-selection"] == "clues+perplexity" for _, c in tune
+    )
     assert sorted(report.clients) == [100, 101] and report.failures == []
     trained = {
         r.metadata.src_node_id: r.content["metrics"]["num-examples"]

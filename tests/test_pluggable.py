@@ -19,7 +19,7 @@ from clues_flwr.config import SelectionConfig
 from clues_flwr.data import batches
 from clues_flwr.local_grid import LocalGrid
 from clues_flwr.model import adapter_state, set_adapter_state
-from clues_flwr.scoring import ScoreConfig, anchor_scores
+from clues_flwr.scoring import ScoreConfig
 from clues_flwr.selection import CluesSelection
 from clues_flwr.strategy import CluesTuning
 from clues_flwr.train import TrainConfig
@@ -91,8 +91,11 @@ def their_client_app(trained: list) -> ClientApp:
 
 def selection_stage(model, tok) -> CluesSelection:
     cfg = ScoreConfig(modules=("c_attn",), batch_size=8, max_len=48)
-    return CluesSelection(
-        score_anchors=functools.partial(anchor_scores, model, tok, sums(12, seed=90), sums(6, seed=91), cfg=cfg),
+    return CluesSelection.from_public(
+        model,
+        tok,
+        sums(12, seed=90),
+        sums(6, seed=91),
         score_config=cfg,
         selection=SelectionConfig(trace_rounds=2),
         train=TrainConfig(learning_rate=1e-2, local_steps=3, batch_size=8, max_seq_len=48),

@@ -72,13 +72,20 @@ def test_federated_run_traces_scores_and_tunes(tmp_path):
 
 def test_clients_send_only_counts(tmp_path):
     grid, _ = run(tmp_path)
+    bins = SelectionConfig().histogram_bins
+    queries = [r for r in grid.replies if r.metadata.message_type.startswith("query.")]
+    assert {r.metadata.message_type for r in queries} == {"query.clues_score", "query.clues_threshold"}
+    for reply in queries:  # the score phase: counts only, no tensor, no per-record value
+        assert not reply.content.array_records and not reply.content.config_records
+        for metrics in reply.content.metric_records.values():
+            for key, value in metrics.items():
+                if isinstance(value, list):
+                    assert key == "histogram" and len(value) == bins + 2 and all(isinstance(c, int) for c in value)
+                else:
+                    assert isinstance(value, int) and key in ("total", "kept", "tp", "fp", "fn", "tn")
     for reply in grid.replies:
         content = reply.content
         assert not content.config_records, "no strings leave a client"
-        for metrics in content.metric_records.values():
-            for key, value in metrics.items():
-                if isinstance(value, list):
-                    assert key == "histogram" and len(value) == 12
         for name, arrays in content.array_records.items():
             for key, array in arrays.items():
                 assert ".lora_" in key, f"{name}/{key} is not an adapter or moment tensor"
@@ -156,7 +163,7 @@ def test_too_few_replies_skip_the_round(tmp_path):
 
 def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
     def nothing_passes(node, msg):
-        if node == 100 and msg.metadata.message_type == "query.clues_score":
+        if node == 100 and msg.metadata.message_type == "query.clues_threshold":
             msg.content["config"]["threshold"] = 1e30
 
     grid, folder = run(tmp_path, before=nothing_passes)
@@ -164,6 +171,7 @@ def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
     tune = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 100][-1]
     assert tune.content["metrics"]["num-examples"] == 0
     assert load(folder, "metrics.json")["failures"] == []
+    assert any("site 100 kept none of its" in w for w in load(folder, "selection.json")["warnings"])
 
 
 @pytest.mark.parametrize("poison", ["nan", "shape", "key"])

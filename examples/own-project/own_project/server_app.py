@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from logging import INFO
 
 from flwr.app import ArrayRecord, Context
@@ -12,7 +11,7 @@ from flwr.serverapp.strategy import FedProx
 from peft import get_peft_model_state_dict
 
 from clues_flwr.config import SelectionConfig
-from clues_flwr.scoring import ScoreConfig, anchor_scores
+from clues_flwr.scoring import ScoreConfig
 from clues_flwr.selection import CluesSelection
 from clues_flwr.strategy import CluesTuning
 from clues_flwr.train import TrainConfig
@@ -28,8 +27,11 @@ def main(grid: Grid, context: Context):
     validation, anchors = sums(30, seed=1000), sums(10, seed=1001)  # public and clean
     initial = ArrayRecord({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
     score = ScoreConfig(max_len=48)
-    selection = CluesSelection(
-        score_anchors=partial(anchor_scores, model, tokenizer, validation, anchors, cfg=score),
+    selection = CluesSelection.from_public(
+        model,
+        tokenizer,
+        validation,
+        anchors,
         score_config=score,
         selection=SelectionConfig(trace_rounds=int(run["trace-rounds"])),
         train=TrainConfig(learning_rate=float(run["learning-rate"]), local_steps=int(run["local-steps"]), batch_size=8),
