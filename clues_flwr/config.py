@@ -138,9 +138,11 @@ class OutputConfig:
     output_dir: str = "runs"
     resume_from: str = ""
     max_new_tokens: int = 12
+    evaluate_every: int = 1  # tuning rounds between evaluations (central and on the sites); the last always
+    save_every: int = 1  # tuning rounds between saves of the run state; the last always
 
     def __post_init__(self):
-        require("max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1")
+        at_least(self, 1, "max-new-tokens", "evaluate-every", "save-every")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -13,16 +14,13 @@ from clues_flwr.log import say
 from clues_flwr.metrics import answer_accuracy, eval_loss
 from clues_flwr.model import cached, initial_adapter, resolve_model_name, set_adapter_state
 from clues_flwr.partition import splits_for
-from clues_flwr.report import finish_run, open_run, per_round, resumable
-from clues_flwr.resume import RunState
+from clues_flwr.report import finish_run, per_round
+from clues_flwr.resume import RoundHook, Start
 from clues_flwr.selection import CluesSelection, SelectionReport
 from clues_flwr.sources import load_records
 from clues_flwr.strategy import CluesTuning, tuning_strategy
 
 app = ServerApp()
-# Keys a resumed run may change: how far to go, and where the run folder was looked up.
-RESUME_FREE = ("num-server-rounds", "resume-from", "output-dir")
-SERVER = "evaluate_metrics_serverapp"  # the central evaluation, named as in Flower's Result
 
 
 def public_sets(data: DataConfig) -> dict[str, list[Record]]:
@@ -45,52 +43,31 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     cfg = AppConfig.from_run_config(run)
     model, tokenizer = cached(cfg.model)
     public = public_sets(cfg.data)
-    score, train = cfg.score, cfg.train
-
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        set_adapter_state(model, arrays.to_torch_state_dict())
-        loss = eval_loss(model, tokenizer, public["test"], train.batch_size, score.max_len)
-        accuracy = answer_accuracy(model, tokenizer, public["test"], 4 * train.batch_size, cfg.output.max_new_tokens)
-        say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
-        return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})
-
     fed = cfg.federation
-    config = {"run_config": dict(run), "base_model": resolve_model_name(cfg.model.name)}
-    if cfg.output.resume_from:
-        run_dir = resumable(Path(cfg.output.resume_from).expanduser().resolve(), config, RESUME_FREE)
-    else:
-        run_dir = open_run(Path(cfg.output.output_dir).expanduser().resolve(), run_id, config)
-    store = RunState(run_dir)
-    saved = store.load()
+    start = Start.open(cfg.output, {"run_config": dict(run), "base_model": resolve_model_name(cfg.model.name)}, run_id)
     initial = ArrayRecord(initial_adapter(cfg.model))
-    rounds = 1 if cfg.tune.mode == "merge" else cfg.tune.num_server_rounds
-    first = saved["round"] + 1 if saved and saved.get("adapter") else 1
-    if saved:
-        say(f"resume: {run_dir} stands after tuning round {saved['round']}")
-
-    public_info = saved.get("public") if saved else None
-    if cfg.selection.method in ("none", "oracle") or first > rounds:
-        report = (
-            SelectionReport.from_state(saved["report"], cfg.selection) if saved else SelectionReport.of(cfg.selection)
-        )
-    else:
+    last = 1 if cfg.tune.mode == "merge" else cfg.tune.num_server_rounds
+    report = SelectionReport.from_state(start.saved["report"], cfg.selection) if start.saved else None
+    public_info = start.saved.get("public") if start.saved else None
+    if cfg.selection.method not in ("none", "oracle") and start.first_round <= last:
         selection = CluesSelection.from_public(
             model,
             tokenizer,
             public["validation"],
             public["anchor"],
             seed=cfg.data.seed,
-            score_config=score,
+            score_config=cfg.score,
             selection=cfg.selection,
-            train=train,
+            train=cfg.train,
             mode=cfg.tune.mode,
             min_available_nodes=fed.min_available_nodes,
             min_train_nodes=fed.min_train_nodes,
             fraction_train=fed.fraction_train,
             timeout=fed.round_timeout,
         )
-        report = selection.run(grid, initial, store if cfg.tune.mode == "federated" else None)
+        report = selection.run(grid, initial, start.store if cfg.tune.mode == "federated" else None)
         public_info = selection.public_info
+    report = report or SelectionReport.of(cfg.selection)
 
     strategy = CluesTuning(
         tuning_strategy(
@@ -103,36 +80,30 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
             min_available_nodes=fed.min_available_nodes,
         ),
         report,
-        first_round=first,
+        first_round=start.first_round,
+        evaluate_every=cfg.output.evaluate_every,
+        last_round=last,
     )
-    history = history_from(saved["history"]) if first > 1 else {}
     for name, metrics in strategy.history.items():
-        metrics.update(history.get(name, {}))
-    server_metrics = history.get(SERVER, {})
-    arrays = ArrayRecord(saved["adapter"]) if first > 1 else initial
-
-    def after_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's per-round hook: central evaluation, then the run state for a resume."""
-        server_round = flower_round + first - 1
-        if flower_round == 0 and first > 1:
-            return None  # the adapter a resumed run starts from was evaluated before the stop
-        metrics = server_metrics[server_round] = central_evaluate(server_round, arrays)
-        if flower_round > 0:
-            state = {"round": server_round, "public": public_info, "report": report.to_state()}
-            state["history"] = history_json(strategy.history, server_metrics)
-            store.save(state, arrays.to_torch_state_dict())
-        return metrics
-
-    tune_config = ConfigRecord({**to_record(train), "mode": cfg.tune.mode})
-    result = strategy.start(
-        grid, arrays, max(rounds - first + 1, 0), fed.round_timeout, tune_config, evaluate_fn=after_round
+        metrics.update(start.history().get(name, {}))
+    hook = RoundHook(
+        start,
+        functools.partial(central_evaluate, model, tokenizer, public["test"], cfg),
+        strategy.history,
+        lambda: {"public": public_info, "report": report.to_state()},
+        last,
+        cfg.output.evaluate_every,
+        cfg.output.save_every,
     )
-    final = result.arrays or arrays
-    if first <= rounds and not result.arrays:
+    arrays = start.adapter(initial)
+    tune_config = ConfigRecord({**to_record(cfg.train), "mode": cfg.tune.mode})
+    rounds = max(last - start.first_round + 1, 0)
+    result = strategy.start(grid, arrays, rounds, fed.round_timeout, tune_config, evaluate_fn=hook)
+    if rounds and not result.arrays:
         say("no tuning round produced an aggregate: the run folder keeps the adapter it started from")
-    set_adapter_state(model, final.to_torch_state_dict())
-    table = per_round(*strategy.history.values(), server_metrics)
-    run_dir = finish_run(run_dir, model, table, report.to_state())
+    set_adapter_state(model, (result.arrays or arrays).to_torch_state_dict())
+    table = per_round(*strategy.history.values(), hook.server)
+    run_dir = finish_run(start.run_dir, model, table, report.to_state())
     say("per-round metrics:")
     for row in table:
         say("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -145,11 +116,10 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     return run_dir
 
 
-def history_json(history: dict[str, dict[int, MetricRecord]], server: dict[int, MetricRecord]) -> dict:
-    """The metrics so far, per round, as the run state keeps them."""
-    rows = {**history, SERVER: server}
-    return {name: {str(r): dict(m) for r, m in per.items()} for name, per in rows.items()}
-
-
-def history_from(saved: dict) -> dict[str, dict[int, MetricRecord]]:
-    return {name: {int(r): MetricRecord(m) for r, m in per.items()} for name, per in saved.items()}
+def central_evaluate(model, tokenizer, test: list[Record], cfg: AppConfig, server_round: int, arrays: ArrayRecord):
+    """Test loss and exact-match accuracy of the global adapter on the public test set."""
+    set_adapter_state(model, arrays.to_torch_state_dict())
+    loss = eval_loss(model, tokenizer, test, cfg.train.batch_size, cfg.score.max_len)
+    accuracy = answer_accuracy(model, tokenizer, test, 4 * cfg.train.batch_size, cfg.output.max_new_tokens)
+    say(f"round {server_round}: test loss {loss:.4f}, test accuracy {accuracy:.3f}")
+    return MetricRecord({"test-loss": loss, "test-accuracy": accuracy})

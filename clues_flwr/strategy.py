@@ -93,11 +93,22 @@ class CluesTuning(Strategy):
     first_round : int
         The first tuning round; a resumed run continues after its last saved round, and the
         wrapped strategy and the clients see the true round numbers.
+    evaluate_every, last_round : int, optional
+        Evaluate on the sites only every ``evaluate_every`` tuning rounds and after
+        ``last_round`` (a generation pass over held-out records can cost more than a round).
     """
 
-    def __init__(self, strategy: Strategy, report: SelectionReport, first_round: int = 1):
+    def __init__(
+        self,
+        strategy: Strategy,
+        report: SelectionReport,
+        first_round: int = 1,
+        evaluate_every: int = 1,
+        last_round: int | None = None,
+    ):
         self.strategy, self.report = strategy, report
         self.offset = first_round - 1
+        self.evaluate_every, self.last_round = evaluate_every, last_round
         self.screen = Screen(report.failures, getattr(strategy, "weighted_by_key", "num-examples"))
         self.min_train_nodes = getattr(strategy, "min_train_nodes", 1)
         # per true round, named as Flower's Result names them (it numbers a resumed run from 1)
@@ -141,7 +152,10 @@ class CluesTuning(Strategy):
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        true_round = server_round + self.offset
+        if true_round % self.evaluate_every and true_round != self.last_round:
+            return []
+        return self.strategy.configure_evaluate(true_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The wrapped strategy's, except the clean held-out loss: a mean over each site's

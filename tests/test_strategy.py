@@ -468,3 +468,42 @@ def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
     cfg = run_config(tmp_path / "runs", **{"resume-from": str(empty)})
     with pytest.raises(ValueError, match="no saved state"):
         server_app.run_clues(LocalGrid(client_app.app, demo_nodes(NUM_NODES), cfg), cfg)
+
+
+def test_evaluate_and_save_every_n_rounds_and_resume_from_the_last_save(tmp_path, caplog, monkeypatch):
+    every = {"num-server-rounds": 5, "evaluate-every": 2, "save-every": 2, "fraction-evaluate": 1.0}
+    cfg = run_config(tmp_path / "stopped", **every)
+    saves, original = [], server_app.RoundHook.__call__
+
+    def noting(hook, flower_round, arrays):
+        metrics = original(hook, flower_round, arrays)
+        state = hook.start.store.load()
+        saves.append(state["round"] if state and state.get("adapter") else None)
+        return metrics
+
+    monkeypatch.setattr(server_app.RoundHook, "__call__", noting)
+    grid = StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=4)
+    with caplog.at_level("INFO"), pytest.raises(Stopped):
+        server_app.run_clues(grid, cfg)
+    assert saves == [None, None, 2, 2], "saved after round 2 only (round 3 is not due)"
+    assert "round 3/5: train loss" in caplog.text and "ETA" in caplog.text
+    evaluated = [m.metadata.message_type for m in grid.replies if m.metadata.message_type == "evaluate"]
+    assert len(evaluated) == NUM_NODES, "the sites evaluate in round 2 only, before the stop"
+
+    (partial,) = (tmp_path / "stopped").iterdir()
+    resumed = {**cfg, "resume-from": str(partial)}
+    trained = []
+    grid = LocalGrid(
+        client_app.app,
+        demo_nodes(NUM_NODES),
+        resumed,
+        before=lambda node, msg: (
+            msg.metadata.message_type == "train" and trained.append(msg.content["config"]["server-round"])
+        ),
+    )
+    folder = server_app.run_clues(grid, resumed)
+    assert sorted(set(trained)) == [3, 4, 5], "from the round after the last save"
+    rows = load(folder, "metrics.json")["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5], "each round once"
+    assert [r["round"] for r in rows if "test-loss" in r] == [0, 2, 4, 5]
+    assert [r["round"] for r in rows if "heldout-loss" in r] == [2, 4, 5]
