@@ -42,6 +42,8 @@ from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
 from clues_flwr.partition import splits_for
 from clues_flwr.scoring import ScoreConfig, scores, scoring_names
 from clues_flwr.sources import load_records, parse_mapping
+from clues_flwr.threads import threads_mod
+from clues_flwr.timing import timing_mod
 from clues_flwr.train import TrainConfig, train_steps, training
 from clues_flwr.trajectory import checkpoint, moments
 
@@ -257,7 +259,7 @@ def demo_site(context: Context) -> Site:
     return Site(model, tokenizer, local_split(context)[0])
 
 
-app = ClientApp()
+app = ClientApp(mods=[threads_mod, timing_mod])
 CluesClient(demo_site).register(app)
 
 

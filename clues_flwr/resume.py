@@ -27,6 +27,7 @@ from clues_flwr import trajectory as traj
 from clues_flwr.config import OutputConfig
 from clues_flwr.log import say
 from clues_flwr.report import open_run, resumable
+from clues_flwr.timing import note, timing_enabled
 from clues_flwr.trajectory import Checkpoint
 
 STATE = "state.json"
@@ -135,6 +136,10 @@ class Start:
         return {name: {int(r): MetricRecord(m) for r, m in per.items()} for name, per in self.saved["history"].items()}
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 class RoundHook:
     """Flower's per-round ``evaluate_fn`` for the tuning rounds: the central evaluation every
     ``evaluate-every`` rounds (and before the first and after the last), the run state every
@@ -168,6 +173,7 @@ class RoundHook:
 
     def __call__(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = flower_round + self.first - 1
+        begun = time.time()
         metrics = None
         if flower_round == 0:
             if self.first == 1:  # a resumed run's starting adapter was evaluated before the stop
@@ -184,6 +190,8 @@ class RoundHook:
             self.seconds.append(now - self._clock)
             self.progress(server_round)
         self._clock = now
+        if timing_enabled():
+            note("server round hook", begun, time.time(), round=server_round, run_dir=folder_bytes(self.start.run_dir))
         return metrics
 
     def progress(self, server_round: int) -> None:

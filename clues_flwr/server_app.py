@@ -19,6 +19,7 @@ from clues_flwr.resume import RoundHook, Start
 from clues_flwr.selection import CluesSelection, SelectionReport
 from clues_flwr.sources import load_records
 from clues_flwr.strategy import CluesTuning, tuning_strategy
+from clues_flwr.threads import limit_threads
 
 app = ServerApp()
 
@@ -40,6 +41,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder.
     Every setting is checked, and the public sets read, before the run folder exists."""
+    limit_threads()
     cfg = AppConfig.from_run_config(run)
     model, tokenizer = cached(cfg.model)
     public = public_sets(cfg.data)

@@ -29,6 +29,7 @@ from clues_flwr.log import say
 from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, SELECTION_FLAG
 from clues_flwr.screen import Screen
 from clues_flwr.selection import SelectionReport
+from clues_flwr.timing import span
 
 
 class _Merged(FedAvg):
@@ -146,7 +147,8 @@ class CluesTuning(Strategy):
                 where, None, f"only {len(usable)} usable replies, {self.min_train_nodes} needed: round not aggregated"
             )
             return None, None
-        arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, usable)
+        with span("server aggregate"):
+            arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, usable)
         if metrics is not None:
             self.history["train_metrics_clientapp"][server_round + self.offset] = metrics
         return arrays, metrics

@@ -38,14 +38,10 @@ import gc
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
@@ -55,6 +51,7 @@ import torch
 from clues_flwr.bench import parse_set, run_config
 from clues_flwr.model import ModelSpec, adapter_state, build, device, set_adapter_state
 from clues_flwr.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
+from clues_flwr.simulate import flwr_run, run_logged, write_run_config
 from clues_flwr.timing import peak_memory, reset_peak, timed
 from clues_flwr.train import TrainConfig, to_device
 from clues_flwr.trajectory import checkpoint
@@ -288,129 +285,23 @@ def part_llama(args, deadline: float) -> dict:
 # --- flwr: the app under `flwr run` ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml_value(v) -> str:
-    """A run-config value as TOML (a JSON string is a TOML basic string)."""
-    if isinstance(v, bool):
-        return str(v).lower()
-    return json.dumps(v) if isinstance(v, str) else repr(v)
-
-
-def process_groups(pid: int) -> set[int]:
-    """The process group ``pid`` leads and those of all its descendants, from Linux's /proc. The
-    SuperLink's SuperExec leads a session of its own, and the simulation's Ray processes in
-    it outlive a SuperLink stopped mid-run unless their group is stopped too."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            _, ppid, pgid = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(int(ppid), []).append((int(stat.parent.name), int(pgid)))
-    groups, todo = {pid}, [pid]
-    while todo:
-        for child, pgid in children.get(todo.pop(), []):
-            groups.add(pgid)
-            todo.append(child)
-    return groups
-
-
-def signal_groups(groups: set[int], sig: int) -> set[int]:
-    """The groups that still had a process to signal."""
-    alive = set()
-    for g in groups:
-        try:
-            os.killpg(g, sig)
-            alive.add(g)
-        except ProcessLookupError:
-            pass
-    return alive
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to ``proc`` (started with ``start_new_session``) and every descendant's
-    process group, SIGKILL to what is left after 20 s (Ray's agents ignore SIGTERM)."""
-    groups = signal_groups(process_groups(proc.pid), signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while groups and time.monotonic() < deadline:
-        time.sleep(0.2)
-        proc.poll()  # reaps the leader, whose zombie would keep its group alive
-        groups = signal_groups(groups, 0)
-    signal_groups(groups, signal.SIGKILL)
-    proc.wait()
-
-
-def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> tuple[int | None, str]:
-    """(exit status or None when stopped at ``timeout``, output), the output also in ``log``."""
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            rc = None
-        stop(proc)
-    return rc, log.read_text(errors="replace")
-
-
 def failed(rc: int | None, output: str, what: str, timeout: float) -> str:
     why = f"stopped at the budget after {timeout:.0f} s" if rc is None else f"exit status {rc}"
     return f"{what}: {why}\n{output[-LOG_TAIL:]}"
 
 
-def superlink(home: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
-    """A simulation SuperLink on ``port``, up and healthy; the caller stops it."""
-    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                raise RuntimeError(f"flower-superlink did not come up:\n{log.read_text()[-LOG_TAIL:]}") from None
-            time.sleep(0.5)
-
-
 def part_flwr(args, deadline: float) -> dict:
-    """The SuperLink is named in a fresh ``FLWR_HOME``'s config.toml by its address, not as
-    ``:local:``: a ``:local:`` connection that finds no SuperLink starts a detached one of
-    its own, which would outlive this script."""
+    """The demo app under ``flwr run`` with the sites sharing the GPU."""
     work = args.work / "flwr"
     work.mkdir(parents=True, exist_ok=True)
     config = {"num-server-rounds": args.rounds, "trace-rounds": args.rounds, "output-dir": str(work / "runs")}
     config |= parse_set(args.set)
-    config_file = work / "run-config.toml"
-    config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
+    config_file = write_run_config(work / "run-config.toml", config)
     federation = f"num-supernodes={args.sites} client-resources-num-gpus={args.gpu_share}"
-    with tempfile.TemporaryDirectory(prefix="gpu-check-flwr-home-") as home:
-        home, port = Path(home), free_port()
-        connection = f'[superlink]\ndefault = "gpu-check"\n\n[superlink.gpu-check]\naddress = "127.0.0.1:{port}"\n'
-        (home / "config.toml").write_text(connection + "insecure = true\n")
-        env = {
-            **os.environ,
-            "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
-        link = superlink(home, port, env, work / "superlink.log")
-        try:
-            cmd = ["flwr", "run", str(ROOT), "gpu-check", "--stream", "--run-config", str(config_file)]
-            cmd += ["--federation-config", federation]
-            timeout = deadline - time.perf_counter()
-            start = time.perf_counter()
-            rc, output = run_logged(cmd, work / "flwr-run.log", env, timeout)
-            wall = time.perf_counter() - start
-        finally:
-            stop(link)
+    timeout = deadline - time.perf_counter()
+    start = time.perf_counter()
+    rc, output = flwr_run(ROOT, config_file, federation, work, timeout)
+    wall = time.perf_counter() - start
     found = re.search(r"\[clues\] run folder: (\S+)", output)
     if rc != 0 or not found:
         raise RuntimeError(failed(rc, output, "flwr run", timeout))

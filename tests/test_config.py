@@ -6,11 +6,14 @@ import dataclasses
 import json
 
 import pytest
+import torch
+from flwr.app import Context, RecordDict
 
 from clues_flwr import client_app, server_app
 from clues_flwr.config import AppConfig, all_keys, from_mapping, key_of, sections, to_record
 from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
 from clues_flwr.scoring import ScoreConfig
+from clues_flwr.threads import thread_count, threads_mod
 from clues_flwr.train import TrainConfig
 
 
@@ -73,3 +76,24 @@ def test_a_bad_value_stops_the_run_before_a_run_folder_exists(tmp_path, key, val
     with pytest.raises(ValueError, match=key):
         server_app.run_clues(LocalGrid(client_app.app, demo_nodes(2), cfg), cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_thread_count_comes_from_what_the_process_was_given():
+    assert thread_count({"num-threads": 3}, {"OMP_NUM_THREADS": "8"}, 64) == 3, "the node config first"
+    assert thread_count({}, {"OMP_NUM_THREADS": "2"}, 64) == 2, "then the environment (Ray sets it per actor)"
+    assert thread_count({}, {}, 2) == 1, "one thread on a machine with few cores"
+    assert thread_count({}, {}, 32) is None, "torch's own choice on a big one"
+    with pytest.raises(ValueError, match="num-threads .* at least 1, got 'many'"):
+        thread_count({"num-threads": "many"}, {}, 2)
+
+
+def test_threads_mod_sets_the_count_before_the_handler():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        context = Context(run_id=1, node_id=5, node_config={"num-threads": 1}, state=RecordDict(), run_config={})
+        seen = []
+        threads_mod(None, context, lambda msg, ctx: seen.append(torch.get_num_threads()))
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
