@@ -10,6 +10,7 @@ held-out loss.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
@@ -166,6 +167,7 @@ class CluesClient:
     def score(self, msg: Message, context: Context) -> Message:
         """Score every record; the scores stay on the node, only a histogram of them leaves
         (over the server's edges), from which the server may set τ."""
+        begun = time.monotonic()
         content = msg.content
         cfg = content["config"]
         site = self.site(context)
@@ -175,7 +177,11 @@ class CluesClient:
             per_signal = [standardise(s, list(cfg[f"anchor-scores-{n}"])) for n, s in zip(signals, per_signal)]
         s = combine(per_signal) if len(per_signal) > 1 else per_signal[0]
         context.state[SCORES_KEY] = ArrayRecord({"scores": s.double().contiguous()})
-        metrics = {"total": len(s), "histogram": histogram(s.tolist(), list(cfg["histogram-edges"]))}
+        metrics = {
+            "total": len(s),
+            "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
+            "seconds": time.monotonic() - begun,
+        }
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     def threshold(self, msg: Message, context: Context) -> Message:

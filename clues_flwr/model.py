@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -25,6 +26,9 @@ from clues_flwr.checks import one_of, require
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 )
+
+# A deprecation inside transformers/peft that this app cannot act on, repeated by every Ray actor.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEMO_MODEL = ":demo:"
 QUANTIZATIONS = ("8bit", "4bit", "none")
@@ -108,7 +112,9 @@ def load_tokenizer(name: str):
 def load_base(name: str, quantization: str):
     """The frozen base model; 8/4-bit through bitsandbytes on whichever device is here."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per process and model
     dev = device()
     compute = torch.bfloat16 if dev.type == "cuda" else torch.float32
     kwargs: dict = {"device_map": {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}}

@@ -440,7 +440,8 @@ class CluesSelection:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
             row.update(public[group(node)][1])
             report.clients[node] = row
-            say(f"  site {node}: kept {row['kept']}/{row['total']}")
+            seconds = float(scored[node]["seconds"])
+            say(f"  site {node}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
         self._enough(len(report.clients), "threshold")
         report.warnings += guards(report.clients, ratio)
         for warning in report.warnings:

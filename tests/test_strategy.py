@@ -81,6 +81,8 @@ def test_clients_send_only_counts(tmp_path):
             for key, value in metrics.items():
                 if isinstance(value, list):
                     assert key == "histogram" and len(value) == bins + 2 and all(isinstance(c, int) for c in value)
+                elif key == "seconds":
+                    assert isinstance(value, float), "how long scoring took"
                 else:
                     assert isinstance(value, int) and key in ("total", "kept", "tp", "fp", "fn", "tn")
     for reply in grid.replies:
