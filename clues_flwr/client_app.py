@@ -55,7 +55,18 @@ TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same n
 
 @dataclass
 class Site:
-    """What CLUES needs of a site: a PEFT model, its tokenizer, the records to select from."""
+    """What CLUES needs of a site.
+
+    Parameters
+    ----------
+    model : PeftModel
+        The base model with LoRA on the scoring modules (``q_proj``/``v_proj`` by default).
+    tokenizer : PreTrainedTokenizer
+        Its tokenizer (a pad token is needed; the EOS token is used when there is none).
+    records : list[Record]
+        The records to select from, ``{"instruction", "input", "output"}`` or
+        ``{"prompt", "output"}``; the same list, in the same order, in every phase.
+    """
 
     model: Any
     tokenizer: Any
@@ -110,7 +121,14 @@ class CluesClient:
     ``@app.train()``, which trains on ``selected_records``.
 
     The hyperparameters come in each message's config, so a project needs no run-config
-    keys of its own. The selection stays on the node (``context.state``); only counts leave.
+    keys of its own. The scores and the selection stay on the node (``context.state``); only
+    counts leave.
+
+    Parameters
+    ----------
+    site : Callable[[Context], Site]
+        The site's PEFT model, tokenizer and records for a message's context; called by
+        every handler, so cache the model (as ``clues_flwr.model.cached`` does).
     """
 
     def __init__(self, site: Callable[[Context], Site]):

@@ -186,7 +186,11 @@ def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tupl
 
 
 def prompt(record: Record) -> str:
-    """The Alpaca-style prompt that precedes the answer."""
+    """The text that precedes the answer: the record's own ``prompt`` when it has one (a
+    project with its own template formats it there, so CLUES traces and scores the text
+    the project trains on), else the Alpaca-style template."""
+    if "prompt" in record:
+        return record["prompt"]
     if record.get("input"):
         return f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
     return f"### Instruction:\n{record['instruction']}\n\n### Response:\n"

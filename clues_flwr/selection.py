@@ -67,8 +67,26 @@ Public = dict[int | None, tuple[RecordDict, dict]]
 
 @dataclasses.dataclass
 class SelectionReport:
-    """What the selection stage learned: the rule, each site's counts (never a record or
-    a per-record score), the trace rounds' metrics and every failure."""
+    """What the selection stage learned: never a record or a per-record score.
+
+    Parameters
+    ----------
+    method, threshold_rule : str
+        The scorer (``clues``, ``clues+perplexity``, a baseline) and the threshold rule.
+    target_recall, keep_ratio : float
+        The anchor-quantile target (also the histogram rule's fallback) and the fixed share
+        (0: the threshold).
+    clients : dict[int, dict]
+        Per node: ``kept``, ``total``, the score histogram, τ, the histogram edges, the anchor
+        scores and, for labelled records, ``tp fp fn tn``.
+    trace : dict[int, dict]
+        The trace rounds' aggregated metrics.
+    failures : list[dict]
+        Every reply a phase could not use (``where``, ``node``, ``reason``).
+    warnings : list[str]
+        Sites that kept nothing or everything, records passing τ more often than the anchors,
+        a histogram rule that fell back to the anchors.
+    """
 
     method: str
     threshold_rule: str
@@ -152,7 +170,17 @@ class TraceStrategy(FedAvg):
     """FedAvg on all records whose rounds make the global trajectory; run by Flower's
     ``start``. Clients answer ``train.clues_trace`` with their adapter and the scoring
     layer's moments; each round's aggregate and the example-weighted mean of the moments
-    are a checkpoint."""
+    are a checkpoint.
+
+    Parameters
+    ----------
+    screen : Screen
+        Where unusable replies are rejected and reported.
+    train : TrainConfig
+        The trace rounds' hyperparameters (the checkpoints' learning rate and weight decay).
+    **fedavg_kwargs
+        FedAvg's own (sampling, minimum nodes).
+    """
 
     def __init__(self, screen: Screen, train: TrainConfig, **fedavg_kwargs: Any):
         super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)

@@ -59,7 +59,15 @@ class _Merged(FedAvg):
 
 class FedTies(_Merged):
     """FedAvg with TIES-merging of the clients' updates (trim to ``ties_density``, elect
-    signs, average the agreeing entries)."""
+    signs, average the agreeing entries).
+
+    Parameters
+    ----------
+    ties_density : float
+        Share of each update's entries kept (by magnitude) before the sign election.
+    **fedavg_kwargs
+        FedAvg's own (sampling, minimum nodes, ``weighted_by_key``).
+    """
 
     method = "ties"
 

@@ -19,6 +19,24 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class Checkpoint:
+    """One point of a trajectory.
+
+    Parameters
+    ----------
+    adapter : dict[str, Tensor]
+        θ_t, the LoRA weights (PEFT state-dict names).
+    exp_avg, exp_avg_sq : dict[str, Tensor]
+        m_t and v_t of the scoring layer's parameters, by parameter name.
+    step, lr, weight_decay : int, float, float
+        AdamW's step count (for bias correction), η_t and λ.
+    round : int
+        The trace round (or local checkpoint) it comes from.
+    betas, eps : tuple[float, float], float
+        AdamW's.
+    meta : dict
+        Anything else worth keeping with it (JSON).
+    """
+
     adapter: dict[str, torch.Tensor]
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]

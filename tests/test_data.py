@@ -108,6 +108,15 @@ def test_encode_masks_the_prompt_and_keeps_the_answer():
     assert (batch["labels"][1, 6:] == -100).all()
 
 
+def test_a_record_with_its_own_prompt_is_encoded_with_it():
+    tok = load_tokenizer(":demo:")
+    own = {"instruction": "ignored", "prompt": "Question: 2 + 3\nAnswer: ", "output": "5"}
+    ids, labels = encode(own, tok, max_len=96)
+    answer = tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids[1 : -len(answer)]) == own["prompt"] == prompt(own)
+    assert labels[-len(answer) :] == answer and all(label == -100 for label in labels[: -len(answer)])
+
+
 def test_per_record_keeps_record_order_and_batches_by_length():
     tok = load_tokenizer(":demo:")
     records = demo_splits(num_clients=0).test[:40]

@@ -34,15 +34,22 @@ def sums(count: int, seed: int, wrong: float = 0.0) -> list[dict]:
         a, b = rng.randrange(100), rng.randrange(100)
         bad = rng.random() < wrong
         answer = a + b + rng.randrange(1, 20) if bad else a + b
+        question = {"instruction": "Add.", "input": f"{a} + {b}"}
+        # the formatted prompt travels with the record, so CLUES scores the text they train on
         records.append(
-            {"instruction": "Add.", "input": f"{a} + {b}", "output": str(answer), "quality": "low" if bad else "high"}
+            {
+                **question,
+                "prompt": TEMPLATE.format(**question),
+                "output": str(answer),
+                "quality": "low" if bad else "high",
+            }
         )
     return records
 
 
 def encode(record: dict, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Their template; the loss is on the answer and the end-of-text token."""
-    prompt = tokenizer(TEMPLATE.format(**record), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
     answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor(prompt + answer)
     labels = torch.tensor([-100] * len(prompt) + answer)
