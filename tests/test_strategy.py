@@ -450,14 +450,16 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     )
     # Round 3 against a run never stopped: two uninterrupted runs already differ by 1e-7 to
     # 1e-4 here (CPU float reductions, 8-bit kernels), while one round of training moves the
-    # loss by percents, so 2e-3 tells a correct resume from a wrong starting adapter.
+    # loss by percents, so 2e-3 tells a correct resume from a wrong starting adapter. In the
+    # adapters the same noise reaches 1.4e-4 in a rare entry, while a round of AdamW steps at
+    # lr 3e-3 moves entries by ~1e-3 or more: atol 5e-4 still tells them apart.
     assert got[3].keys() == want[3].keys()
     assert got[3]["test-loss"] == pytest.approx(want[3]["test-loss"], rel=2e-3)
     assert abs(got[3]["test-loss"] - got[2]["test-loss"]) > 2e-3 * got[3]["test-loss"]
     resumed, never_stopped = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (folder, whole))
     assert resumed.keys() == never_stopped.keys()
     for key, value in never_stopped.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(resumed[key], value, rtol=1e-2, atol=5e-4)
 
 
 def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
