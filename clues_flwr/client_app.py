@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from clues_flwr.baselines import baseline_scores, keep_top
 from clues_flwr.combine import combine, standardise
 from clues_flwr.config import DataConfig, from_mapping
 from clues_flwr.data import Record, split_heldout
+from clues_flwr.log import say
 from clues_flwr.messages import (
     CLEAN_EXAMPLES_KEY,
     CLEAN_LOSS_KEY,
@@ -218,6 +220,7 @@ class CluesClient:
         metrics = {"kept": sum(keep), "total": len(keep)}
         if site.records and all("quality" in r for r in site.records):
             metrics.update(confusion(keep, [r["quality"] == "high" for r in site.records]))
+        say(f"site {site_name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @staticmethod
@@ -246,6 +249,14 @@ class CluesClient:
 def _reply(msg: Message, site: Site, metrics: dict) -> Message:
     content = RecordDict({"arrays": ArrayRecord(adapter_state(site.model)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+def site_name(context: Context) -> str:
+    """How the site's own console names it: its ``data-path`` file's stem, or its partition."""
+    node = context.node_config
+    if node.get("data-path"):
+        return Path(str(node["data-path"])).stem
+    return f"partition {node['partition-id']}" if "partition-id" in node else "(unnamed)"
 
 
 def site_records(context: Context) -> list[Record]:

@@ -34,7 +34,7 @@ def unseen_script(rng: random.Random) -> str:
     return " ".join("".join(chr(rng.randrange(0x10D0, 0x10F0)) for _ in range(rng.randint(3, 8))) for _ in range(6))
 
 
-def test_the_default_selection_drops_junk_sites(tmp_path):
+def test_the_default_selection_drops_junk_sites(tmp_path, caplog):
     nodes = {100 + i: {"partition-id": i, "num-partitions": DEMO_SITES} for i in range(DEMO_SITES)}
     nodes[200] = {"data-path": str(junk_site(tmp_path / "noise.jsonl", noise))}
     nodes[201] = {"data-path": str(junk_site(tmp_path / "script.jsonl", unseen_script, seed=1))}
@@ -49,10 +49,13 @@ def test_the_default_selection_drops_junk_sites(tmp_path):
         "fraction-evaluate": 0.0,
         "output-dir": str(tmp_path / "runs"),
     }
-    folder = run_clues(LocalGrid(client_app.app, nodes, run), run)
+    with caplog.at_level("INFO"):
+        folder = run_clues(LocalGrid(client_app.app, nodes, run), run)
     clients = json.loads((folder / "selection.json").read_text())["clients"]
     for junk in ("200", "201"):
         assert clients[junk]["kept"] <= 0.05 * clients[junk]["total"], (junk, clients[junk])
+    assert f"site noise (node 200): kept {clients['200']['kept']}/" in caplog.text, "named by its file"
+    assert "site partition 1 (node 101): kept" in caplog.text
     demo_kept = sum(clients[str(n)]["kept"] for n in range(100, 100 + DEMO_SITES))
     demo_clean = sum(clients[str(n)]["tp"] + clients[str(n)]["fn"] for n in range(100, 100 + DEMO_SITES))
     assert demo_kept >= 0.8 * demo_clean, "the clean demo records still pass"
