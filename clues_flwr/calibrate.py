@@ -16,9 +16,9 @@ distribution; the anchors only say which part of it is clean. Two fits:
   one the anchors sit in) and the nearest mode below it; the mixture's τ when there is no
   mode below.
 
-Both see only the histogram, so τ is resolved to about one bin. When the fitted components
-overlap so much that the histogram is not bimodal (Ashman's D < 2), no fit can say where
-clean ends and the caller's fallback τ (an anchor rule's) is used instead.
+Both see only the histogram, so τ is resolved to about one bin. When the fitted mixture
+cannot say where clean ends (its components overlap, Ashman's D < 2; or the second one is a
+sliver or lies above the clean one), the caller's fallback τ (an anchor rule's) is used.
 """
 
 from __future__ import annotations
@@ -166,6 +166,21 @@ def separation(clean, polluted) -> float:
     return math.sqrt(2) * abs(m1 - m2) / math.sqrt(s1**2 + s2**2)
 
 
+def unusable(clean, polluted, min_weight: float = 0.05) -> str:
+    """Why a fitted mixture cannot place τ ('' when it can): its components overlap
+    (Ashman's D < 2, not bimodal), the second one is a sliver (a pile-up of identical
+    scores, not a kind of pollution), or it lies above the clean one (keeping s ≥ τ cannot
+    drop it)."""
+    d = separation(clean, polluted)
+    if d < 2:
+        return f"the pooled histogram is not bimodal (Ashman's D {d:.2f} < 2)"
+    if polluted[0] < min_weight:
+        return f"the second component holds only {polluted[0]:.1%} of the records"
+    if polluted[1] >= clean[1]:
+        return "the second component scores above the clean one"
+    return ""
+
+
 def histogram_threshold(
     histograms: Sequence[Sequence[int]],
     edges: Sequence[float],
@@ -186,9 +201,10 @@ def histogram_threshold(
     anchors = np.asarray(anchor_scores, dtype=np.float64)
     if counts.sum() < 2 or anchors.size < 1:
         raise ValueError("the histogram rule needs at least 2 scored records and 1 anchor")
-    d = separation(*fit_mixture(counts, edges, anchors))
-    if fallback is not None and d < 2:
-        return fallback, f"the pooled histogram is not bimodal (Ashman's D {d:.2f} < 2): the anchor rule's τ"
+    clean, polluted = fit_mixture(counts, edges, anchors)
+    problem = unusable(clean, polluted)
+    if fallback is not None and problem:
+        return fallback, f"{problem}: the anchor rule's τ"
     if fit == "valley":
         return valley_threshold(counts, edges, anchors), ""
     return mixture_threshold(counts, edges, anchors, anchored=fit == "anchored"), ""

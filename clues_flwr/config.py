@@ -43,7 +43,7 @@ class SelectionConfig:
     method: str = dataclasses.field(default="clues+perplexity", metadata={"key": "selection"})
     trace_rounds: int = 4
     threshold_rule: str = "histogram"
-    target_recall: float = 0.5
+    target_recall: float = 0.9  # anchor-quantile; also the histogram rule's fallback
     keep_ratio: float = 0.0  # 0: the threshold rule; else each site's top share
     histogram_bins: int = 40
     histogram_fit: str = "mixture"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clues_flwr.calibrate import FITS, fit_mixture, histogram_threshold
+from clues_flwr.calibrate import FITS, fit_mixture, histogram_threshold, unusable
 from clues_flwr.metrics import histogram
 from clues_flwr.scoring import histogram_edges
 
@@ -90,3 +90,28 @@ def test_bad_histograms_are_refused():
         histogram_threshold([[1, 2, 3]], edges, [1.0])
     with pytest.raises(ValueError, match="histogram-fit"):
         histogram_threshold([[1, 2, 3, 4]], edges, [1.0], "median")
+
+
+def test_a_pile_of_identical_top_scores_does_not_pass_for_pollution():
+    rng = np.random.default_rng(8)
+    clean = rng.normal(0.0, 1.0, 3_000)
+    pile = np.full(40, 3.5)  # identical top scores (a loss floor), far above the rest
+    anchors = rng.normal(0.0, 1.0, 10)
+    edges = histogram_edges(torch.tensor(anchors), 40)
+    counts = [histogram(np.concatenate([clean, pile]).tolist(), edges)]
+    tau, note = histogram_threshold(counts, edges, anchors.tolist(), fallback=-1.3)
+    assert tau == -1.3 and note
+
+
+@pytest.mark.parametrize(
+    ("polluted", "reason"),
+    [
+        ((0.5, -1.0, 1.0), "not bimodal"),
+        ((0.03, -6.0, 0.5), "holds only 3.0%"),
+        ((0.2, 6.6, 0.1), "above the clean one"),
+        ((0.4, -6.0, 1.0), ""),
+    ],
+)
+def test_unusable_mixtures_say_why(polluted, reason):
+    result = unusable((0.6, 0.0, 1.0), polluted)
+    assert (reason in result) if reason else result == ""
