@@ -15,12 +15,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 LOG_TAIL = 4000
+
+
+def tool(name: str) -> str:
+    """Flower's command ``name`` from this Python's environment (a virtualenv that was not
+    activated has it beside the interpreter, not on PATH), else from PATH."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
 
 
 def free_port() -> int:
@@ -94,7 +102,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> tuple[in
 
 def superlink(home: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
     """A simulation SuperLink on ``port``, up and healthy; the caller stops it."""
-    cmd = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1"]
+    cmd = [tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--database", str(home / "state.db"), "--disable-runtime-dependency-installation"]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,7 +137,7 @@ def flwr_run(
         }
         link = superlink(home, port, env, work / "superlink.log")
         try:
-            cmd = ["flwr", "run", str(app), "local-run", "--stream", "--run-config", str(run_config)]
+            cmd = [tool("flwr"), "run", str(app), "local-run", "--stream", "--run-config", str(run_config)]
             return run_logged(cmd + ["--federation-config", federation], work / "flwr-run.log", env, timeout)
         finally:
             stop(link)
