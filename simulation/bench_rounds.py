@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nodes", type=int, default=20)
     p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=1, help="client-resources-num-cpus of each site")
+    p.add_argument("--num-cpus", type=int, default=1, help="client-resources-num-cpus of each site")
     p.add_argument(
         "--set",
         action="append",
