@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--set",
         action="append",
-        default=["evaluate-every=10", "save-every=10", 'pollution="0.3"'],
+        default=["evaluate-every=10", "save-every=10", 'pollution="0.3"', "demo-pool-size=200"],
         metavar="KEY=VALUE",
-        help="run-config override (defaults: a 300-round preset's evaluate-every and save-every)",
+        help="run-config override (defaults: a 300-round preset's evaluate-every and save-every; "
+        "200 records per site, so that 20 sites fit in the demo's 4,461 records)",
     )
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the run is stopped")
     p.add_argument("--work", type=Path, default=Path("runs/bench_rounds"))
