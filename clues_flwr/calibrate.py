@@ -9,9 +9,6 @@ distribution; the anchors only say which part of it is clean. Two fits:
 - ``mixture``: a two-component Gaussian mixture fitted by EM to the binned counts, the clean
   component the one under which the anchors are likelier; τ maximises the F1 the fitted
   mixture expects (keep s ≥ τ, positive = clean).
-- ``anchored``: the same, but the clean component is the anchors' own mean and spread and
-  only the weights and the polluted component are fitted: for scores whose clean and
-  polluted parts overlap so much that a free fit splits the clean mode.
 - ``valley``: the lowest point of the smoothed pooled histogram between the clean mode (the
   one the anchors sit in) and the nearest mode below it; the mixture's τ when there is no
   mode below.
@@ -28,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-FITS = ("mixture", "anchored", "valley")
+FITS = ("mixture", "valley")
 
 
 def pooled(histograms: Sequence[Sequence[int]]) -> np.ndarray:
@@ -70,9 +67,7 @@ def _bin_moments(lo: np.ndarray, hi: np.ndarray, mean: float, std: float):
     return mass, first, var + first**2
 
 
-def fit_mixture(
-    counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, anchored: bool = False, iterations: int = 300
-):
+def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, iterations: int = 300):
     """EM for two Gaussians on binned counts, the open end bins treated as censored (exact
     EM for interval data); returns ((weight, mean, std) clean, the same polluted).
 
@@ -101,14 +96,10 @@ def fit_mixture(
             mean = float((weight * first).sum() / mass)
             var = float((weight * (second - 2 * mean * first + mean**2)).sum() / mass)
             new.append((mass / total, mean, max(math.sqrt(max(var, 0.0)), floor)))
-        if anchored:
-            new[0] = (new[0][0], *clean)
         done = all(np.allclose(a, b, rtol=1e-8, atol=1e-12) for a, b in zip(new, params))
         params = new
         if done:
             break
-    if anchored:
-        return params[0], params[1]
     likelihood = [sum(-0.5 * ((anchors - m) / s) ** 2 - math.log(s)) for _, m, s in params]
     first = int(np.argmax(likelihood))
     return params[first], params[1 - first]
@@ -124,9 +115,9 @@ def expected_f1(candidates: np.ndarray, clean, polluted) -> np.ndarray:
     return 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
 
 
-def mixture_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, anchored: bool = False) -> float:
+def mixture_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> float:
     e = np.asarray(edges, dtype=np.float64)
-    clean, polluted = fit_mixture(counts, edges, anchors, anchored)
+    clean, polluted = fit_mixture(counts, edges, anchors)
     candidates = np.linspace(e[0], e[-1], 20 * (len(e) - 1) + 1)
     return float(candidates[int(np.argmax(expected_f1(candidates, clean, polluted)))])
 
@@ -207,4 +198,4 @@ def histogram_threshold(
         return fallback, f"{problem}: the anchor rule's τ"
     if fit == "valley":
         return valley_threshold(counts, edges, anchors), ""
-    return mixture_threshold(counts, edges, anchors, anchored=fit == "anchored"), ""
+    return mixture_threshold(counts, edges, anchors), ""

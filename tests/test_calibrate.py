@@ -52,16 +52,6 @@ def test_mixture_recovers_the_components_from_counts_alone():
     assert (wp, mp, sp) == pytest.approx((0.6, -3.0, 0.7), abs=0.03)
 
 
-def test_anchored_fit_keeps_the_anchors_component():
-    rng = np.random.default_rng(5)
-    scores, _ = mixture(rng, 5_000, 0.5, 3.0, 1.0)
-    anchors = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
-    edges = histogram_edges(torch.tensor(anchors), 40)
-    counts = np.asarray(histogram(scores.tolist(), edges), dtype=float)
-    (_, mean, std), _ = fit_mixture(counts, edges, anchors, anchored=True)
-    assert (mean, std) == (pytest.approx(anchors.mean()), pytest.approx(anchors.std(ddof=1)))
-
-
 @pytest.mark.parametrize("fit", FITS)
 def test_every_fit_separates_well_separated_scores(fit):
     rng = np.random.default_rng(6)
