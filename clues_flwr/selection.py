@@ -432,16 +432,9 @@ class CluesSelection:
         scored = {node: msg.content["metrics"] for node, msg in screen.usable(replies, "score")}
         self._enough(len(scored), "score")
         for key, (_, info) in public.items():
-            members = [n for n in scored if group(n) == key]
-            if info["threshold"] is None and members:
-                histograms = [list(scored[n]["histogram"]) for n in members]
-                fallback = threshold(info["anchor-scores"], "anchor-quantile", self.selection.target_recall)
-                info["threshold"], note = histogram_threshold(
-                    histograms, info["histogram-edges"], info["anchor-scores"], self.selection.histogram_fit, fallback
-                )
-                if note:
-                    say(f"score: {note} (anchor-quantile, target recall {self.selection.target_recall})")
-                    report.warnings.append(note)
+            histograms = [list(scored[n]["histogram"]) for n in scored if group(n) == key]
+            if info["threshold"] is None and histograms:
+                info["threshold"] = self._fit_threshold(histograms, info, report)
         taus = sorted({round(info["threshold"], 6) for _, info in public.values() if info["threshold"] is not None})
         ratio = self.selection.keep_ratio
         rule = self.selection.threshold_rule
@@ -480,6 +473,15 @@ class CluesSelection:
                 "selection (positive = clean): precision {precision:.1f}, recall {recall:.1f}, "
                 "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(**summary)
             )
+
+    def _fit_threshold(self, histograms: list[list[int]], info: dict, report: SelectionReport) -> float:
+        """The histogram rule's τ; the anchor-quantile τ, with a warning, when the fit cannot place one."""
+        fallback = threshold(info["anchor-scores"], "anchor-quantile", self.selection.target_recall)
+        edges, anchor_scores = info["histogram-edges"], info["anchor-scores"]
+        tau, note = histogram_threshold(histograms, edges, anchor_scores, self.selection.histogram_fit, fallback)
+        if note:
+            report.warnings.append(f"{note} (anchor-quantile, target recall {self.selection.target_recall})")
+        return tau
 
     # ---- helpers ----------------------------------------------------------------------
 
