@@ -118,9 +118,8 @@ def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_
 class CluesClient:
     """CLUES's handlers for a ClientApp, beside the project's own: the trace rounds
     (``train.clues_trace``) and the score phase (``query.clues_score``, then
-    ``query.clues_threshold``). ``site(context)``
-    gives the model, tokenizer and records; tuning rounds stay with the project's own
-    ``@app.train()``, which trains on ``selected_records``.
+    ``query.clues_threshold``). Tuning rounds stay with the project's own ``@app.train()``,
+    which trains on ``selected_records``.
 
     The hyperparameters come in each message's config, so a project needs no run-config
     keys of its own. The scores and the selection stay on the node (``context.state``); only
@@ -193,9 +192,10 @@ class CluesClient:
         site = self.site(context)
         signals = str(cfg["method"]).split("+")
         per_signal = [self._signal(name, content, site, context) for name in signals]
-        if len(per_signal) > 1:
-            per_signal = [standardise(s, list(cfg[f"anchor-scores-{n}"])) for n, s in zip(signals, per_signal)]
-        s = combine(per_signal) if len(per_signal) > 1 else per_signal[0]
+        if len(signals) > 1:  # each on the anchors' scale, as the server put the anchors
+            s = combine([standardise(x, list(cfg[f"anchor-scores-{n}"])) for n, x in zip(signals, per_signal)])
+        else:
+            (s,) = per_signal
         context.state[SCORES_KEY] = ArrayRecord({"scores": s.double().contiguous()})
         metrics = {
             "total": len(s),
