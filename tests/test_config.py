@@ -79,9 +79,9 @@ def test_a_bad_value_stops_the_run_before_a_run_folder_exists(tmp_path, key, val
 
 
 def test_thread_count_comes_from_what_the_process_was_given():
-    assert thread_count({"num-threads": 3}, {"OMP_NUM_THREADS": "8"}, 64) == 3, "the node config first"
-    assert thread_count({}, {"OMP_NUM_THREADS": "2"}, 64) == 2, "then the environment (Ray sets it per actor)"
-    assert thread_count({}, {}, 2) == 1, "one thread on a machine with few cores"
+    assert thread_count({"num-threads": 3}, {"OMP_NUM_THREADS": "8"}, 2) == 3, "the node config first"
+    assert thread_count({}, {"OMP_NUM_THREADS": "2"}, 2) == 1, "one thread on a machine with few cores"
+    assert thread_count({}, {"OMP_NUM_THREADS": "8"}, 64) == 8, "then the environment (Ray sets it per actor)"
     assert thread_count({}, {}, 32) is None, "torch's own choice on a big one"
     with pytest.raises(ValueError, match="num-threads .* at least 1, got 'many'"):
         thread_count({"num-threads": "many"}, {}, 2)
