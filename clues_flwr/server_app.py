@@ -86,8 +86,9 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         evaluate_every=cfg.output.evaluate_every,
         last_round=last,
     )
+    saved_history = start.history()
     for name, metrics in strategy.history.items():
-        metrics.update(start.history().get(name, {}))
+        metrics.update(saved_history.get(name, {}))
     hook = RoundHook(
         start,
         functools.partial(central_evaluate, model, tokenizer, public["test"], cfg),
