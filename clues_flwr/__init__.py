@@ -1,1 +1,43 @@
-"""CLUES data selection for federated LoRA fine-tuning, as a Flower app."""
+"""CLUES data selection for federated LoRA fine-tuning, on Flower.
+
+The public API, for a Flower project of its own::
+
+    from clues_flwr import CluesClient, CluesSelection, CluesTuning, Site, selected_records
+
+Names load on first use, so ``clues_flwr.core`` (the maths) imports without Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "CluesSelection": "clues_flwr.flower.selection",
+    "SelectionReport": "clues_flwr.flower.selection",
+    "PublicRecords": "clues_flwr.flower.selection",
+    "CluesTuning": "clues_flwr.flower.tuning",
+    "FedTies": "clues_flwr.flower.tuning",
+    "FedTaskArithmetic": "clues_flwr.flower.tuning",
+    "FedExact": "clues_flwr.flower.tuning",
+    "CluesClient": "clues_flwr.flower.client",
+    "Site": "clues_flwr.flower.client",
+    "selected_records": "clues_flwr.flower.client",
+    "Rounds": "clues_flwr.flower.state",
+    "AppConfig": "clues_flwr.config",
+    "SelectionConfig": "clues_flwr.config",
+    "FederationConfig": "clues_flwr.config",
+    "TuneConfig": "clues_flwr.config",
+    "ScoreConfig": "clues_flwr.core.scoring",
+    "TrainConfig": "clues_flwr.core.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'clues_flwr' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

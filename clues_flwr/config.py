@@ -20,15 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clues_flwr.aggregation import METHODS
-from clues_flwr.calibrate import FITS
-from clues_flwr.checks import at_least, one_of, require
-from clues_flwr.data import parse_names, parse_ratios
+from clues_flwr.core.aggregation import METHODS
+from clues_flwr.core.checks import at_least, one_of, require
+from clues_flwr.core.data import parse_names, parse_ratios
+from clues_flwr.core.pollution import KINDS
+from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.threshold import FITS, RULES
+from clues_flwr.core.train import TrainConfig
 from clues_flwr.model import ModelSpec
 from clues_flwr.partition import SCHEMES
-from clues_flwr.pollution import KINDS
-from clues_flwr.scoring import THRESHOLD_RULES, ScoreConfig
-from clues_flwr.train import TrainConfig
 
 MODES = ("federated", "merge")
 BASELINES = ("perplexity", "ifd", "datainf", "random")
@@ -53,7 +53,7 @@ class SelectionConfig:
         require(
             "trace-rounds", self.trace_rounds, self.trace_rounds >= 1, "at least 1: CLUES scores along a trajectory"
         )
-        one_of("threshold-rule", self.threshold_rule, THRESHOLD_RULES)
+        one_of("threshold-rule", self.threshold_rule, RULES)
         require("target-recall", self.target_recall, 0 < self.target_recall < 1, "in (0, 1)")
         require("keep-ratio", self.keep_ratio, 0 <= self.keep_ratio <= 1, "in [0, 1] (0: the anchor threshold)")
         require("histogram-bins", self.histogram_bins, self.histogram_bins >= 2, "at least 2")

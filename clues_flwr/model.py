@@ -19,7 +19,7 @@ from urllib.request import url2pathname
 
 import torch
 
-from clues_flwr.checks import one_of, require
+from clues_flwr.core.checks import one_of, require
 
 # bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16 (always
 # so on CPU): one line per layer per step would drown the run's output.
@@ -39,7 +39,7 @@ DEMO_DIR = Path(__file__).parent.parent / DEMO_ASSET
 
 
 def demo_model_path() -> Path:
-    """Folder of the embedded demo backbone (built by ``python -m clues_flwr.pretrain``).
+    """Folder of the embedded demo backbone (built by ``python -m clues_flwr.harness.pretrain``).
 
     On Flower nodes the app bundle (FAB) is imported ahead of the installed package, and a
     FAB carries code and JSON but no ``.safetensors``: the weights are then found through
@@ -60,7 +60,7 @@ def demo_model_path() -> Path:
             return folder
     raise FileNotFoundError(
         f"the embedded demo model is missing (looked in {', '.join(map(str, candidates))}): "
-        "rebuild it with `python -m clues_flwr.pretrain` or reinstall clues-flwr"
+        "rebuild it with `python -m clues_flwr.harness.pretrain` or reinstall clues-flwr"
     )
 
 

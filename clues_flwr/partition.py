@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from clues_flwr.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
-from clues_flwr.pollution import KINDS, pollute
+from clues_flwr.core.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
+from clues_flwr.core.pollution import KINDS, pollute
 from clues_flwr.sources import load_records
 
 if TYPE_CHECKING:  # config imports this module's SCHEMES

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from clues_flwr.data import Record
+from clues_flwr.core.data import Record
 
 log = logging.getLogger(__name__)
 

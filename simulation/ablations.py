@@ -5,7 +5,7 @@ threshold rule and number of checkpoints, each judged by AUROC and P/R/F1 (posit
     python simulation/ablations.py --set demo-pool-size=1000 --set model-name=<hub model>   # a GPU
 
 The setting is the app's run config (``--set`` overrides) and the trace the app's own
-(``clues_flwr.bench.prepare``), once per scoring layer in ``--layers`` (the trace is seeded,
+(``clues_flwr.harness.bench.prepare``), once per scoring layer in ``--layers`` (the trace is seeded,
 so only the moments it keeps differ). Every ablation scores with the default variant (paper
 preconditioning + cosine) at the first of ``--layers`` unless it varies that, and applies
 ``anchor-mean`` and ``anchor-quantile`` at each ``--recall``:
@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from clues_flwr.bench import (
+from clues_flwr.config import AppConfig
+from clues_flwr.harness.bench import (
     DEFAULT,
     VARIANTS,
     driver_arguments,
@@ -43,9 +44,8 @@ from clues_flwr.bench import (
     separation,
     variant_scores,
 )
-from clues_flwr.config import AppConfig
+from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 from clues_flwr.model import cached
-from clues_flwr.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
 METRICS = ("tau", "precision", "recall", "f1", "accuracy")
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     for layer, s in scores.items():
         label = str(layer) + {0: " (first)", last: " (last)"}.get(layer, "")
         aurocs[label] = separation(s, bench)
-        rows += [{"layer": label, **select(s, clean, rule)} for rule in rules]
+        rows += [{"layer": label, **select(s, clean, rule, bench.config.selection)} for rule in rules]
     table = setting + markdown_table(
         ["layer", "AUROC", *SELECTION_HEADER],
         [[r["layer"], f"{aurocs[r['layer']]['pooled']:.3f}", *selection_cells(r, total)] for r in rows],
@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.anchor_counts:
         draws = [random.Random(seed).sample(range(len(candidates)), n) for seed in range(args.anchor_draws)]
         for rule in rules:
-            picked = [{**select({**s, "anchors": pool[idx]}, clean, rule), "anchors": idx} for idx in draws]
+            picked = [
+                {**select({**s, "anchors": pool[idx]}, clean, rule, bench.config.selection), "anchors": idx}
+                for idx in draws
+            ]
             bounds = {recall_bound(pool[r["anchors"]], r) for r in picked}
             rows.append(
                 {
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # Threshold rule, with the demo's anchors.
-    rows = [select(s, clean, rule) for rule in rules]
+    rows = [select(s, clean, rule, bench.config.selection) for rule in rules]
     table = setting + markdown_table(
         ["rule", "recall bound", "τ", "kept per client", "P", "R", "F1", "Acc"],
         [
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in args.checkpoints:
         sk = variant_scores(raws[first][:k], bench.trajectory[:k], names, cfg)
         aurocs[k] = separation(sk, bench)
-        rows += [{"checkpoints": k, **select(sk, clean, rule)} for rule in rules]
+        rows += [{"checkpoints": k, **select(sk, clean, rule, bench.config.selection)} for rule in rules]
     table = setting + markdown_table(
         ["checkpoints", "AUROC", *SELECTION_HEADER],
         [[r["checkpoints"], f"{aurocs[r['checkpoints']]['pooled']:.3f}", *selection_cells(r, total)] for r in rows],

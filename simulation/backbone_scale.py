@@ -8,7 +8,7 @@ variant) and with perplexity, the baseline that wins on the 1M demo.
 The paper's ranking claims come from a 7B model; on the 1M demo CLUES separates clean from
 polluted records with AUROC 0.88 and perplexity with 0.99. This driver measures the trend
 in between. Backbones are built once into ``--backbones`` (a folder per size, reused when
-its ``pretrain.json`` matches) by ``clues_flwr.pretrain``, so a GPU can build the big ones
+its ``pretrain.json`` matches) by ``clues_flwr.harness.pretrain``, so a GPU can build the big ones
 and a CPU can score them. Writes ``backbone_scale.json``, ``.md`` and a plot into ``--out``.
 """
 
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from clues_flwr.bench import (
+from clues_flwr.harness.bench import (
     DEFAULT,
     VARIANTS,
     baseline_set_scores,
@@ -31,8 +31,8 @@ from clues_flwr.bench import (
     separation,
     variant_scores,
 )
-from clues_flwr.pretrain import attention_heads, pretrain
-from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.harness.pretrain import attention_heads, pretrain
+from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, write
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         row = {"size": f"{hidden}x{layers}", "parameters": info["parameters"], "pretrain_loss": info["final_loss"]}
         for method, s in scores.items():
-            sep, chosen = separation(s, bench), select(s, bench.clean, ("anchor-quantile", args.recall))
+            sep, chosen = (
+                separation(s, bench),
+                select(s, bench.clean, ("anchor-quantile", args.recall), bench.config.selection),
+            )
             row[method] = {
                 "auroc": sep["pooled"],
                 "best_f1": sep["best_f1"],

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from clues_flwr.bench import federation, parse_set, recovery, run_config
+from clues_flwr.harness.bench import federation, parse_set, recovery, run_config
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clues_flwr.bench import federation, parse_set, recovery, run_config
-from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.harness.bench import federation, parse_set, recovery, run_config
+from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, write
 
 SETUPS = {
     "fedavg": {"mode": "federated", "aggregation": "fedavg"},

@@ -48,13 +48,13 @@ from pathlib import Path
 
 import torch
 
-from clues_flwr.bench import parse_set, run_config
+from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
+from clues_flwr.core.train import TrainConfig, to_device
+from clues_flwr.core.trajectory import checkpoint
+from clues_flwr.flower.timing import peak_memory, reset_peak, timed
+from clues_flwr.harness.bench import parse_set, run_config
+from clues_flwr.harness.simulate import flwr_run, run_logged, write_run_config
 from clues_flwr.model import ModelSpec, adapter_state, build, device, set_adapter_state
-from clues_flwr.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
-from clues_flwr.simulate import flwr_run, run_logged, write_run_config
-from clues_flwr.timing import peak_memory, reset_peak, timed
-from clues_flwr.train import TrainConfig, to_device
-from clues_flwr.trajectory import checkpoint
 
 # Nothing above asks CUDA for its devices, so main can still hide them for --device cpu;
 # transformers is imported where used, since it may load bitsandbytes, which asks.
@@ -150,7 +150,7 @@ def synthetic_batches(n: int, args, gen) -> list[dict]:
 
 
 def train(model, args, gen) -> tuple[dict, list]:
-    """AdamW steps as ``clues_flwr.train.training`` takes them (the app's learning rate
+    """AdamW steps as ``clues_flwr.core.train.training`` takes them (the app's learning rate
     and weight decay); a checkpoint after each timed step makes the scoring trajectory."""
     names = scoring_names(model)
     trainable = [p for p in model.parameters() if p.requires_grad]

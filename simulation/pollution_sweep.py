@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from clues_flwr.bench import federation, parse_set, run_config
-from clues_flwr.results import command_line, figure, markdown_table, save_figure, write
+from clues_flwr.harness.bench import federation, parse_set, run_config
+from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, write
 
 
 def main(argv: list[str] | None = None) -> None:

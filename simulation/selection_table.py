@@ -6,7 +6,7 @@ clean from polluted records, under every threshold rule and a fixed keep ratio.
     python simulation/selection_table.py --set model-name=<hub model> --set quantization=4bit   # a GPU
 
 The setting is the app's run config (``pyproject.toml`` defaults, ``--set`` overrides), and
-the trajectory is traced by the app itself (``clues_flwr.bench.prepare``): each site's
+the trajectory is traced by the app itself (``clues_flwr.harness.bench.prepare``): each site's
 records are those its ClientApp holds, and the trace rounds are the app's FedAvg rounds with
 the clients' scoring-layer AdamW moments averaged by examples. Raw per-sample gradients are
 computed once per checkpoint and rescored by every variant.
@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from clues_flwr.bench import (
+from clues_flwr.config import SelectionConfig
+from clues_flwr.harness.bench import (
     DEFAULT,
     VARIANTS,
     Bench,
@@ -44,8 +45,7 @@ from clues_flwr.bench import (
     separation,
     variant_scores,
 )
-from clues_flwr.config import SelectionConfig
-from clues_flwr.results import command_line, figure, markdown_table, save_figure, score_histogram, write
+from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
 BASELINES = ("perplexity", "ifd", "datainf", "random", "oracle")
 APP_DEFAULT = "CLUES + perplexity (sum)"  # the app's default selection, selection = "clues+perplexity"
@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         ("histogram", "valley"),
         ("keep-ratio", args.keep_ratio),
     ]
-    rows = [{"method": m, **select(s, bench.clean, rule)} for m, s in scores.items() for rule in rules]
+    rows = [
+        {"method": m, **select(s, bench.clean, rule, bench.config.selection)}
+        for m, s in scores.items()
+        for rule in rules
+    ]
     sep = {m: separation(s, bench) for m, s in scores.items()}
 
     table = setting(bench) + "Baselines at the initial adapter. Positive = clean.\n\n"

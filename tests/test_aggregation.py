@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clues_flwr.aggregation import (
+from clues_flwr.core.aggregation import (
     METHODS,
     aggregate,
     check_state,
@@ -250,7 +250,7 @@ def test_aggregate_dispatches():
         ("task-arithmetic", task_arithmetic(states, weights)),
         ("exact", exact_delta(states, weights, 2)),
     ):
-        got = aggregate(method, states, weights, base=base)
+        got = aggregate(method, states, weights, base=base, density=0.2)
         for k in want:
             torch.testing.assert_close(got[k], want[k])
     deltas = [{k: s[k] - base[k] for k in base} for s in states]
@@ -269,6 +269,6 @@ def test_aggregate_errors():
     with pytest.raises(ValueError, match="pass base"):
         aggregate("ties", s, [1])
     with pytest.raises(ValueError, match="does not match base"):
-        aggregate("ties", s, [1], base={"w": t(1, 2, 3)})
+        aggregate("ties", s, [1], base={"w": t(1, 2, 3)}, density=0.5)
     with pytest.raises(ValueError, match="density must be in"):
         aggregate("ties", s, [1], base={"w": t(0, 0)}, density=0)

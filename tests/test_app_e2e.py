@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from clues_flwr.data import batches, demo_splits
+from clues_flwr.core.data import batches, demo_splits
 from clues_flwr.model import load_base, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,10 @@ import copy
 import pytest
 import torch
 
-from clues_flwr.baselines import (
+from clues_flwr.core.data import batches, demo_splits, encode, encode_answer, prompt
+from clues_flwr.core.metrics import auroc
+from clues_flwr.core.scoring import per_sample_loss, scoring_mode
+from clues_flwr.core.signals import (
     METHODS,
     answer_losses,
     baseline_scores,
@@ -17,10 +20,7 @@ from clues_flwr.baselines import (
     oracle_scores,
     random_scores,
 )
-from clues_flwr.data import batches, demo_splits, encode, encode_answer, prompt
-from clues_flwr.metrics import auroc
 from clues_flwr.model import ModelSpec, build, load_tokenizer
-from clues_flwr.scoring import per_sample_loss, scoring_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,7 +195,7 @@ def test_demo_clean_records_outrank_polluted_ones(demo):
 
 
 def test_combined_scores_put_signals_on_the_anchors_scale():
-    from clues_flwr.combine import combine, standardise
+    from clues_flwr.core.combine import combine, standardise
 
     anchors = torch.tensor([1.0, 2.0, 3.0])
     assert standardise(torch.tensor([2.0, 4.0]), anchors).tolist() == [0.0, 2.0]

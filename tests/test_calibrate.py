@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from clues_flwr.calibrate import FITS, fit_mixture, histogram_threshold, unusable
-from clues_flwr.metrics import histogram
-from clues_flwr.scoring import histogram_edges
+from clues_flwr.core.metrics import histogram
+from clues_flwr.core.scoring import histogram_edges
+from clues_flwr.core.threshold import FITS, fit_mixture, histogram_threshold, unusable
 
 
 def best_f1_threshold(scores: np.ndarray, clean: np.ndarray) -> float:

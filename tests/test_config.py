@@ -9,12 +9,12 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from clues_flwr import client_app, server_app
 from clues_flwr.config import AppConfig, all_keys, from_mapping, key_of, sections, to_record
-from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
-from clues_flwr.scoring import ScoreConfig
-from clues_flwr.threads import thread_count, threads_mod
-from clues_flwr.train import TrainConfig
+from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.train import TrainConfig
+from clues_flwr.demo import client_app, server_app
+from clues_flwr.flower.threads import thread_count, threads_mod
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
 
 def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():

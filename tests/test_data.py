@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from clues_flwr import pollution
-from clues_flwr.data import (
+from clues_flwr.core import pollution
+from clues_flwr.core.data import (
     collate,
     demo_records,
     demo_splits,
@@ -135,7 +135,7 @@ def test_per_record_keeps_record_order_and_batches_by_length():
 
 
 def test_selection_metrics_and_auroc_against_hand_counts():
-    from clues_flwr.metrics import auroc, confusion, selection_scores
+    from clues_flwr.core.metrics import auroc, confusion, selection_scores
 
     kept = [True, True, False, False, True]
     clean = [True, False, True, False, True]
@@ -155,7 +155,7 @@ def test_selection_metrics_and_auroc_against_hand_counts():
 
 
 def test_best_f1_is_the_best_threshold_by_brute_force():
-    from clues_flwr.metrics import best_f1, confusion, selection_scores
+    from clues_flwr.core.metrics import best_f1, confusion, selection_scores
 
     assert best_f1([3, 2, 1], [True, False, True]) == pytest.approx(80.0)  # keep all: P 2/3, R 1
     assert best_f1([1, 1, 0], [True, False, False]) == pytest.approx(200 / 3)  # the tie goes whole

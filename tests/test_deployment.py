@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clues_flwr.data import demo_splits, split_heldout
+from clues_flwr.core.data import demo_splits, split_heldout
 
 pytestmark = pytest.mark.slow
 

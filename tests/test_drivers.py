@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from clues_flwr import bench
-from clues_flwr.client_app import app as client_app
-from clues_flwr.local_grid import LocalGrid, demo_nodes
-from clues_flwr.server_app import run_clues
+from clues_flwr.demo.client_app import app as client_app
+from clues_flwr.demo.server_app import run_clues
+from clues_flwr.harness import bench
+from clues_flwr.harness.local_grid import LocalGrid, demo_nodes
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "simulation"))
 

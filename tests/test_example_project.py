@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from clues_flwr.local_grid import LocalGrid, demo_nodes
+from clues_flwr.harness.local_grid import LocalGrid, demo_nodes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-project"
 

@@ -8,11 +8,11 @@ import json
 import random
 import string
 
-from clues_flwr import client_app
-from clues_flwr.data import demo_splits
-from clues_flwr.local_grid import LocalGrid, app_defaults
-from clues_flwr.selection import guards
-from clues_flwr.server_app import run_clues
+from clues_flwr.core.data import demo_splits
+from clues_flwr.demo import client_app
+from clues_flwr.demo.server_app import run_clues
+from clues_flwr.flower.selection import guards
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults
 
 DEMO_SITES = 3
 

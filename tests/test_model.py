@@ -7,10 +7,10 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from peft import PeftModel
 
 from clues_flwr.config import from_mapping
-from clues_flwr.data import batches, demo_splits
-from clues_flwr.metrics import answer_accuracy, eval_loss
+from clues_flwr.core.data import batches, demo_splits
+from clues_flwr.core.metrics import answer_accuracy, eval_loss
+from clues_flwr.core.train import train_steps, training
 from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
-from clues_flwr.train import train_steps, training
 
 SPEC_8BIT = ModelSpec(quantization="8bit")
 
@@ -124,7 +124,7 @@ def test_model_spec_checks_settings(tmp_path):
 
 
 def test_fedavg_weights_by_examples():
-    from clues_flwr.aggregation import fedavg
+    from clues_flwr.core.aggregation import fedavg
 
     a = {"w": torch.tensor([1.0, 2.0])}
     b = {"w": torch.tensor([4.0, -1.0])}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from clues_flwr.data import demo_records, demo_splits
+from clues_flwr.core.data import demo_records, demo_splits
+from clues_flwr.core.pollution import LOW
 from clues_flwr.partition import federated_splits, partition, pollute_partitions, take
-from clues_flwr.pollution import LOW
 
 
 def _records(n: int) -> list[dict[str, str]]:

@@ -14,15 +14,15 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedProx
 
-from clues_flwr.client_app import CluesClient, Site, selected_records
 from clues_flwr.config import SelectionConfig
-from clues_flwr.data import batches
-from clues_flwr.local_grid import LocalGrid
+from clues_flwr.core.data import batches
+from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.train import TrainConfig
+from clues_flwr.demo.client_app import CluesClient, Site, selected_records
+from clues_flwr.flower.selection import CluesSelection
+from clues_flwr.flower.tuning import CluesTuning
+from clues_flwr.harness.local_grid import LocalGrid
 from clues_flwr.model import adapter_state, set_adapter_state
-from clues_flwr.scoring import ScoreConfig
-from clues_flwr.selection import CluesSelection
-from clues_flwr.strategy import CluesTuning
-from clues_flwr.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "own-project"))
 from own_project.task import sums  # noqa: E402  (the example project's arithmetic records)

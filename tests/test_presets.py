@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from clues_flwr.local_grid import app_defaults
+from clues_flwr.harness.local_grid import app_defaults
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.toml"))
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from clues_flwr.data import demo_records, demo_splits
+from clues_flwr.core.data import demo_records, demo_splits
+from clues_flwr.core.scoring import scoring_names
+from clues_flwr.harness.pretrain import pretrain
 from clues_flwr.model import ModelSpec, build, load_tokenizer
-from clues_flwr.pretrain import pretrain
-from clues_flwr.scoring import scoring_names
 
 
 @pytest.mark.parametrize("all_facts", [True, False])

@@ -6,10 +6,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from clues_flwr import trajectory
-from clues_flwr.data import batches, collate, demo_splits
-from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
-from clues_flwr.scoring import (
+from clues_flwr.core import trajectory
+from clues_flwr.core.data import batches, collate, demo_splits
+from clues_flwr.core.scoring import (
     ScoreConfig,
     answer_losses_of,
     per_sample_grads,
@@ -21,7 +20,8 @@ from clues_flwr.scoring import (
     threshold,
     validation_sums,
 )
-from clues_flwr.trajectory import Checkpoint
+from clues_flwr.core.trajectory import Checkpoint
+from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 
 
 def random_lora_llama(hidden, layers, vocab, seed, dtype=torch.float64):
@@ -233,7 +233,7 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
     model = build(ModelSpec(quantization="none"))
     tok = load_tokenizer(":demo:")
     records = demo_splits(num_clients=1, pool_size=32).pools[0]
-    from clues_flwr.train import train_steps, training
+    from clues_flwr.core.train import train_steps, training
 
     _, opt = train_steps(training(model, tok, records, batch_size=8, lr=1e-3, max_len=96, seed=0), 3)
     names = scoring_names(model)
@@ -356,7 +356,7 @@ def save_dropout_model(family: str, folder):
 @pytest.mark.parametrize("quantization", ["none", "8bit"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_scoring_is_deterministic_with_functional_dropout(tmp_path, family, quantization, one_thread):
-    from clues_flwr.baselines import perplexity_scores
+    from clues_flwr.core.signals import perplexity_scores
     from clues_flwr.model import load_base
 
     base = load_base(str(save_dropout_model(family, tmp_path / family)), quantization)

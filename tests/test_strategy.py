@@ -11,13 +11,13 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
-from clues_flwr import client_app, server_app
-from clues_flwr.client_app import SELECTION_KEY
 from clues_flwr.config import AppConfig, SelectionConfig
-from clues_flwr.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
-from clues_flwr.resume import RunState
-from clues_flwr.selection import SelectionReport
-from clues_flwr.strategy import CluesTuning
+from clues_flwr.demo import client_app, server_app
+from clues_flwr.demo.client_app import SELECTION_KEY
+from clues_flwr.flower.selection import SelectionReport
+from clues_flwr.flower.state import RunState
+from clues_flwr.flower.tuning import CluesTuning
+from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 
 NUM_NODES = 3
 SMALL = {
@@ -215,8 +215,8 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     from flwr.app import ConfigRecord, Message
     from flwr.clientapp import ClientApp
 
-    from clues_flwr.client_app import CluesClient, Site
-    from clues_flwr.data import demo_splits, encode
+    from clues_flwr.core.data import demo_splits, encode
+    from clues_flwr.demo.client_app import CluesClient, Site
     from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 
     model, tok = build(ModelSpec(quantization="none")), load_tokenizer(":demo:")
@@ -344,7 +344,7 @@ def test_bad_settings_fail_before_any_round(key, value, message):
 def test_sites_read_their_own_files_through_the_node_config(tmp_path):
     import csv
 
-    from clues_flwr.data import demo_splits
+    from clues_flwr.core.data import demo_splits
 
     pools = demo_splits(num_clients=2, pool_size=30).pools
     nodes = {}
@@ -369,7 +369,7 @@ def test_sites_read_their_own_files_through_the_node_config(tmp_path):
 def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
     import json as js
 
-    from clues_flwr.data import demo_splits
+    from clues_flwr.core.data import demo_splits
 
     languages = ["en", "fr", "ja"]
     records = [

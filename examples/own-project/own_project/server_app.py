@@ -11,10 +11,10 @@ from flwr.serverapp.strategy import FedProx
 from peft import get_peft_model_state_dict
 
 from clues_flwr.config import SelectionConfig
-from clues_flwr.scoring import ScoreConfig
-from clues_flwr.selection import CluesSelection
-from clues_flwr.strategy import CluesTuning
-from clues_flwr.train import TrainConfig
+from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.train import TrainConfig
+from clues_flwr.flower.selection import CluesSelection
+from clues_flwr.flower.tuning import CluesTuning
 from own_project.task import load_model, sums
 
 app = ServerApp()

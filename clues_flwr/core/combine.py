@@ -11,7 +11,7 @@ or their minimum (``min``: a record must look clean to every signal).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,3 +32,12 @@ def combine(standardised: Sequence[torch.Tensor], rule: str = "sum") -> torch.Te
         raise ValueError(f"combination rule must be one of {RULES}, got {rule!r}")
     stacked = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in standardised])
     return stacked.sum(0) if rule == "sum" else stacked.min(0).values
+
+
+def combined(signals: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], rule: str = RULES[0]):
+    """The selection score of records scored by every signal in ``signals``: one signal as
+    it is; several each standardised against its ``reference`` scores (the anchors') and
+    combined by ``rule``. The server, every site and every driver score through this."""
+    if len(signals) == 1:
+        return torch.as_tensor(next(iter(signals.values())), dtype=torch.float64)
+    return combine([standardise(scores, reference[name]) for name, scores in signals.items()], rule)

@@ -12,7 +12,6 @@ app (selection and tuning) for the downstream tables.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 import tomllib
@@ -23,28 +22,21 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from clues_flwr import client_app
-from clues_flwr.baselines import baseline_scores, datainf_direction, keep_top
-from clues_flwr.calibrate import histogram_threshold
-from clues_flwr.combine import combine, standardise
 from clues_flwr.config import AppConfig, SelectionConfig
-from clues_flwr.data import Record
-from clues_flwr.local_grid import LocalGrid, app_defaults, demo_nodes
-from clues_flwr.metrics import auroc, best_f1, confusion, histogram, selection_scores
+from clues_flwr.core.combine import combined
+from clues_flwr.core.data import Record
+from clues_flwr.core.metrics import auroc, best_f1, confusion, selection_scores
+from clues_flwr.core.pollution import HIGH
+from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names
+from clues_flwr.core.signals import baseline_scores, datainf_direction
+from clues_flwr.core.threshold import global_threshold, histogram, keep, standard
+from clues_flwr.core.trajectory import Checkpoint
+from clues_flwr.demo import client_app
+from clues_flwr.demo.server_app import run_clues
+from clues_flwr.demo.task import local_split, public_sets
+from clues_flwr.flower.selection import CluesSelection
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 from clues_flwr.model import cached, initial_adapter, set_adapter_state
-from clues_flwr.pollution import HIGH
-from clues_flwr.scoring import (
-    ScoreConfig,
-    anchor_scores,
-    gamma_from_grads,
-    gammas,
-    histogram_edges,
-    scoring_names,
-    threshold,
-)
-from clues_flwr.selection import CluesSelection
-from clues_flwr.server_app import public_sets, run_clues
-from clues_flwr.trajectory import Checkpoint
 
 DEFAULT = "CLUES paper + cosine (default)"
 VARIANTS = {
@@ -119,17 +111,17 @@ def prepare(run: dict, nodes: int) -> Bench:
     model, tokenizer = cached(cfg.model)
     public = public_sets(cfg.data)
     grid = LocalGrid(client_app.app, demo_nodes(nodes), run)
-    sites = {f"client{i}": client_app.local_split(ctx)[0] for i, ctx in enumerate(grid.contexts.values())}
+    sites = {f"client{i}": local_split(ctx)[0] for i, ctx in enumerate(grid.contexts.values())}
     initial = initial_adapter(cfg.model)
-    stage = CluesSelection(
-        score_anchors=functools.partial(
-            anchor_scores, model, tokenizer, public["validation"], public["anchor"], cfg=cfg.score
-        ),
-        score_config=cfg.score,
+    stage = CluesSelection.from_public(
+        model,
+        tokenizer,
+        public["validation"],
+        public["anchor"],
+        score=cfg.score,
         selection=dataclasses.replace(cfg.selection, method="clues"),
         train=cfg.train,
-        min_available_nodes=nodes,
-        min_train_nodes=nodes,
+        federation=dataclasses.replace(cfg.federation, min_available_nodes=nodes, min_train_nodes=nodes),
     )
     trajectory = stage.trace(grid, ArrayRecord(initial))[None]
     set_adapter_state(model, initial)
@@ -176,11 +168,10 @@ def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
 
 
 def combined_scores(scores: dict[str, dict[str, torch.Tensor]], rule: str, signals: tuple[str, ...]) -> dict:
-    """Every set's combined score from ``signals``, each standardised against its anchors."""
-    return {
-        key: combine([standardise(scores[m][key], scores[m]["anchors"]) for m in signals], rule)
-        for key in scores[signals[0]]
-    }
+    """Every set's combined score from ``signals``, each standardised against its anchors
+    (``core.combine.combined``, as the app scores)."""
+    reference = {m: scores[m]["anchors"] for m in signals}
+    return {key: combined({m: scores[m][key] for m in signals}, reference, rule) for key in scores[signals[0]]}
 
 
 def rule_label(rule: Rule) -> str:
@@ -192,27 +183,27 @@ def rule_label(rule: Rule) -> str:
     return f"keep {value:.0%}" if name == "keep-ratio" else name
 
 
-def select(
-    scores: dict[str, torch.Tensor],
-    clean: dict[str, list[bool]],
-    rule: Rule,
-    bins: int = SelectionConfig.histogram_bins,
-) -> dict:
-    """Each site's keep mask under ``rule``; confusion counts add up across sites. The
-    histogram rule sees only each site's histogram over ``bins`` bins, as in the app."""
+def select(scores: dict, clean: dict[str, list[bool]], rule: Rule, selection: SelectionConfig) -> dict:
+    """Each site's keep mask under ``rule``, by the app's own functions (``core.threshold``):
+    the histogram rule sees only each site's histogram over ``selection``'s bins and falls
+    back as the app does. Confusion counts add up across sites."""
     name, value = rule
-    if name == "histogram":
-        edges = histogram_edges(scores["anchors"], bins)
-        sites = [histogram(scores[k].tolist(), edges) for k in clean]
-        fallback = threshold(scores["anchors"], "anchor-quantile", SelectionConfig.target_recall)
-        tau, _ = histogram_threshold(sites, edges, scores["anchors"].tolist(), value, fallback)
-    else:
-        tau = None if name == "keep-ratio" else threshold(scores["anchors"], name, value)
+    ratio = value if name == "keep-ratio" else 0.0
+    fixed = dataclasses.replace(
+        selection,
+        threshold_rule="histogram" if name in ("histogram", "keep-ratio") else name,
+        histogram_fit=value if name == "histogram" else selection.histogram_fit,
+        target_recall=value if name == "anchor-quantile" else selection.target_recall,
+    )
+    public = standard(scores["anchors"], fixed.threshold_rule, fixed.target_recall, fixed.histogram_bins)
+    tau = None
+    if not ratio:
+        histograms = [histogram(scores[k].tolist(), public.edges) for k in clean]
+        tau, _ = global_threshold(public, histograms, fixed.histogram_fit, fixed.target_recall)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
     kept = {}
     for k, truth in clean.items():
-        keep = keep_top(scores[k], value) if name == "keep-ratio" else scores[k] >= tau
-        c = confusion(keep.tolist(), truth)
+        c = confusion(keep(scores[k], tau, ratio).tolist(), truth)
         counts = {x: counts[x] + c[x] for x in counts}
         kept[k] = c["tp"] + c["fp"]
     return {"rule": rule_label(rule), "tau": tau, "kept": kept, "counts": counts, **selection_scores(counts)}

@@ -8,15 +8,14 @@ them unchanged. Model-based scores are taken at whatever adapter the model holds
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from clues_flwr.data import Record, batches, encode, encode_answer, per_record
-from clues_flwr.pollution import HIGH
-from clues_flwr.scoring import answer_losses_of, per_sample_grads, scoring_mode
-from clues_flwr.train import to_device
+from clues_flwr.core.data import Record, batches, encode, encode_answer, per_record
+from clues_flwr.core.pollution import HIGH
+from clues_flwr.core.scoring import answer_losses_of, per_sample_grads, scoring_mode
+from clues_flwr.core.train import to_device
 
 METHODS = ("random", "perplexity", "ifd", "datainf", "oracle")
 
@@ -194,20 +193,6 @@ def oracle_scores(records: Sequence[Record]) -> torch.Tensor:
         if "quality" not in r:
             raise ValueError(f"record {i} has no quality label: the oracle needs records whose truth is known")
     return torch.tensor([float(r["quality"] == HIGH) for r in records], dtype=torch.float64)
-
-
-def keep_top(scores: Sequence[float] | torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep mask of the ⌈ratio·N⌉ highest scores; among equal scores the earlier record wins,
-    so a selection never depends on sort internals."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    if s.isnan().any():
-        raise ValueError("scores contain NaN: a NaN cannot be ranked")
-    k = math.ceil(ratio * s.numel() - 1e-9)  # 1e-9: 0.07 * 100 is 7.000000000000001
-    keep = torch.zeros(s.numel(), dtype=torch.bool)
-    keep[torch.sort(s, descending=True, stable=True).indices[:k]] = True
-    return keep
 
 
 def baseline_scores(

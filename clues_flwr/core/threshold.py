@@ -1,5 +1,6 @@
-"""One global threshold calibrated on every site's score histogram (``threshold-rule =
-"histogram"``).
+"""The global threshold τ, every rule of it in one place: the anchor rules, the histogram
+rule (the sites' pooled histograms fitted, the anchors saying which side is clean) with its
+fallback, each site's keep decision, and the guards a user reads before tuning.
 
 Ten anchor scores place τ badly; the sites together hold thousands of scores. Each site
 sends only counts over bin edges the server fixed from the anchors before any site scored,
@@ -15,15 +16,78 @@ distribution; the anchors only say which part of it is clean. Two fits:
 
 Both see only the histogram, so τ is resolved to about one bin. When the fitted mixture
 cannot say where clean ends (its components overlap, Ashman's D < 2; or the second one is a
-sliver or lies above the clean one), the caller's fallback τ (an anchor rule's) is used.
+sliver or lies above the clean one), the anchor-quantile τ is used and a note says so.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+RULES = ("anchor-mean", "anchor-quantile", "histogram")
+
+
+def anchor_threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str, recall: float) -> float:
+    """The global threshold τ from the anchors' scores.
+
+    ``anchor-mean`` (the paper): τ = mean anchor score. Anchors drawn like clean data sit
+    around the middle of the clean scores, so about half of the clean data falls below.
+
+    ``anchor-quantile``: τ = the k-th smallest of the n anchor scores, k = ⌊(1 − r)(n + 1)⌋.
+    If anchors and clean samples are exchangeable, a clean sample ranks below the k-th
+    anchor with probability k/(n + 1), so it is kept with probability ≥ 1 − k/(n + 1) ≥ r.
+    When k < 1 (n < 1/(1 − r) − 1: too few anchors for the asked recall) no anchor gives
+    that guarantee; τ falls back to the smallest anchor score, which guarantees only
+    1 − 1/(n + 1), and a warning says so.
+    """
+    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+    if s.numel() == 0:
+        raise ValueError("no anchor scores: the threshold needs at least one anchor")
+    if rule == "anchor-mean":
+        return float(s.mean())
+    if rule != "anchor-quantile":
+        raise ValueError(f"threshold rule must be anchor-mean or anchor-quantile here, got {rule!r}")
+    if not 0 < recall < 1:
+        raise ValueError(f"target recall must be in (0, 1), got {recall}")
+    n = s.numel()
+    k = math.floor((1 - recall) * (n + 1) + 1e-9)  # 1e-9: (1 - 0.9) * 20 is 1.99999...
+    if k < 1:
+        log.warning(
+            "anchor-quantile: %d anchors cannot guarantee recall %.2f; using the smallest anchor "
+            "score (guarantee %.3f)",
+            n,
+            recall,
+            1 - 1 / (n + 1),
+        )
+        k = 1
+    return float(s.sort().values[k - 1])
+
+
+def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int) -> list[float]:
+    """Fixed bin edges around the anchors (their range, widened by that range on each side),
+    chosen by the server before any client score exists, so histograms reveal only counts."""
+    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+    lo, hi = float(s.min()), float(s.max())
+    spread = hi - lo or max(abs(hi), 1e-12)
+    return torch.linspace(lo - spread, hi + spread, bins + 1).tolist()
+
+
+def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+    """Counts over fixed ``edges`` plus an underflow and an overflow bin (len(edges) + 1
+    counts): the server chooses the edges, so every client's histogram adds up."""
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        counts[bisect.bisect_right(edges, v)] += 1
+    return counts
+
 
 FITS = ("mixture", "valley")
 
@@ -176,8 +240,8 @@ def histogram_threshold(
     histograms: Sequence[Sequence[int]],
     edges: Sequence[float],
     anchor_scores: Sequence[float],
-    fit: str = "mixture",
-    fallback: float | None = None,
+    fit: str,
+    fallback: float | None,
 ) -> tuple[float, str]:
     """The global τ from the sites' histograms over ``edges`` (counts include the under- and
     overflow bins) and the anchors' scores, by ``fit``; and a note, empty unless τ is the
@@ -199,3 +263,86 @@ def histogram_threshold(
     if fit == "valley":
         return valley_threshold(counts, edges, anchors), ""
     return mixture_threshold(counts, edges, anchors), ""
+
+
+def keep_top(scores: Sequence[float] | torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep mask of the ⌈ratio·N⌉ highest scores; among equal scores the earlier record wins,
+    so a selection never depends on sort internals."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if s.isnan().any():
+        raise ValueError("scores contain NaN: a NaN cannot be ranked")
+    k = math.ceil(ratio * s.numel() - 1e-9)  # 1e-9: 0.07 * 100 is 7.000000000000001
+    keep = torch.zeros(s.numel(), dtype=torch.bool)
+    keep[torch.sort(s, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+@dataclass(frozen=True)
+class Standard:
+    """The public side of one global standard, fixed from the anchors before any site
+    scores: the anchors' scores, the histogram edges every site counts over, and τ when an
+    anchor rule sets it (None: the histogram rule fits it to the sites' counts)."""
+
+    anchor_scores: list[float]
+    edges: list[float]
+    threshold: float | None
+
+    def row(self) -> dict:
+        """As a report row and the run state keep it."""
+        return {"threshold": self.threshold, "histogram-edges": self.edges, "anchor-scores": self.anchor_scores}
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> "Standard":
+        return cls(list(row["anchor-scores"]), list(row["histogram-edges"]), row["threshold"])
+
+
+def standard(anchor_scores: Sequence[float] | torch.Tensor, rule: str, recall: float, bins: int) -> Standard:
+    """What the server fixes from the anchors' (combined) scores under ``rule``."""
+    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+    tau = None if rule == "histogram" else anchor_threshold(s, rule, recall)
+    return Standard(s.tolist(), histogram_edges(s, bins), tau)
+
+
+def global_threshold(
+    public: Standard, histograms: Sequence[Sequence[int]], fit: str, recall: float
+) -> tuple[float, str]:
+    """τ for every site of ``public``: the anchor rule's, or the histogram fit to the sites'
+    counts with the anchor-quantile τ as its fallback; and a note when the fit fell back."""
+    if public.threshold is not None:
+        return public.threshold, ""
+    fallback = anchor_threshold(public.anchor_scores, "anchor-quantile", recall)
+    tau, note = histogram_threshold(histograms, public.edges, public.anchor_scores, fit, fallback)
+    return tau, f"{note} (anchor-quantile, target recall {recall})" if note else ""
+
+
+def keep(scores: Sequence[float] | torch.Tensor, threshold: float | None, keep_ratio: float) -> torch.Tensor:
+    """A site's keep mask: its top ``keep_ratio`` when one is set, else S(z) ≥ τ."""
+    if keep_ratio:
+        return keep_top(scores, keep_ratio)
+    return torch.as_tensor(scores, dtype=torch.float64).flatten() >= threshold
+
+
+def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
+    """What a user should look at before tuning: a site that kept nothing or everything, and
+    records passing τ more often than the clean public anchors do (then the score ranks
+    some pollution above clean data, since at most the anchors' share of clean records
+    should pass, and fewer polluted ones)."""
+    out = []
+    for node, row in clients.items():
+        if row["total"] and row["kept"] in (0, row["total"]):
+            what = "none" if row["kept"] == 0 else "all"
+            out.append(f"site {node} kept {what} of its {row['total']} records")
+    total = sum(r["total"] for r in clients.values())
+    if keep_ratio or not total:
+        return out
+    kept = sum(r["kept"] for r in clients.values())
+    anchors = [a >= r["threshold"] for r in clients.values() for a in r["anchor-scores"]]
+    passing = sum(anchors) / len(anchors)
+    if kept / total > passing + 0.1:
+        out.append(
+            f"{kept / total:.0%} of the sites' records pass τ but only {passing:.0%} of the clean anchors do: "
+            "the score ranks some records above clean data (pollution it cannot see?)"
+        )
+    return out

@@ -1,9 +1,9 @@
 """Build the embedded demo backbone: a byte-level BPE tokenizer and a ~1M-parameter Llama,
 pretrained on the demo's facts as plain text.
 
-    python -m clues_flwr.pretrain            # rewrites clues_flwr/assets/demo-model
-    python -m clues_flwr.pretrain --out /tmp/unread --unread-facts
-    python -m clues_flwr.pretrain --out /tmp/big --hidden-size 256 --layers 6
+    python -m clues_flwr.harness.pretrain            # rewrites clues_flwr/assets/demo-model
+    python -m clues_flwr.harness.pretrain --out /tmp/unread --unread-facts
+    python -m clues_flwr.harness.pretrain --out /tmp/big --hidden-size 256 --layers 6
 
 The last two build backbones for experiments; pass the folder as ``--model-name``.
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from clues_flwr.data import collate, demo_records, demo_splits, pretrain_text, prompt
+from clues_flwr.core.data import collate, demo_records, demo_splits, pretrain_text, prompt
+from clues_flwr.core.train import to_device
 from clues_flwr.model import DEMO_DIR
-from clues_flwr.train import to_device
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 HEAD_DIM = 32

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from clues_flwr.data import Record, batches, prompt
-from clues_flwr.train import to_device
+from clues_flwr.core.data import Record, batches, prompt
+from clues_flwr.core.train import to_device
 
 
 @torch.no_grad()
@@ -118,12 +117,3 @@ def best_f1(scores: Sequence[float], positive: Sequence[bool]) -> float:
             continue  # a threshold keeps all tied scores or none
         best = max(best, 200 * tp / (i + 1 + total))
     return best
-
-
-def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
-    """Counts over fixed ``edges`` plus an underflow and an overflow bin (len(edges) + 1
-    counts): the server chooses the edges, so every client's histogram adds up."""
-    counts = [0] * (len(edges) + 1)
-    for v in values:
-        counts[bisect.bisect_right(edges, v)] += 1
-    return counts

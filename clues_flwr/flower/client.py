@@ -1,34 +1,36 @@
-"""ClientApp: the client side of CLUES on a site's own records.
+"""CLUES's client side, for any ClientApp: the trace rounds (``train.clues_trace``) and the
+score phase (``query.clues_score``, then ``query.clues_threshold``) beside the project's own
+``train`` and ``evaluate``; the project's training handler trains on ``selected_records``.
 
-``CluesClient`` adds CLUES's handlers (trace rounds on ``train.clues_trace``, the score
-phase on ``query.clues_score``) to any ClientApp, beside the project's own ``train`` and
-``evaluate``; a project's training handler trains on ``selected_records``. This app does
-that for the demo and for site files: its own ``train`` tunes, its ``evaluate`` measures the
-held-out loss.
+The scores and the keep mask stay on the node (``context.state``), tagged with the run and
+with a fingerprint of the records they were computed on; only counts leave.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clues_flwr.baselines import baseline_scores, keep_top
-from clues_flwr.combine import combine, standardise
-from clues_flwr.config import DataConfig, from_mapping
-from clues_flwr.data import Record, split_heldout
-from clues_flwr.log import say
-from clues_flwr.messages import (
-    CLEAN_EXAMPLES_KEY,
-    CLEAN_LOSS_KEY,
+from clues_flwr.config import from_mapping
+from clues_flwr.core.combine import combined
+from clues_flwr.core.data import Record
+from clues_flwr.core.metrics import confusion
+from clues_flwr.core.scoring import ScoreConfig, scores, scoring_names
+from clues_flwr.core.signals import baseline_scores
+from clues_flwr.core.threshold import histogram, keep
+from clues_flwr.core.train import TrainConfig, train_steps, training
+from clues_flwr.core.trajectory import checkpoint, moments
+from clues_flwr.flower.log import say
+from clues_flwr.flower.messages import (
     DIRECTION_KEY,
     MOMENTS_KEY,
     SCORE_ACTION,
@@ -40,18 +42,11 @@ from clues_flwr.messages import (
     trajectory_from,
     trajectory_records,
 )
-from clues_flwr.metrics import confusion, eval_loss, histogram
-from clues_flwr.model import ModelSpec, adapter_state, cached, set_adapter_state
-from clues_flwr.partition import splits_for
-from clues_flwr.scoring import ScoreConfig, scores, scoring_names
-from clues_flwr.sources import load_records, parse_mapping
-from clues_flwr.threads import threads_mod
-from clues_flwr.timing import timing_mod
-from clues_flwr.train import TrainConfig, train_steps, training
-from clues_flwr.trajectory import checkpoint, moments
+from clues_flwr.model import adapter_state, set_adapter_state
 
 SELECTION_KEY = "clues-selection"  # the keep mask in context.state
 SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
+TAG_KEY = "clues-records"  # beside each: the run and the fingerprint of the records they cover
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
 
@@ -75,13 +70,42 @@ class Site:
     records: list[Record]
 
 
+def fingerprint(records: Sequence[Record]) -> str:
+    """A digest of the records, in order: a keep mask is positional, so it must be applied
+    to the very records it was computed on."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _tag(context: Context, key: str, records: Sequence[Record]) -> None:
+    context.state[f"{TAG_KEY}/{key}"] = ConfigRecord({"run-id": int(context.run_id), "records": fingerprint(records)})
+
+
+def _stored(context: Context, key: str, records: Sequence[Record], what: str) -> torch.Tensor:
+    """The tensor ``key`` left on this node, if it was computed in this run on ``records``."""
+    if key not in context.state:
+        raise RuntimeError(f"no {what} on this node: it did not take part in the score phase")
+    tag = context.state.get(f"{TAG_KEY}/{key}")
+    if tag is None or int(tag["run-id"]) != int(context.run_id):
+        raise RuntimeError(f"the {what} on this node is from another run: this run's score phase did not reach it")
+    if tag["records"] != fingerprint(records):
+        raise RuntimeError(
+            f"the {what} on this node was computed on other records than the {len(records)} given: "
+            "a site must hand the same records, in the same order, to every phase"
+        )
+    return context.state[key].to_torch_state_dict()[key]
+
+
 def selected_records(records: list[Record], config: ConfigRecord, context: Context) -> list[Record]:
     """The records a tuning round trains on, for any project's own training handler.
 
-    ``config`` is the round's train config; its ``clues-selection`` (set by the CLUES
-    strategy) says which selection: CLUES and the baselines keep the records that passed in
-    the score phase (stored on this node), ``oracle`` the clean ones by label (benchmarks
-    only), ``none`` or no flag at all every record.
+    ``config`` is the round's train config; its ``clues-selection`` (set by ``CluesTuning``)
+    says which selection: CLUES and the baselines keep the records that passed in this run's
+    score phase (stored on this node, refused if computed on other records), ``oracle`` the
+    clean ones by label (benchmarks only), ``none`` or no flag at all every record.
     """
     selection = str(config.get(SELECTION_FLAG, "none"))
     if selection == "none":
@@ -90,12 +114,8 @@ def selected_records(records: list[Record], config: ConfigRecord, context: Conte
         if any("quality" not in r for r in records):
             raise ValueError("selection 'oracle' needs a quality label on every record")
         return [r for r in records if r["quality"] == "high"]
-    if SELECTION_KEY not in context.state:
-        raise RuntimeError(f"no {selection} selection on this node: it did not take part in the score phase")
-    keep = context.state[SELECTION_KEY]["keep"].numpy()
-    if len(keep) != len(records):
-        raise RuntimeError(f"the stored selection covers {len(keep)} records but the site now has {len(records)}")
-    return [r for r, k in zip(records, keep) if k]
+    mask = _stored(context, SELECTION_KEY, records, f"{selection} selection").tolist()
+    return [r for r, k in zip(records, mask) if k]
 
 
 def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_offset: int = 0):
@@ -129,11 +149,14 @@ class CluesClient:
     ----------
     site : Callable[[Context], Site]
         The site's PEFT model, tokenizer and records for a message's context; called by
-        every handler, so cache the model (as ``clues_flwr.model.cached`` does).
+        every handler, so build them once per process (as the demo's ``task.site`` does).
+
+    name : Callable[[Context], str], optional
+        How the site's own console names it (the name never leaves the site).
     """
 
-    def __init__(self, site: Callable[[Context], Site]):
-        self.site = site
+    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "site"):
+        self.site, self.name = site, name
 
     def register(self, app: ClientApp) -> None:
         app.train(TRACE_ACTION)(self.trace)
@@ -158,7 +181,7 @@ class CluesClient:
         )
         m, v, step = moments(site.model, opt, names)
         metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": step}
-        reply = _reply(msg, site, metrics)
+        reply = train_reply(msg, site, metrics)
         reply.content[MOMENTS_KEY] = moments_record(m, v)
         return reply
 
@@ -178,7 +201,7 @@ class CluesClient:
             "num-examples": len(site.records),
             "adam-step": trajectory[-1].step,
         }
-        reply = _reply(msg, site, metrics)
+        reply = train_reply(msg, site, metrics)
         for key, record in trajectory_records(trajectory).items():
             reply.content[key] = record
         return reply
@@ -192,11 +215,10 @@ class CluesClient:
         site = self.site(context)
         signals = str(cfg["method"]).split("+")
         per_signal = [self._signal(name, content, site, context) for name in signals]
-        if len(signals) > 1:  # each on the anchors' scale, as the server put the anchors
-            s = combine([standardise(x, list(cfg[f"anchor-scores-{n}"])) for n, x in zip(signals, per_signal)])
-        else:
-            (s,) = per_signal
-        context.state[SCORES_KEY] = ArrayRecord({"scores": s.double().contiguous()})
+        reference = {n: torch.tensor(list(cfg[f"anchor-scores-{n}"])) for n in signals if len(signals) > 1}
+        s = combined(dict(zip(signals, per_signal)), reference)
+        context.state[SCORES_KEY] = ArrayRecord({SCORES_KEY: s.double().contiguous()})
+        _tag(context, SCORES_KEY, site.records)
         metrics = {
             "total": len(s),
             "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
@@ -209,18 +231,15 @@ class CluesClient:
         node; reply with counts."""
         cfg = msg.content["config"]
         site = self.site(context)
-        if SCORES_KEY not in context.state:
-            raise RuntimeError("no scores on this node: it did not answer the score query")
-        s = context.state[SCORES_KEY]["scores"].numpy()
-        if len(s) != len(site.records):
-            raise RuntimeError(f"the stored scores cover {len(s)} records but the site now has {len(site.records)}")
-        ratio = float(cfg["keep-ratio"])
-        keep = (keep_top(s, ratio) if ratio else torch.from_numpy(s) >= float(cfg["threshold"])).tolist()
-        context.state[SELECTION_KEY] = ArrayRecord({"keep": torch.tensor(keep, dtype=torch.int8)})
-        metrics = {"kept": sum(keep), "total": len(keep)}
+        s = _stored(context, SCORES_KEY, site.records, "scores")
+        mask = keep(s, float(cfg["threshold"]), float(cfg["keep-ratio"]))
+        context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
+        _tag(context, SELECTION_KEY, site.records)
+        kept = mask.tolist()
+        metrics = {"kept": sum(kept), "total": len(kept)}
         if site.records and all("quality" in r for r in site.records):
-            metrics.update(confusion(keep, [r["quality"] == "high" for r in site.records]))
-        say(f"site {site_name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
+            metrics.update(confusion(kept, [r["quality"] == "high" for r in site.records]))
+        say(f"{self.name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @staticmethod
@@ -246,89 +265,7 @@ class CluesClient:
         )
 
 
-def _reply(msg: Message, site: Site, metrics: dict) -> Message:
+def train_reply(msg: Message, site: Site, metrics: dict) -> Message:
+    """A train reply: the site's adapter and ``metrics``."""
     content = RecordDict({"arrays": ArrayRecord(adapter_state(site.model)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
-
-
-def site_name(context: Context) -> str:
-    """How the site's own console names it: its ``data-path`` file's stem, or its partition."""
-    node = context.node_config
-    if node.get("data-path"):
-        return Path(str(node["data-path"])).stem
-    return f"partition {node['partition-id']}" if "partition-id" in node else "(unnamed)"
-
-
-def site_records(context: Context) -> list[Record]:
-    """The site's private records: its ``data-path`` (file, folder or hub dataset, read
-    with the optional ``data-format``, ``data-mapping``, ``data-preset``, ``data-split``,
-    ``data-subset``) when the node config names one, else (simulation) its partition of
-    the run's ``dataset`` or of the demo, chosen by ``partition-id``."""
-    node = context.node_config
-    if node.get("data-path"):
-        return load_records(
-            str(node["data-path"]),
-            format=str(node.get("data-format", "auto")),
-            mapping=parse_mapping(str(node.get("data-mapping", ""))),
-            preset=str(node.get("data-preset", "")) or None,
-            split=str(node.get("data-split", "train")),
-            subset=str(node.get("data-subset", "")) or None,
-        )
-    if "partition-id" not in node:
-        raise ValueError(
-            "node config has neither data-path nor partition-id: start the SuperNode with "
-            "--node-config 'data-path=\"/path/to/site.jsonl\"'"
-        )
-    data = from_mapping(DataConfig, context.run_config)
-    return splits_for(data, int(node["num-partitions"])).pools[int(node["partition-id"])]
-
-
-def local_split(context: Context) -> tuple[list[Record], list[Record]]:
-    """(train, held-out) of this site, the same in every round."""
-    data = from_mapping(DataConfig, context.run_config)
-    return split_heldout(site_records(context), data.heldout_fraction, data.seed)
-
-
-def demo_site(context: Context) -> Site:
-    model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
-    return Site(model, tokenizer, local_split(context)[0])
-
-
-app = ClientApp(mods=[threads_mod, timing_mod])
-CluesClient(demo_site).register(app)
-
-
-@app.train()
-def tune(msg: Message, context: Context) -> Message:
-    """The demo's own tuning round, as any project has one: train on the records the score
-    phase kept. A site that kept nothing trains nothing and takes no weight."""
-    cfg = msg.content["config"]
-    site = demo_site(context)
-    set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
-    records = selected_records(site.records, cfg, context)
-    loss = 0.0
-    if records:
-        hyper = from_mapping(TrainConfig, cfg)
-        merge = cfg.get("mode") == "merge"  # one round of whole epochs, then a one-shot merge
-        steps = math.ceil(hyper.local_epochs * len(records) / hyper.batch_size) if merge else hyper.local_steps
-        losses, _ = train_steps(training_loop(site, records, cfg), steps)
-        loss = sum(losses) / len(losses)
-    return _reply(msg, site, {"train-loss": loss, "num-examples": len(records)})
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Loss on the site's held-out records, which are drawn from its polluted pool: it moves
-    with pollution as well as with the model. When records carry quality labels the loss
-    on the clean held-out records alone goes back too, with their count."""
-    model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
-    set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
-    _, heldout = local_split(context)
-    train = from_mapping(TrainConfig, context.run_config)
-    sizes = (train.batch_size, train.max_seq_len)
-    metrics = {"heldout-loss": eval_loss(model, tokenizer, heldout, *sizes), "num-examples": len(heldout)}
-    if heldout and all("quality" in r for r in heldout):
-        clean = [r for r in heldout if r["quality"] == "high"]
-        metrics[CLEAN_LOSS_KEY] = eval_loss(model, tokenizer, clean, *sizes) if clean else 0.0
-        metrics[CLEAN_EXAMPLES_KEY] = len(clean)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

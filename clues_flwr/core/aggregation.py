@@ -184,7 +184,7 @@ def aggregate(
     weights: Sequence[float],
     *,
     base: State | None = None,
-    density: float = 0.2,
+    density: float | None = None,
     rank: int | None = None,
 ) -> State:
     """The new global adapter from the clients' adapters by ``method`` (one of ``METHODS``).
@@ -199,8 +199,8 @@ def aggregate(
     if method == "exact":
         return exact_delta(states, weights, rank)
     if method == "ties":
-        if base is None:
-            raise ValueError("ties merges updates: pass base, the global adapter the clients started from")
+        if base is None or density is None:
+            raise ValueError("ties merges updates: pass base (the global adapter the clients started from) and density")
         reason = next((r for r in (check_state(s, base) for s in states) if r), None)
         if reason:
             raise ValueError(f"ties: a state does not match base: {reason}")

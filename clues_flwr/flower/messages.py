@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from clues_flwr.trajectory import Checkpoint
+from clues_flwr.core.trajectory import Checkpoint
 
 # CLUES's own message types, beside a project's ``train``/``evaluate``: Flower routes
 # ``train.<action>`` and ``query.<action>`` to the handlers registered for that action.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -27,16 +26,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from clues_flwr.checks import one_of, require
-from clues_flwr.data import Record, per_record
+from clues_flwr.core.checks import one_of, require
+from clues_flwr.core.data import Record, per_record
+from clues_flwr.core.train import to_device
+from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.model import adapter_key, set_adapter_state
-from clues_flwr.train import to_device
-from clues_flwr.trajectory import Checkpoint
 
 log = logging.getLogger(__name__)
 
 PRECONDITIONERS = ("adam", "adam-eps-inside", "sgd")
-THRESHOLD_RULES = ("anchor-mean", "anchor-quantile", "histogram")  # histogram: calibrate.py
 
 
 @dataclass(frozen=True)
@@ -256,51 +254,6 @@ def scores(
         gamma = gammas(model, tokenizer, records, ckpt, names, cfg)
         total += ckpt.lr * (gamma.double() @ g_val.double().to(gamma.device)).cpu()
     return total
-
-
-def threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str = "anchor-mean", recall: float = 0.9) -> float:
-    """The global threshold τ from the anchors' scores.
-
-    ``anchor-mean`` (the paper): τ = mean anchor score. Anchors drawn like clean data sit
-    around the middle of the clean scores, so about half of the clean data falls below.
-
-    ``anchor-quantile``: τ = the k-th smallest of the n anchor scores, k = ⌊(1 − r)(n + 1)⌋.
-    If anchors and clean samples are exchangeable, a clean sample ranks below the k-th
-    anchor with probability k/(n + 1), so it is kept with probability ≥ 1 − k/(n + 1) ≥ r.
-    When k < 1 (n < 1/(1 − r) − 1: too few anchors for the asked recall) no anchor gives
-    that guarantee; τ falls back to the smallest anchor score, which guarantees only
-    1 − 1/(n + 1), and a warning says so.
-    """
-    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
-    if s.numel() == 0:
-        raise ValueError("no anchor scores: the threshold needs at least one anchor")
-    if rule == "anchor-mean":
-        return float(s.mean())
-    if rule != "anchor-quantile":
-        raise ValueError(f"threshold rule must be anchor-mean or anchor-quantile here, got {rule!r}")
-    if not 0 < recall < 1:
-        raise ValueError(f"target recall must be in (0, 1), got {recall}")
-    n = s.numel()
-    k = math.floor((1 - recall) * (n + 1) + 1e-9)  # 1e-9: (1 - 0.9) * 20 is 1.99999...
-    if k < 1:
-        log.warning(
-            "anchor-quantile: %d anchors cannot guarantee recall %.2f; using the smallest anchor "
-            "score (guarantee %.3f)",
-            n,
-            recall,
-            1 - 1 / (n + 1),
-        )
-        k = 1
-    return float(s.sort().values[k - 1])
-
-
-def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int = 10) -> list[float]:
-    """Fixed bin edges around the anchors (their range, widened by that range on each side),
-    chosen by the server before any client score exists, so histograms reveal only counts."""
-    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
-    lo, hi = float(s.min()), float(s.max())
-    spread = hi - lo or max(abs(hi), 1e-12)
-    return torch.linspace(lo - spread, hi + spread, bins + 1).tolist()
 
 
 def anchor_scores(

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from clues_flwr.pollution import KINDS, pollute
+from clues_flwr.core.pollution import KINDS, pollute
 
 Record = dict[str, str]
 

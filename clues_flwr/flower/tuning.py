@@ -10,7 +10,7 @@ rather than a mixin, because a project already holds an instance of its strategy
 its own way; wrapping it needs no new class.
 
 ``FedTies``, ``FedTaskArithmetic`` and ``FedExact`` are FedAvg with the aggregation of
-``clues_flwr.aggregation`` (TIES on updates, the paper's eqs. 9-10, exact ΔW), usable in
+``clues_flwr.core.aggregation`` (TIES on updates, the paper's eqs. 9-10, exact ΔW), usable in
 any Flower project on their own.
 """
 
@@ -24,12 +24,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from clues_flwr.aggregation import aggregate
-from clues_flwr.log import say
-from clues_flwr.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, SELECTION_FLAG
-from clues_flwr.screen import Screen
-from clues_flwr.selection import SelectionReport
-from clues_flwr.timing import span
+from clues_flwr.config import FederationConfig, OutputConfig, TuneConfig
+from clues_flwr.core.aggregation import aggregate
+from clues_flwr.flower.exchange import adapter_check, usable
+from clues_flwr.flower.log import say
+from clues_flwr.flower.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, SELECTION_FLAG
+from clues_flwr.flower.selection import SelectionReport
+from clues_flwr.flower.state import EVALUATE, TRAIN, Rounds
+from clues_flwr.flower.timing import span
 
 
 class _Merged(FedAvg):
@@ -37,7 +39,7 @@ class _Merged(FedAvg):
 
     method = "fedavg"
 
-    def __init__(self, *, ties_density: float = 0.5, **fedavg_kwargs: Any):
+    def __init__(self, *, ties_density: float = TuneConfig.ties_density, **fedavg_kwargs: Any):
         super().__init__(**fedavg_kwargs)
         self.ties_density = ties_density
         self._global: dict[str, torch.Tensor] = {}
@@ -98,80 +100,77 @@ class CluesTuning(Strategy):
     report : SelectionReport
         The selection stage's report: the method sent as ``clues-selection``, the sites that
         hold a selection (others are left out of tuning), and where failures are reported.
-        ``SelectionReport("none", ...)`` or ``"oracle"`` tunes every site without a score phase.
-    first_round : int
-        The first tuning round; a resumed run continues after its last saved round, and the
-        wrapped strategy and the clients see the true round numbers.
-    evaluate_every, last_round : int, optional
-        Evaluate on the sites only every ``evaluate_every`` tuning rounds and after
-        ``last_round`` (a generation pass over held-out records can cost more than a round).
+        ``SelectionReport.of(SelectionConfig(method="none"))`` (or ``"oracle"``) tunes every
+        site without a score phase.
+    rounds : Rounds, optional
+        The run's true rounds: where a resumed run continues (the wrapped strategy and the
+        sites see the true round numbers), when the sites evaluate, and the history every
+        round's metrics go into. Without it, Flower's rounds are the true ones and every
+        round evaluates.
     """
 
-    def __init__(
-        self,
-        strategy: Strategy,
-        report: SelectionReport,
-        first_round: int = 1,
-        evaluate_every: int = 1,
-        last_round: int | None = None,
-    ):
+    def __init__(self, strategy: Strategy, report: SelectionReport, rounds: Rounds | None = None):
         self.strategy, self.report = strategy, report
-        self.offset = first_round - 1
-        self.evaluate_every, self.last_round = evaluate_every, last_round
-        self.screen = Screen(report.failures, getattr(strategy, "weighted_by_key", "num-examples"))
+        self.rounds = rounds or Rounds(1, None, OutputConfig.evaluate_every, OutputConfig.save_every)
+        self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
         self.min_train_nodes = getattr(strategy, "min_train_nodes", 1)
-        # per true round, named as Flower's Result names them (it numbers a resumed run from 1)
-        self.history: dict[str, dict[int, MetricRecord]] = {
-            "train_metrics_clientapp": {},
-            "evaluate_metrics_clientapp": {},
-        }
         self._global: dict[str, torch.Tensor] = {}
+        self._sent: list[Message] = []
 
     def summary(self) -> None:
-        rounds = f", from round {self.offset + 1}" if self.offset else ""
-        say(f"tune: {self.report.method} selection, then {type(self.strategy).__name__}{rounds}")
+        first = self.rounds.first
+        say(
+            f"tune: {self.report.method} selection, then {type(self.strategy).__name__}"
+            + (f", from round {first}" if first > 1 else "")
+        )
         self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        true_round = self.rounds.true(server_round)
         self._global = arrays.to_torch_state_dict()
         config = ConfigRecord({**config, SELECTION_FLAG: self.report.method})
-        messages = list(self.strategy.configure_train(server_round + self.offset, arrays, config, grid))
+        messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
             if dropped:
-                say(f"tune round {server_round + self.offset}: nodes {dropped} have no selection and are left out")
+                say(f"tune round {true_round}: nodes {dropped} have no selection and are left out")
             messages = [m for m in messages if m.metadata.dst_node_id in self.report.clients]
-        return self.screen.sent(messages)
+        self._sent = messages
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        where = f"tune round {server_round + self.offset}"
-        usable = [
+        true_round = self.rounds.true(server_round)
+        where = f"tune round {true_round}"
+        check = adapter_check(self._global, self.weighted_by_key)
+        usable_replies = [
             m
-            for _, m in self.screen.usable(replies, where, self._global)
-            if float(m.content["metrics"][self.screen.weighted_by_key]) > 0  # kept nothing: no weight
+            for _, m in usable(replies, self._sent, where, self.report.failures, check)
+            if float(m.content["metrics"][self.weighted_by_key]) > 0  # kept nothing: no weight
         ]
-        if len(usable) < self.min_train_nodes:
-            self.screen.failure(
-                where, None, f"only {len(usable)} usable replies, {self.min_train_nodes} needed: round not aggregated"
+        if len(usable_replies) < self.min_train_nodes:
+            self.report.failures.add(
+                where,
+                None,
+                f"only {len(usable_replies)} usable replies, {self.min_train_nodes} needed: round not aggregated",
             )
             return None, None
         with span("server aggregate"):
-            arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, usable)
-        if metrics is not None:
-            self.history["train_metrics_clientapp"][server_round + self.offset] = metrics
+            arrays, metrics = self.strategy.aggregate_train(true_round, usable_replies)
+        self.rounds.record(TRAIN, true_round, metrics)
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        true_round = server_round + self.offset
-        if true_round % self.evaluate_every and true_round != self.last_round:
+        true_round = self.rounds.true(server_round)
+        if not self.rounds.due(true_round, self.rounds.evaluate_every):
             return []
         return self.strategy.configure_evaluate(true_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The wrapped strategy's, except the clean held-out loss: a mean over each site's
         clean held-out records, so weighted by their count."""
+        true_round = self.rounds.true(server_round)
         replies = list(replies)
-        metrics = self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+        metrics = self.strategy.aggregate_evaluate(true_round, replies)
         if metrics is not None and CLEAN_LOSS_KEY in metrics:
             rows = [r.content["metrics"] for r in replies if not r.has_error()]
             count = sum(int(m[CLEAN_EXAMPLES_KEY]) for m in rows)
@@ -182,13 +181,20 @@ class CluesTuning(Strategy):
                 )
             else:
                 del metrics[CLEAN_LOSS_KEY]
-        if metrics is not None:
-            self.history["evaluate_metrics_clientapp"][server_round + self.offset] = metrics
+        self.rounds.record(EVALUATE, true_round, metrics)
         return metrics
 
 
-def tuning_strategy(aggregation: str, ties_density: float = 0.5, **fedavg_kwargs: Any) -> FedAvg:
-    """The FedAvg-family strategy for an ``aggregation`` name of the run config."""
-    cls = STRATEGIES[aggregation]
-    extra = {} if cls is FedAvg else {"ties_density": ties_density}
-    return cls(**extra, **fedavg_kwargs)
+def tuning_strategy(tune: TuneConfig, federation: FederationConfig) -> FedAvg:
+    """The FedAvg-family strategy the run config's ``aggregation`` names, sampling and
+    waiting for sites as ``federation`` says."""
+    cls = STRATEGIES[tune.aggregation]
+    extra = {} if cls is FedAvg else {"ties_density": tune.ties_density}
+    return cls(
+        **extra,
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=federation.fraction_evaluate,
+        min_train_nodes=federation.min_train_nodes,
+        min_evaluate_nodes=federation.min_train_nodes,
+        min_available_nodes=federation.min_available_nodes,
+    )

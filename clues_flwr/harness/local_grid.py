@@ -28,7 +28,7 @@ class Lost(Exception):
 
 def app_defaults(pyproject: str | Path | None = None) -> dict:
     """The run-config defaults of ``[tool.flwr.app.config]`` (this project's by default)."""
-    path = Path(pyproject) if pyproject else Path(__file__).resolve().parents[1] / "pyproject.toml"
+    path = Path(pyproject) if pyproject else Path(__file__).resolve().parents[2] / "pyproject.toml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass the pyproject.toml of the Flower app")
     return tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]

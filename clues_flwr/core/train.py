@@ -8,8 +8,8 @@ from itertools import islice
 
 import torch
 
-from clues_flwr.checks import at_least, require
-from clues_flwr.data import Record, batches
+from clues_flwr.core.checks import at_least, require
+from clues_flwr.core.data import Record, batches
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""The demo's ServerApp: CLUES selection in front of the configured strategy, a run folder."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from clues_flwr.config import AppConfig, to_record
+from clues_flwr.demo.task import central_evaluate, public_sets
+from clues_flwr.flower.log import say
+from clues_flwr.flower.selection import CluesSelection, SelectionReport
+from clues_flwr.flower.state import RoundHook, RunFolder
+from clues_flwr.flower.threads import limit_threads
+from clues_flwr.flower.tuning import CluesTuning, tuning_strategy
+from clues_flwr.model import cached, initial_adapter, resolve_model_name, set_adapter_state
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_clues(grid, context.run_config, context.run_id)
+
+
+def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
+    """The whole run on any grid (Flower's, or ``LocalGrid`` in drivers); the run folder.
+    Every setting is checked, and the public sets read, before the run folder exists."""
+    limit_threads()
+    cfg = AppConfig.from_run_config(run)
+    model, tokenizer = cached(cfg.model)
+    public = public_sets(cfg.data)
+    folder = RunFolder.open(cfg, run, resolve_model_name(cfg.model.name), run_id)
+    rounds = folder.rounds(cfg)
+    initial = ArrayRecord(initial_adapter(cfg.model))
+    report = SelectionReport.of(cfg.selection, folder.saved.report if folder.saved else None)
+    saved_public = folder.saved.public if folder.saved else None
+    sections = {"score": cfg.score, "selection": cfg.selection, "train": cfg.train, "tune": cfg.tune}
+    if cfg.selection.method not in ("none", "oracle") and rounds.first <= rounds.last:
+        stage = CluesSelection.from_public(
+            model, tokenizer, public["validation"], public["anchor"], federation=cfg.federation, **sections
+        )
+        report = stage.run(grid, initial, folder if cfg.tune.mode == "federated" else None)
+        saved_public = stage.anchors.public() if stage.anchors else None
+
+    strategy = CluesTuning(tuning_strategy(cfg.tune, cfg.federation), report, rounds)
+    evaluate = functools.partial(central_evaluate, model, tokenizer, public["test"], cfg)
+    hook = RoundHook(folder, rounds, evaluate, lambda: (saved_public, report.to_state()))
+    arrays = ArrayRecord(folder.saved.adapter) if rounds.first > 1 else initial
+    count = max(rounds.last - rounds.first + 1, 0)
+    config = ConfigRecord({**to_record(cfg.train), "mode": cfg.tune.mode})
+    result = strategy.start(grid, arrays, count, cfg.federation.round_timeout, config, evaluate_fn=hook)
+    if count and not result.arrays:
+        say("no tuning round produced an aggregate: the run folder keeps the adapter it started from")
+    set_adapter_state(model, (result.arrays or arrays).to_torch_state_dict())
+    run_dir = folder.finish(model, rounds, report.to_state())
+    say("per-round metrics:")
+    for row in rounds.table():
+        say("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if report.failures:
+        say(
+            f"{len(report.failures)} failure(s): "
+            + "; ".join(f"{f['where']} node {f['node']}: {f['reason']}" for f in report.failures)
+        )
+    say(f"run folder: {run_dir}")
+    return run_dir

@@ -1,0 +1,75 @@
+"""The run folder's figures: the sites' score histograms against τ, and the loss per round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SCORE_NAMES = {
+    "clues": "CLUES score S(z)",
+    "perplexity": "perplexity score (−mean answer loss)",
+    "ifd": "IFD score",
+    "datainf": "DataInf score",
+    "random": "random score",
+}
+
+
+def score_name(method: str) -> str:
+    """The axis name of the score a selection thresholds: a combination is a sum of z-scores."""
+    signals = method.split("+")
+    if len(signals) == 1:
+        return SCORE_NAMES.get(method, f"{method} score")
+    return f"{' + '.join(signals)} (sum of z-scores against the anchors)"
+
+
+def plot_selection(selection: dict, path: Path) -> None:
+    """Site score histograms over the server's fixed bins, anchors as ticks, τ as a line.
+
+    The outer bins hold everything below the first and above the last edge; they are drawn
+    one bin wide beyond the edges.
+    """
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for node, row in selection["clients"].items():
+        edges = row["histogram-edges"]
+        width = edges[1] - edges[0]
+        centres = [edges[0] - width / 2] + [(a + b) / 2 for a, b in zip(edges, edges[1:])] + [edges[-1] + width / 2]
+        total = max(sum(row["histogram"]), 1)
+        ax.step(
+            centres,
+            [c / total for c in row["histogram"]],
+            where="mid",
+            label=f"site {node} ({row['kept']}/{row['total']} kept)",
+        )
+    shown = set()
+    for row in selection["clients"].values():
+        key = (row["threshold"], tuple(row["anchor-scores"]))
+        if key in shown or row["threshold"] is None:
+            continue
+        shown.add(key)
+        ax.plot(row["anchor-scores"], [0] * len(row["anchor-scores"]), "k|", markersize=14)
+        ax.axvline(row["threshold"], color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel(f"{score_name(selection['method'])}  (ticks: anchors, dashed: τ)")
+    ax.set_ylabel("share of the site's records")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rounds(table: list[dict], path: Path) -> None:
+    """Train, test and held-out loss per tuning round (each where it was measured)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key, label in (("train-loss", "train"), ("test-loss", "test"), ("heldout-loss", "held-out (sites)")):
+        points = [(row["round"], row[key]) for row in table if key in row]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel("tuning round (0: before tuning)")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,50 @@
+"""The layout's promises: the core imports without Flower, the public API is whole, and a
+FAB carries the library and the demo app but not the research harness."""
+
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_disk
+
+import clues_flwr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_core_imports_with_flwr_unavailable():
+    """Every core module, imported in a fresh interpreter where any ``flwr`` import fails."""
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'flwr' or name.startswith('flwr.'):\n"
+        "            raise ImportError('flwr is unavailable in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import clues_flwr.core as core\n"
+        "names = [m.name for m in pkgutil.iter_modules(core.__path__)]\n"
+        "for name in names:\n"
+        "    importlib.import_module(f'clues_flwr.core.{name}')\n"
+        "import clues_flwr.config\n"
+        "assert not any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules), 'flwr was imported'\n"
+        "print(len(names))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 10
+
+
+def test_the_public_api_resolves_and_lists_only_what_it_has():
+    for name in clues_flwr.__all__:
+        assert getattr(clues_flwr, name) is not None
+    assert {"CluesSelection", "CluesTuning", "CluesClient", "Site", "selected_records"} <= set(clues_flwr.__all__)
+
+
+def test_a_fab_carries_the_app_but_not_the_harness():
+    """The FAB as ``flwr build`` makes it from this project."""
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    assert "clues_flwr/demo/server_app.py" in names and "clues_flwr/flower/selection.py" in names
+    assert "clues_flwr/core/scoring.py" in names
+    assert not [n for n in names if n.startswith(("clues_flwr/harness/", "simulation/", "tests/", "results/"))]
