@@ -29,6 +29,7 @@ _EXPORTS = {
     "TuneConfig": "clues_flwr.config",
     "ScoreConfig": "clues_flwr.core.scoring",
     "TrainConfig": "clues_flwr.core.train",
+    "demo_model_path": "clues_flwr.model",
 }
 __all__ = sorted(_EXPORTS)
 

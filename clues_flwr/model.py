@@ -27,7 +27,13 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 )
 
-# A deprecation inside transformers/peft that this app cannot act on, repeated by every Ray actor.
+# On CPU, bitsandbytes says on import (once per Ray actor) that an optional kernel package
+# for 4-bit matmuls is missing; 8-bit LoRA does not use it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "from kernels-community" not in record.getMessage()
+)
+# Deprecations inside torch/transformers/peft that this app cannot act on, repeated by every Ray actor.
+warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEMO_MODEL = ":demo:"

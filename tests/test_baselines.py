@@ -14,12 +14,12 @@ from clues_flwr.core.signals import (
     datainf_scores,
     direction_from_grads,
     ifd_scores,
-    keep_top,
     layer_slices,
     lora_names,
     oracle_scores,
     random_scores,
 )
+from clues_flwr.core.threshold import keep_top
 from clues_flwr.model import ModelSpec, build, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clues_flwr.core.metrics import histogram
-from clues_flwr.core.scoring import histogram_edges
-from clues_flwr.core.threshold import FITS, fit_mixture, histogram_threshold, unusable
+from clues_flwr.core.threshold import FITS, fit_mixture, histogram, histogram_edges, histogram_threshold, unusable
 
 
 def best_f1_threshold(scores: np.ndarray, clean: np.ndarray) -> float:
@@ -37,7 +35,7 @@ def test_mixture_threshold_is_the_best_f1_threshold_within_one_bin(clean_share, 
     anchors = rng.normal(0.0, 1.0, 10)
     edges = histogram_edges(torch.tensor(anchors), 40)
     histograms = [histogram(scores[idx].tolist(), edges) for idx in sites]
-    tau, note = histogram_threshold(histograms, edges, anchors.tolist(), "mixture", fallback=99.0)
+    tau, note = histogram_threshold(histograms, edges, anchors.tolist(), "mixture", 99.0)
     assert note == ""
     assert abs(tau - best_f1_threshold(scores, clean)) <= edges[1] - edges[0]
 
@@ -58,7 +56,7 @@ def test_every_fit_separates_well_separated_scores(fit):
     scores, clean = mixture(rng, 4_000, 0.5, 6.0, 1.0)
     anchors = rng.normal(0.0, 1.0, 10)
     edges = histogram_edges(torch.tensor(anchors), 40)
-    tau, _ = histogram_threshold([histogram(scores.tolist(), edges)], edges, anchors.tolist(), fit)
+    tau, _ = histogram_threshold([histogram(scores.tolist(), edges)], edges, anchors.tolist(), fit, None)
     kept = scores >= tau
     assert np.mean(kept[clean]) > 0.97 and np.mean(kept[~clean]) < 0.03
 
@@ -68,18 +66,18 @@ def test_unimodal_scores_fall_back_to_the_anchor_rule():
     scores, _ = mixture(rng, 4_000, 0.5, 0.8, 1.0)  # overlapping: one hump
     anchors = rng.normal(0.0, 1.0, 10)
     edges = histogram_edges(torch.tensor(anchors), 40)
-    tau, note = histogram_threshold([histogram(scores.tolist(), edges)], edges, anchors.tolist(), fallback=-0.25)
+    tau, note = histogram_threshold([histogram(scores.tolist(), edges)], edges, anchors.tolist(), "mixture", -0.25)
     assert tau == -0.25 and "not bimodal" in note
 
 
 def test_bad_histograms_are_refused():
     edges = [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="different bins"):
-        histogram_threshold([[1, 2, 3, 4], [1, 2, 3]], edges, [1.0])
+        histogram_threshold([[1, 2, 3, 4], [1, 2, 3]], edges, [1.0], "mixture", None)
     with pytest.raises(ValueError, match="len\\(edges\\) \\+ 1"):
-        histogram_threshold([[1, 2, 3]], edges, [1.0])
+        histogram_threshold([[1, 2, 3]], edges, [1.0], "mixture", None)
     with pytest.raises(ValueError, match="histogram-fit"):
-        histogram_threshold([[1, 2, 3, 4]], edges, [1.0], "median")
+        histogram_threshold([[1, 2, 3, 4]], edges, [1.0], "median", None)
 
 
 def test_a_pile_of_identical_top_scores_does_not_pass_for_pollution():
@@ -89,7 +87,7 @@ def test_a_pile_of_identical_top_scores_does_not_pass_for_pollution():
     anchors = rng.normal(0.0, 1.0, 10)
     edges = histogram_edges(torch.tensor(anchors), 40)
     counts = [histogram(np.concatenate([clean, pile]).tolist(), edges)]
-    tau, note = histogram_threshold(counts, edges, anchors.tolist(), fallback=-1.3)
+    tau, note = histogram_threshold(counts, edges, anchors.tolist(), "mixture", -1.3)
     assert tau == -1.3 and note
 
 

@@ -152,7 +152,7 @@ def test_a_drivers_selection_is_the_apps(tmp_path):
         "perplexity": bench.baseline_set_scores(b, "perplexity"),
     }
     combined = bench.combined_scores(scores, "sum", ("clues", "perplexity"))
-    driver = bench.select(combined, b.clean, ("histogram", b.config.selection.histogram_fit))
+    driver = bench.select(combined, b.clean, ("histogram", b.config.selection.histogram_fit), b.config.selection)
     assert list(driver["kept"].values()) == app_kept
     assert 0 < sum(app_kept) < sum(map(len, b.sites.values())), "a selection that keeps some, not all"
     assert driver["tau"] == pytest.approx(clients["100"]["threshold"], rel=1e-5)

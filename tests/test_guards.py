@@ -9,9 +9,9 @@ import random
 import string
 
 from clues_flwr.core.data import demo_splits
+from clues_flwr.core.threshold import guards
 from clues_flwr.demo import client_app
 from clues_flwr.demo.server_app import run_clues
-from clues_flwr.flower.selection import guards
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults
 
 DEMO_SITES = 3
@@ -68,9 +68,9 @@ def test_guards_name_sites_that_keep_nothing_or_everything_and_scores_that_favou
         2: {"kept": 10, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
         3: {"kept": 9, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
     }
-    warnings = guards(rows)
+    warnings = guards(rows, 0.0)
     assert warnings[:2] == ["site 1 kept none of its 10 records", "site 2 kept all of its 10 records"]
     assert "63% of the sites' records pass τ but only 50% of the clean anchors do" in warnings[2]
     rows[3]["kept"] = 5
-    assert len(guards(rows)) == 2, "sites passing as often as the anchors raise no alarm"
-    assert len(guards(rows, keep_ratio=0.5)) == 2, "a fixed keep ratio makes no promise to compare"
+    assert len(guards(rows, 0.0)) == 2, "sites passing as often as the anchors raise no alarm"
+    assert len(guards(rows, 0.5)) == 2, "a fixed keep ratio makes no promise to compare"

@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedProx
 
+from clues_flwr import CluesClient, Site, selected_records
 from clues_flwr.config import SelectionConfig
 from clues_flwr.core.data import batches
 from clues_flwr.core.scoring import ScoreConfig
 from clues_flwr.core.train import TrainConfig
-from clues_flwr.demo.client_app import CluesClient, Site, selected_records
 from clues_flwr.flower.selection import CluesSelection
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid
@@ -96,7 +96,7 @@ def selection_stage(model, tok) -> CluesSelection:
         tok,
         sums(12, seed=90),
         sums(6, seed=91),
-        score_config=cfg,
+        score=cfg,
         selection=SelectionConfig(trace_rounds=2),
         train=TrainConfig(learning_rate=1e-2, local_steps=3, batch_size=8, max_seq_len=48),
     )
@@ -114,8 +114,9 @@ def test_another_project_selects_with_clues_and_tunes_with_its_own_fedprox(caplo
         fedprox = FedProx(proximal_mu=0.1, fraction_evaluate=0.0)
         result = CluesTuning(fedprox, report).start(grid, initial, num_rounds=2)
 
-    assert len(selection.trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in selection.trajectory)
-    assert all(".h.0." in n for n in selection.trajectory[0].exp_avg), "first-layer moments of GPT-2"
+    trajectory = selection.anchors.trajectory
+    assert len(trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in trajectory)
+    assert all(".h.0." in n for n in trajectory[0].exp_avg), "first-layer moments of GPT-2"
     assert sorted(report.clients) == [7, 8] and sum(c["total"] for c in report.clients.values()) == 60
     assert sorted(result.train_metrics_clientapp) == [1, 2] and report.failures == []
     kept = {n: c["kept"] for n, c in report.clients.items()}

@@ -17,9 +17,9 @@ from clues_flwr.core.scoring import (
     scores,
     scoring_mode,
     scoring_names,
-    threshold,
     validation_sums,
 )
+from clues_flwr.core.threshold import anchor_threshold
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 
@@ -252,14 +252,14 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
 
 
 def test_threshold_rules():
-    assert threshold([1.0, 2.0, 3.0, 6.0], "anchor-mean") == 3.0
+    assert anchor_threshold([1.0, 2.0, 3.0, 6.0], "anchor-mean", 0.9) == 3.0
     s = list(range(1, 20))  # n = 19, r = 0.9 -> k = floor(0.1 * 20) = 2
-    assert threshold(s, "anchor-quantile", recall=0.9) == 2.0
-    assert threshold([5.0, 1.0, 3.0], "anchor-quantile", recall=0.9) == 1.0  # k < 1: the minimum
+    assert anchor_threshold(s, "anchor-quantile", 0.9) == 2.0
+    assert anchor_threshold([5.0, 1.0, 3.0], "anchor-quantile", 0.9) == 1.0  # k < 1: the minimum
     with pytest.raises(ValueError, match="threshold rule"):
-        threshold(s, "median")
+        anchor_threshold(s, "median", 0.9)
     with pytest.raises(ValueError, match="at least one anchor"):
-        threshold([], "anchor-mean")
+        anchor_threshold([], "anchor-mean", 0.9)
 
 
 def test_anchor_quantile_keeps_the_promised_recall_empirically():
@@ -270,7 +270,7 @@ def test_anchor_quantile_keeps_the_promised_recall_empirically():
         kept = []
         for _ in range(2000):
             anchors = [rng.gauss(0, 1) for _ in range(n)]
-            tau = threshold(anchors, "anchor-quantile", recall)
+            tau = anchor_threshold(anchors, "anchor-quantile", recall)
             clean = [rng.gauss(0, 1) for _ in range(50)]
             kept.append(sum(c >= tau for c in clean) / len(clean))
         mean_kept = sum(kept) / len(kept)
@@ -279,7 +279,7 @@ def test_anchor_quantile_keeps_the_promised_recall_empirically():
     # anchor-mean keeps about half of the clean data
     anchors = [rng.gauss(0, 1) for _ in range(10)]
     clean = [rng.gauss(0, 1) for _ in range(20000)]
-    tau = threshold(anchors, "anchor-mean")
+    tau = anchor_threshold(anchors, "anchor-mean", 0.9)
     assert 0.2 < sum(c >= tau for c in clean) / len(clean) < 0.8
 
 

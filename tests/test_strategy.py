@@ -12,10 +12,10 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
 from clues_flwr.config import AppConfig, SelectionConfig
-from clues_flwr.demo import client_app, server_app
-from clues_flwr.demo.client_app import SELECTION_KEY
+from clues_flwr.demo import client_app, server_app, task
+from clues_flwr.flower.client import SELECTION_KEY
 from clues_flwr.flower.selection import SelectionReport
-from clues_flwr.flower.state import RunState
+from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 
@@ -65,7 +65,7 @@ def test_federated_run_traces_scores_and_tunes(tmp_path):
         pool = 36  # 40 records minus the 10% held out
         assert c["total"] == pool and sum(c["histogram"]) == pool
         assert c["tp"] + c["fp"] == c["kept"] and c["tp"] + c["fp"] + c["fn"] + c["tn"] == pool
-        kept = grid.contexts[int(node)].state[SELECTION_KEY]["keep"].numpy()
+        kept = grid.contexts[int(node)].state[SELECTION_KEY][SELECTION_KEY].numpy()
         assert int(kept.sum()) == c["kept"]
     assert 0 <= selection["f1"] <= 100 and (folder / "selection.png").stat().st_size > 1000
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
@@ -215,8 +215,8 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     from flwr.app import ConfigRecord, Message
     from flwr.clientapp import ClientApp
 
+    from clues_flwr import CluesClient, Site
     from clues_flwr.core.data import demo_splits, encode
-    from clues_flwr.demo.client_app import CluesClient, Site
     from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
 
     model, tok = build(ModelSpec(quantization="none")), load_tokenizer(":demo:")
@@ -298,7 +298,7 @@ def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_pat
     for node, c in summary["clients"].items():
         assert c["tp"] + c["fp"] == c["kept"] and sum(c["histogram"]) == c["total"] == 36
         assert len(c["anchor-scores"]) == 10
-        assert int(grid.contexts[int(node)].state[SELECTION_KEY]["keep"].numpy().sum()) == c["kept"]
+        assert int(grid.contexts[int(node)].state[SELECTION_KEY][SELECTION_KEY].numpy().sum()) == c["kept"]
     tuned = [r.content["metrics"]["num-examples"] for r in grid.replies if r.metadata.message_type == "train"]
     assert sorted(set(tuned)) == sorted({c["kept"] for c in summary["clients"].values() if c["kept"]})
 
@@ -393,7 +393,7 @@ def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
     clients = load(folder, "selection.json")["clients"]
     sizes = []
     for node, ctx in grid.contexts.items():
-        site = client_app.site_records(ctx)
+        site = task.load_site(ctx.node_config, AppConfig.from_run_config(ctx.run_config).data)
         assert {r["language"] for r in site} == {languages[ctx.node_config["partition-id"]]}
         sizes.append(len(site))
         assert clients[str(node)]["total"] == len(site) - max(1, int(0.1 * len(site)))
@@ -428,7 +428,7 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     assert partial.name.endswith(".partial") and not (partial / "metrics.json").exists()
     saved = load(partial / "state", "state.json")
     assert saved["round"] == 2
-    after_round_2 = RunState(partial).load()["adapter"]
+    after_round_2 = RunFolder(partial, None).saved_state().adapter
 
     resumed_cfg = {**cfg, "resume-from": str(partial)}
     trained = set()
@@ -479,15 +479,15 @@ def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
 def test_evaluate_and_save_every_n_rounds_and_resume_from_the_last_save(tmp_path, caplog, monkeypatch):
     every = {"num-server-rounds": 5, "evaluate-every": 2, "save-every": 2, "fraction-evaluate": 1.0}
     cfg = run_config(tmp_path / "stopped", **every)
-    saves, original = [], server_app.RoundHook.__call__
+    saves, original = [], RoundHook.__call__
 
     def noting(hook, flower_round, arrays):
         metrics = original(hook, flower_round, arrays)
-        state = hook.start.store.load()
-        saves.append(state["round"] if state and state.get("adapter") else None)
+        saved = hook.folder.saved_state()
+        saves.append(saved.round if saved and saved.adapter is not None else None)
         return metrics
 
-    monkeypatch.setattr(server_app.RoundHook, "__call__", noting)
+    monkeypatch.setattr(RoundHook, "__call__", noting)
     grid = StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=4)
     with caplog.at_level("INFO"), pytest.raises(Stopped):
         server_app.run_clues(grid, cfg)

@@ -333,7 +333,7 @@ def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
     for node, row in clients.items():
         if row["total"] and row["kept"] in (0, row["total"]):
             what = "none" if row["kept"] == 0 else "all"
-            out.append(f"site {node} kept {what} of its {row['total']} records")
+            out.append(f"{row.get('site') or f'site {node}'} kept {what} of its {row['total']} records")
     total = sum(r["total"] for r in clients.values())
     if keep_ratio or not total:
         return out

@@ -46,6 +46,7 @@ from clues_flwr.model import adapter_state, set_adapter_state
 
 SELECTION_KEY = "clues-selection"  # the keep mask in context.state
 SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
+LABEL_KEY = "site-label"  # node config: the name a site opts to be known by on the server
 TAG_KEY = "clues-records"  # beside each: the run and the fingerprint of the records they cover
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
@@ -155,7 +156,7 @@ class CluesClient:
         How the site's own console names it (the name never leaves the site).
     """
 
-    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "site"):
+    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "(unnamed)"):
         self.site, self.name = site, name
 
     def register(self, app: ClientApp) -> None:
@@ -224,7 +225,10 @@ class CluesClient:
             "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
             "seconds": time.monotonic() - begun,
         }
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        if context.node_config.get(LABEL_KEY):  # opt-in: how the server's lines and report name this site
+            content[LABEL_KEY] = ConfigRecord({LABEL_KEY: str(context.node_config[LABEL_KEY])})
+        return Message(content=content, reply_to=msg)
 
     def threshold(self, msg: Message, context: Context) -> Message:
         """Keep S(z) ≥ τ (or the top ``keep-ratio``) of the scores the score query left on the
@@ -239,7 +243,7 @@ class CluesClient:
         metrics = {"kept": sum(kept), "total": len(kept)}
         if site.records and all("quality" in r for r in site.records):
             metrics.update(confusion(kept, [r["quality"] == "high" for r in site.records]))
-        say(f"{self.name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
+        say(f"site {self.name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @staticmethod

@@ -24,10 +24,15 @@ Check = Callable[[RecordDict], str | None]
 
 
 class Failures(list):
-    """Every reply a phase could not use: ``{"where", "node", "reason"}`` rows, said as they come."""
+    """Every reply a phase could not use: ``{"where", "node", "reason"}`` rows, said as they
+    come, each site by its name in ``names`` (``site 3``, or the label it chose)."""
+
+    def __init__(self, rows=()):
+        super().__init__(rows)
+        self.names: dict[int, str] = {}
 
     def add(self, where: str, node: int | None, reason: str) -> None:
-        who = f"node {node}" if node is not None else "server"
+        who = "server" if node is None else self.names.get(node, f"node {node}")
         say(f"{where}: {who}: {reason}")
         self.append({"where": where, "node": node, "reason": reason})
 

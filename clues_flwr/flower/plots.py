@@ -42,7 +42,7 @@ def plot_selection(selection: dict, path: Path) -> None:
             centres,
             [c / total for c in row["histogram"]],
             where="mid",
-            label=f"site {node} ({row['kept']}/{row['total']} kept)",
+            label=f"{row.get('site', node)} ({row['kept']}/{row['total']} kept)",
         )
     shown = set()
     for row in selection["clients"].values():

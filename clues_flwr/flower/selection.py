@@ -42,8 +42,9 @@ from clues_flwr.core.signals import baseline_scores, datainf_direction
 from clues_flwr.core.threshold import Standard, global_threshold, guards, standard
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
+from clues_flwr.flower.client import LABEL_KEY
 from clues_flwr.flower.exchange import Failures, adapter_check, exchange, usable
-from clues_flwr.flower.log import say
+from clues_flwr.flower.log import say, without_final_results
 from clues_flwr.flower.messages import (
     DIRECTION_KEY,
     MOMENTS_KEY,
@@ -157,6 +158,7 @@ class SelectionReport:
             report.clients = {int(n): row for n, row in state["selection"].get("clients", {}).items()}
             report.trace = {int(r): m for r, m in state["trace"].items()}
             report.failures.extend(state["failures"])
+            report.failures.names.update({n: row["site"] for n, row in report.clients.items() if "site" in row})
             report.warnings = list(state["selection"].get("warnings", []))
         return report
 
@@ -192,7 +194,7 @@ class TraceStrategy(FedAvg):
     """
 
     def __init__(self, failures: Failures, train: TrainConfig, **fedavg_kwargs: Any):
-        super().__init__(fraction_evaluate=0.0, **fedavg_kwargs)
+        super().__init__(**fedavg_kwargs)
         self.failures, self.train = failures, train
         self.trajectory: list[Checkpoint] = []
         self._global: dict[str, torch.Tensor] = {}
@@ -200,6 +202,12 @@ class TraceStrategy(FedAvg):
 
     def summary(self) -> None:
         say(f"trace: FedAvg on every record, {self.train.local_steps} local step(s) a round")
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return []  # a trace round only trains: the trajectory is what it is for
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._global = arrays.to_torch_state_dict()
@@ -291,6 +299,8 @@ class CluesSelection:
         saved = folder.saved if folder else None
         report = SelectionReport.of(self.selection, saved.report if saved else None)
         report.clients, report.warnings = {}, []
+        nodes = sorted(grid.get_node_ids())
+        report.failures.names.update({node: f"site {i}" for i, node in enumerate(nodes, start=1)})
         initial = initial_arrays.to_torch_state_dict()
         if "clues" not in self.signals:
             say(f"score: {self.selection.method} at the initial adapter (no trace)")
@@ -334,7 +344,8 @@ class CluesSelection:
                 min_available_nodes=fed.min_available_nodes,
             )
             config = ConfigRecord({**self._base(), "phase": "trace"})
-            result = strategy.start(grid, initial_arrays, rounds, fed.round_timeout, config)
+            with without_final_results():
+                result = strategy.start(grid, initial_arrays, rounds, fed.round_timeout, config)
             report.trace = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
             if not strategy.trajectory:
                 raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
@@ -410,6 +421,9 @@ class CluesSelection:
                 taus[key], fell_back = global_threshold(side.standard, histograms, sel.histogram_fit, sel.target_recall)
                 if fell_back:
                     report.warnings.append(fell_back)
+        for node, content in scored.items():
+            if LABEL_KEY in content:
+                report.failures.names[node] = f"site {content[LABEL_KEY][LABEL_KEY]}"
         shown = sorted({round(t, 6) for t in taus.values()})
         say(
             f"score: each site keeps its top {sel.keep_ratio:.0%}"
@@ -426,17 +440,17 @@ class CluesSelection:
             for n in scored
         ]
         kept = exchange(grid, messages, "threshold", report.failures, **self._phase())
-        numbers = {node: i for i, node in enumerate(sorted(nodes), start=1)}
         for node, content in kept.items():
             m, score_metrics = content["metrics"], scored[node]["metrics"]
-            row = {"site": numbers[node], "kept": int(m["kept"]), "total": int(m["total"])}
+            name = report.failures.names[node]
+            row = {"site": name, "kept": int(m["kept"]), "total": int(m["total"])}
             row["histogram"] = list(score_metrics["histogram"])
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
             row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)])
             report.clients[node] = row
             seconds = float(score_metrics["seconds"])
-            say(f"  site {numbers[node]}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
+            say(f"  {name}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
         report.warnings += guards(report.clients, sel.keep_ratio)
         for warning in report.warnings:
             say(f"warning: {warning}")

@@ -150,6 +150,10 @@ class RunFolder:
             say(f"resume: {path} stands after tuning round {folder.saved.round}")
         return folder
 
+    def saved_state(self) -> Saved | None:
+        """What ``state/`` holds now (``saved`` is what it held when the folder was opened)."""
+        return _read(self.state)
+
     @property
     def first_round(self) -> int:
         """The first tuning round still to run."""

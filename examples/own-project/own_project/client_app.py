@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from clues_flwr.demo.client_app import CluesClient, Site, selected_records
+from clues_flwr import CluesClient, Site, selected_records
 from own_project.task import load_model, sums, train
 
 app = ClientApp()

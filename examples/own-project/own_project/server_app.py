@@ -10,11 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 from peft import get_peft_model_state_dict
 
-from clues_flwr.config import SelectionConfig
-from clues_flwr.core.scoring import ScoreConfig
-from clues_flwr.core.train import TrainConfig
-from clues_flwr.flower.selection import CluesSelection
-from clues_flwr.flower.tuning import CluesTuning
+from clues_flwr import CluesSelection, CluesTuning, ScoreConfig, SelectionConfig, TrainConfig
 from own_project.task import load_model, sums
 
 app = ServerApp()
@@ -26,15 +22,20 @@ def main(grid: Grid, context: Context):
     model, tokenizer = load_model()
     validation, anchors = sums(30, seed=1000), sums(10, seed=1001)  # public and clean
     initial = ArrayRecord({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
-    score = ScoreConfig(max_len=48)
+    max_len = 48  # their records are short: trace, score and tune on the same tokens
     selection = CluesSelection.from_public(
         model,
         tokenizer,
         validation,
         anchors,
-        score_config=score,
+        score=ScoreConfig(max_len=max_len),
         selection=SelectionConfig(trace_rounds=int(run["trace-rounds"])),
-        train=TrainConfig(learning_rate=float(run["learning-rate"]), local_steps=int(run["local-steps"]), batch_size=8),
+        train=TrainConfig(
+            learning_rate=float(run["learning-rate"]),
+            local_steps=int(run["local-steps"]),
+            batch_size=8,
+            max_seq_len=max_len,
+        ),
     )
     report = selection.run(grid, initial)
     log(INFO, "CLUES kept %s", {n: f"{c['kept']}/{c['total']}" for n, c in report.clients.items()})

@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clues_flwr.model import demo_model_path
+from clues_flwr import demo_model_path
 
 TEMPLATE = "Question: {instruction} {input}\nAnswer: "
 

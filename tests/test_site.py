@@ -1,0 +1,78 @@
+"""A site's records are built once per process, its keep mask is tied to them and to the
+run, and it names itself to the server only when it opts in."""
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from clues_flwr import selected_records
+from clues_flwr.demo import client_app, server_app, task
+from clues_flwr.flower.client import SELECTION_KEY
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
+
+SMALL = {
+    "demo-pool-size": 40,
+    "test-size": 24,
+    "trace-rounds": 1,
+    "local-steps": 2,
+    "num-server-rounds": 2,
+    "batch-size": 8,
+    "max-new-tokens": 4,
+    "fraction-evaluate": 1.0,
+}
+
+
+def run(tmp_path, nodes):
+    cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path)}
+    grid = LocalGrid(client_app.app, nodes, cfg)
+    folder = server_app.run_clues(grid, cfg)
+    return grid, folder
+
+
+def test_a_sites_loader_runs_once_per_process_over_a_whole_run(tmp_path, monkeypatch, one_thread):
+    calls = []
+    load = task.load_site
+
+    def counting(node, data):
+        calls.append(node.get("partition-id"))
+        return load(node, data)
+
+    task._split.cache_clear()
+    monkeypatch.setattr(task, "load_site", counting)
+    grid, folder = run(tmp_path, demo_nodes(2))
+    phases = {m.metadata.message_type for m in grid.replies}
+    assert {"train.clues_trace", "query.clues_score", "query.clues_threshold", "train", "evaluate"} <= phases
+    assert len(grid.replies) > 10, "many messages per site"
+    assert sorted(calls) == [0, 1], "one load per site, not one per message"
+
+
+def test_a_keep_mask_is_refused_on_other_records_or_in_another_run(tmp_path, one_thread):
+    grid, _ = run(tmp_path, demo_nodes(2))
+    context = grid.contexts[100]
+    records = task.local_split(context)[0]
+    config = ConfigRecord({"clues-selection": "clues+perplexity"})
+    kept = selected_records(records, config, context)
+    assert 0 < len(kept) < len(records)
+    assert len(kept) == int(context.state[SELECTION_KEY][SELECTION_KEY].numpy().sum())
+    shuffled = records[1:] + records[:1]  # same count, other order: a positional mask would silently misapply
+    with pytest.raises(RuntimeError, match="computed on other records"):
+        selected_records(shuffled, config, context)
+    later = Context(run_id=2, node_id=100, node_config=context.node_config, state=context.state, run_config={})
+    with pytest.raises(RuntimeError, match="from another run"):
+        selected_records(records, config, later)
+    fresh = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RuntimeError, match="did not take part in the score phase"):
+        selected_records(records, config, fresh)
+
+
+def test_sites_are_numbered_unless_they_choose_a_label(tmp_path, caplog, one_thread):
+    nodes = demo_nodes(2)
+    nodes[101]["site-label"] = "riverside"
+    with caplog.at_level("INFO"):
+        _, folder = run(tmp_path, nodes)
+    clients = json.loads((folder / "selection.json").read_text())["clients"]
+    assert clients["100"]["site"] == "site 1" and clients["101"]["site"] == "site riverside"
+    assert "site 1: scored 36 records" in caplog.text and "site riverside: scored 36 records" in caplog.text
+    assert "partition 0" not in json.dumps(clients), "the site's own console name stays on the site"
+    assert (folder / "rounds.png").stat().st_size > 1000
