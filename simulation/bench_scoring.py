@@ -47,9 +47,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from clues_flwr.core.data import batches, demo_splits
+from clues_flwr.core.data import batches, demo_splits, to_device
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, scores, scoring_mode, scoring_names, validation_sums
-from clues_flwr.core.train import to_device, train_steps, training
+from clues_flwr.core.train import train_steps, training
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.timing import timed
 from clues_flwr.model import ModelSpec, adapter_state, build, device, load_base, load_tokenizer, set_adapter_state

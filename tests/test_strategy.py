@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from clues_flwr.config import AppConfig, SelectionConfig
 from clues_flwr.demo import client_app, server_app, task
 from clues_flwr.flower.client import SELECTION_KEY
-from clues_flwr.flower.selection import SelectionReport
+from clues_flwr.flower.selection import PublicRecords, SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
@@ -418,7 +418,7 @@ class StopsAtTuneRound(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_path):
+def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_path, monkeypatch):
     rounds = {"num-server-rounds": 3}
     _, whole = run(tmp_path / "whole", **rounds)
     cfg = run_config(tmp_path / "stopped", **rounds)
@@ -437,8 +437,12 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
         if msg.metadata.message_type.startswith("train"):
             trained.add((msg.metadata.message_type, msg.content["config"]["server-round"]))
 
+    anchor_scorings = []
+    scores_anchors = PublicRecords.clues
+    monkeypatch.setattr(PublicRecords, "clues", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
     grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), resumed_cfg, before=note_training)
     folder = server_app.run_clues(grid, resumed_cfg)
+    assert not anchor_scorings, "the saved G_t and anchor scores are reused, not recomputed"
     assert folder == partial.with_name(partial.name.removesuffix(".partial")) and not partial.exists()
     assert trained == {("train", 3)}, "no trace round and no earlier tuning round runs again"
     got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]

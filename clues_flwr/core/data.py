@@ -288,3 +288,8 @@ def batches(
     for start in range(0, len(order), batch_size):
         chunk = [encoder(records[i], tokenizer, max_len) for i in order[start : start + batch_size]]
         yield collate(chunk, tokenizer.pad_token_id)
+
+
+def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A batch on the model's device."""
+    return {k: v.to(model.device) for k, v in batch.items()}

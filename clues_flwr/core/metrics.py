@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from clues_flwr.core.data import Record, batches, prompt
-from clues_flwr.core.train import to_device
+from clues_flwr.core.data import Record, batches, prompt, to_device
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
-"""The paper's baseline data scorers (Appendix E): perplexity, IFD, DataInf, random and
-the oracle, plus fixed-ratio selection.
+"""The signals beside CLUES's S(z): the paper's baseline scorers (Appendix E) perplexity,
+IFD, DataInf, random and the oracle.
 
 Every scorer returns one float64 score per record with higher = keep, the convention of
-CLUES's S(z), so ``scoring.threshold`` on anchor scores and ``keep_top`` apply to any of
-them unchanged. Model-based scores are taken at whatever adapter the model holds.
+CLUES's S(z), so the rules of ``core.threshold`` and ``core.combine`` apply to any of them
+unchanged. Model-based scores are taken at whatever adapter the model holds.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from clues_flwr.core.data import Record, batches, encode, encode_answer, per_record
+from clues_flwr.core.data import Record, batches, encode, encode_answer, per_record, to_device
 from clues_flwr.core.pollution import HIGH
 from clues_flwr.core.scoring import answer_losses_of, per_sample_grads, scoring_mode
-from clues_flwr.core.train import to_device
 
 METHODS = ("random", "perplexity", "ifd", "datainf", "oracle")
 

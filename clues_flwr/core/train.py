@@ -9,7 +9,7 @@ from itertools import islice
 import torch
 
 from clues_flwr.core.checks import at_least, require
-from clues_flwr.core.data import Record, batches
+from clues_flwr.core.data import Record, batches, to_device
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class TrainConfig:
         require("weight-decay", self.weight_decay, self.weight_decay >= 0, "0 or more")
         at_least(self, 1, "local-steps", "batch-size", "local-epochs")
         require("max-seq-len", self.max_seq_len, self.max_seq_len >= 2, "at least 2")
-
-
-def to_device(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    return {k: v.to(model.device) for k, v in batch.items()}
 
 
 def endless_batches(

@@ -160,7 +160,7 @@ def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
     direction = datainf_direction(bench.model, bench.tokenizer, val, **sizes) if method == "datainf" else None
     sets = {k: v for k, v in bench.sets().items() if k != "validation"}
     sets["anchors"] = [{**r, "quality": HIGH} for r in sets["anchors"]]  # public and clean: the oracle's 1
-    seed = bench.config.data.seed
+    seed = bench.config.train.seed
     return {
         k: baseline_scores(method, bench.model, bench.tokenizer, recs, seed=seed + j, direction=direction, **sizes)
         for j, (k, recs) in enumerate(sets.items())

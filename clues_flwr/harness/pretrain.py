@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clues_flwr.core.data import collate, demo_records, demo_splits, pretrain_text, prompt
-from clues_flwr.core.train import to_device
+from clues_flwr.core.data import collate, demo_records, demo_splits, pretrain_text, prompt, to_device
 from clues_flwr.model import DEMO_DIR
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
