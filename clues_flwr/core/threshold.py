@@ -92,6 +92,41 @@ def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
 FITS = ("mixture", "valley")
 
 
+def _count(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
+
+
+def histogram_problem(counts, total, bins: int) -> str | None:
+    """Why a site's histogram cannot be pooled (None when it can): it must hold ``bins`` + 2
+    counts (the under- and overflow bins included), each a whole number of at least 0,
+    adding up to the ``total`` the site reports. One bad reply would move τ for every site."""
+    if not _count(total):
+        return f"total {total!r} is not a count"
+    if not isinstance(counts, list | tuple) or len(counts) != bins + 2:
+        size = len(counts) if isinstance(counts, list | tuple) else type(counts).__name__
+        return f"histogram of {size} counts, expected {bins + 2} ({bins} bins and the two open ends)"
+    if not all(_count(c) for c in counts):
+        return "histogram counts must be whole numbers of at least 0"
+    if sum(counts) != total:
+        return f"histogram counts add up to {sum(counts):g}, not to the reported total {total:g}"
+    return None
+
+
+def counts_problem(metrics, scored_total) -> str | None:
+    """Why a site's kept counts cannot be reported (None when they can): ``kept`` of
+    ``total`` records, ``total`` as the site scored, and confusion counts (when sent) that
+    add up to both."""
+    kept, total = metrics.get("kept"), metrics.get("total")
+    if not (_count(kept) and _count(total)) or kept > total:
+        return f"kept {kept!r} of {total!r} is not a share of the records"
+    if total != scored_total:
+        return f"total {total:g} differs from the {scored_total:g} records the site scored"
+    if "tp" in metrics:
+        c = [metrics.get(k) for k in ("tp", "fp", "fn", "tn")]
+        if not all(_count(x) for x in c) or c[0] + c[1] != kept or sum(c) != total:
+            return "confusion counts do not add up to kept and total"
+    return None
+
 def pooled(histograms: Sequence[Sequence[int]]) -> np.ndarray:
     """The sites' counts summed bin by bin (every site's histogram has the same edges)."""
     widths = {len(h) for h in histograms}

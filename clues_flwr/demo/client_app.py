@@ -44,15 +44,18 @@ def tune(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss on the site's held-out records, which are drawn from its polluted pool: it moves
     with pollution as well as with the model. When records carry quality labels the loss
-    on the clean held-out records alone goes back too, with their count."""
+    on the clean held-out records alone goes back too, with their count (0 when unlabelled)."""
     model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
     set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
     _, heldout = local_split(context)
     train = from_mapping(TrainConfig, context.run_config)
     sizes = (train.batch_size, train.max_seq_len)
-    metrics = {"heldout-loss": eval_loss(model, tokenizer, heldout, *sizes), "num-examples": len(heldout)}
-    if heldout and all("quality" in r for r in heldout):
-        clean = [r for r in heldout if r["quality"] == "high"]
-        metrics[CLEAN_LOSS_KEY] = eval_loss(model, tokenizer, clean, *sizes) if clean else 0.0
-        metrics[CLEAN_EXAMPLES_KEY] = len(clean)
+    labelled = all("quality" in r for r in heldout)
+    clean = [r for r in heldout if labelled and r["quality"] == "high"]
+    metrics = {  # the same keys at every site, labelled or not, with held-out records or not
+        "heldout-loss": eval_loss(model, tokenizer, heldout, *sizes) if heldout else 0.0,
+        "num-examples": len(heldout),
+        CLEAN_LOSS_KEY: eval_loss(model, tokenizer, clean, *sizes) if clean else 0.0,
+        CLEAN_EXAMPLES_KEY: len(clean),
+    }
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

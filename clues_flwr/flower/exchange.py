@@ -10,6 +10,7 @@ screen, enough replies?); the strategies screen the replies Flower's loop hands 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
@@ -20,7 +21,7 @@ from clues_flwr.core.aggregation import check_state
 from clues_flwr.flower.log import say
 
 # A phase's own check of a reply's content: why it cannot be used, or None.
-Check = Callable[[RecordDict], str | None]
+Check = Callable[[int, RecordDict], str | None]
 
 
 class Failures(list):
@@ -40,7 +41,7 @@ class Failures(list):
 def adapter_check(reference: dict, weighted_by_key: str) -> Check:
     """A reply must carry an adapter fit to aggregate with ``reference`` and its weight."""
 
-    def check(content: RecordDict) -> str | None:
+    def check(node: int, content: RecordDict) -> str | None:
         if "arrays" not in content:
             return "reply without an adapter"
         problem = check_state(content["arrays"].to_torch_state_dict(), reference)
@@ -48,6 +49,18 @@ def adapter_check(reference: dict, weighted_by_key: str) -> Check:
             return f"adapter rejected: {problem}"
         if weighted_by_key not in content["metrics"]:
             return f"reply without {weighted_by_key}"
+        return None
+
+    return check
+
+
+def weighted(weighted_by_key: str) -> Check:
+    """A reply must carry its weight, a finite number of at least 0."""
+
+    def check(node: int, content: RecordDict) -> str | None:
+        weight = content["metrics"].get(weighted_by_key)
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            return f"reply without a usable {weighted_by_key} ({weight!r})"
         return None
 
     return check
@@ -66,7 +79,7 @@ def usable(
         if node == SUPERLINK_NODE_ID:
             node = destinations.get(msg.metadata.reply_to_message_id, node)
         answered.add(msg.metadata.reply_to_message_id)
-        problem = _problem(msg, check)
+        problem = _problem(node, msg, check)
         if problem:
             failures.add(where, node, problem)
         else:
@@ -77,12 +90,12 @@ def usable(
     return ok
 
 
-def _problem(msg: Message, check: Check | None) -> str | None:
+def _problem(node: int, msg: Message, check: Check | None) -> str | None:
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
     if "metrics" not in msg.content:
         return "reply without metrics"
-    return check(msg.content) if check else None
+    return check(node, msg.content) if check else None
 
 
 def exchange(

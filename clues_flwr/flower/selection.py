@@ -39,7 +39,7 @@ from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import selection_scores
 from clues_flwr.core.scoring import ScoreConfig, anchor_scores
 from clues_flwr.core.signals import baseline_scores, datainf_direction
-from clues_flwr.core.threshold import Standard, global_threshold, guards, standard
+from clues_flwr.core.threshold import Standard, counts_problem, global_threshold, guards, histogram_problem, standard
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.client import LABEL_KEY
@@ -412,7 +412,13 @@ class CluesSelection:
         contents = {key: self._content(initial_arrays, side) for key, side in sides.items()}
         messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
         say(f"score: {self.selection.method} on {len(nodes)} site(s)")
-        scored = exchange(grid, messages, "score", report.failures, **self._phase())
+        bins = self.selection.histogram_bins
+
+        def histogram_reply(node: int, content: RecordDict) -> str | None:
+            metrics = content["metrics"]
+            return histogram_problem(metrics.get("histogram"), metrics.get("total"), bins)
+
+        scored = exchange(grid, messages, "score", report.failures, **self._phase(), check=histogram_reply)
         sel = self.selection
         taus = {}
         for key, side in sides.items():
@@ -439,7 +445,12 @@ class CluesSelection:
             )
             for n in scored
         ]
-        kept = exchange(grid, messages, "threshold", report.failures, **self._phase())
+        totals = {n: scored[n]["metrics"]["total"] for n in scored}
+
+        def counts_reply(node: int, content: RecordDict) -> str | None:
+            return counts_problem(content["metrics"], totals[node])
+
+        kept = exchange(grid, messages, "threshold", report.failures, **self._phase(), check=counts_reply)
         for node, content in kept.items():
             m, score_metrics = content["metrics"], scored[node]["metrics"]
             name = report.failures.names[node]

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from clues_flwr.config import FederationConfig, OutputConfig, TuneConfig
 from clues_flwr.core.aggregation import aggregate
-from clues_flwr.flower.exchange import adapter_check, usable
+from clues_flwr.flower.exchange import adapter_check, usable, weighted
 from clues_flwr.flower.log import say
 from clues_flwr.flower.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, SELECTION_FLAG
 from clues_flwr.flower.selection import SelectionReport
@@ -116,6 +116,7 @@ class CluesTuning(Strategy):
         self.min_train_nodes = getattr(strategy, "min_train_nodes", 1)
         self._global: dict[str, torch.Tensor] = {}
         self._sent: list[Message] = []
+        self._sent_evaluate: list[Message] = []
 
     def summary(self) -> None:
         first = self.rounds.first
@@ -163,21 +164,32 @@ class CluesTuning(Strategy):
         true_round = self.rounds.true(server_round)
         if not self.rounds.due(true_round, self.rounds.evaluate_every):
             return []
-        return self.strategy.configure_evaluate(true_round, arrays, config, grid)
+        self._sent_evaluate = list(self.strategy.configure_evaluate(true_round, arrays, config, grid))
+        return self._sent_evaluate
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """The wrapped strategy's, except the clean held-out loss: a mean over each site's
-        clean held-out records, so weighted by their count."""
+        """The wrapped strategy's over the usable replies (an error or a site without held-out
+        records is left out, the error reported), except the clean held-out loss: a mean over
+        each site's clean held-out records, so weighted by their count."""
         true_round = self.rounds.true(server_round)
-        replies = list(replies)
-        metrics = self.strategy.aggregate_evaluate(true_round, replies)
+        where = f"evaluate round {true_round}"
+        rows = [
+            m
+            for _, m in usable(
+                replies, self._sent_evaluate, where, self.report.failures, weighted(self.weighted_by_key)
+            )
+            if float(m.content["metrics"][self.weighted_by_key]) > 0
+        ]
+        if not rows:
+            return None
+        metrics = self.strategy.aggregate_evaluate(true_round, rows)
         if metrics is not None and CLEAN_LOSS_KEY in metrics:
-            rows = [r.content["metrics"] for r in replies if not r.has_error()]
-            count = sum(int(m[CLEAN_EXAMPLES_KEY]) for m in rows)
+            clean = [r.content["metrics"] for r in rows]
+            count = sum(int(m[CLEAN_EXAMPLES_KEY]) for m in clean)
             metrics[CLEAN_EXAMPLES_KEY] = count
             if count:
                 metrics[CLEAN_LOSS_KEY] = (
-                    sum(float(m[CLEAN_LOSS_KEY]) * int(m[CLEAN_EXAMPLES_KEY]) for m in rows) / count
+                    sum(float(m[CLEAN_LOSS_KEY]) * int(m[CLEAN_EXAMPLES_KEY]) for m in clean) / count
                 )
             else:
                 del metrics[CLEAN_LOSS_KEY]

@@ -1,0 +1,88 @@
+"""Every reply is screened: a malformed score, threshold or evaluate reply is a failure of
+that site, and the run goes on while enough sites remain."""
+
+import json
+
+import pytest
+
+from clues_flwr.core.threshold import counts_problem, histogram_problem
+from clues_flwr.demo import client_app, server_app
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
+
+SMALL = {
+    "demo-pool-size": 40,
+    "test-size": 24,
+    "trace-rounds": 1,
+    "local-steps": 2,
+    "num-server-rounds": 1,
+    "batch-size": 8,
+    "max-new-tokens": 4,
+    "fraction-evaluate": 1.0,
+}
+
+
+def test_histogram_and_counts_are_checked_against_what_the_site_reported():
+    assert histogram_problem([1, 2, 3, 0], 6, bins=2) is None
+    assert "expected 4" in histogram_problem([1, 2, 3], 6, bins=2)
+    assert "whole numbers" in histogram_problem([1, -2, 7, 0], 6, bins=2)
+    assert "add up to 7" in histogram_problem([1, 2, 4, 0], 6, bins=2)
+    assert "not a count" in histogram_problem([1, 2, 3, 0], None, bins=2)
+    assert counts_problem({"kept": 3, "total": 6}, 6) is None
+    assert "not a share" in counts_problem({"kept": 10**6, "total": 54}, 54)
+    assert "differs" in counts_problem({"kept": 3, "total": 7}, 6)
+    assert "confusion" in counts_problem({"kept": 3, "total": 6, "tp": 3, "fp": 1, "fn": 1, "tn": 1}, 6)
+
+
+def breaks(kind):
+    """A hook that spoils node 101's reply to one query."""
+
+    def after(node, reply):
+        if node != 101:
+            return
+        kind_of = reply.metadata.message_type
+        metrics = reply.content.metric_records.get("metrics")
+        if kind == "short" and kind_of == "query.clues_score":
+            metrics["histogram"] = list(metrics["histogram"])[:-1]
+        elif kind == "missing" and kind_of == "query.clues_score":
+            del metrics["histogram"]
+        elif kind == "negative" and kind_of == "query.clues_score":
+            counts = list(metrics["histogram"])
+            counts[0], counts[-1] = -1, counts[-1] + counts[0] + 1  # the same total
+            metrics["histogram"] = counts
+        elif kind == "kept" and kind_of == "query.clues_threshold":
+            metrics["kept"] = 10**6
+
+    return after
+
+
+@pytest.mark.parametrize("kind", ["short", "missing", "negative", "kept"])
+def test_a_malformed_selection_reply_is_that_sites_failure(tmp_path, kind, one_thread):
+    cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path)}
+    grid = LocalGrid(client_app.app, demo_nodes(3), cfg, after=breaks(kind))
+    folder = server_app.run_clues(grid, cfg)
+    selection = json.loads((folder / "selection.json").read_text())
+    failures = json.loads((folder / "metrics.json").read_text())["failures"]
+    assert sorted(selection["clients"]) == ["100", "102"], "the other sites are selected and reported"
+    assert [(f["where"], f["node"]) for f in failures] == [
+        ("threshold" if kind == "kept" else "score", 101)
+    ], failures
+
+
+def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thread):
+    """A real site's records carry no quality label; a one-record site has no held-out records."""
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    rows = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(30)]
+    unlabelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("question,answer\nWhat is one plus one?,two\n")
+    nodes = demo_nodes(2)
+    nodes[300] = {"data-path": str(unlabelled)}
+    nodes[301] = {"data-path": str(tiny), "data-mapping": "instruction=question,output=answer"}
+    cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path / "runs"), "num-server-rounds": 2}
+    folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg), cfg)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all("heldout-loss" in r for r in metrics["rounds"][1:]), "the sites' evaluation aggregated every round"
+    assert not [f for f in metrics["failures"] if f["where"].startswith("evaluate")], metrics["failures"]
+    clients = json.loads((folder / "selection.json").read_text())["clients"]
+    assert "tp" not in clients["300"] and "tp" in clients["100"], "labels are sent only where records carry them"
