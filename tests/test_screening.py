@@ -22,11 +22,13 @@ SMALL = {
 
 
 def test_histogram_and_counts_are_checked_against_what_the_site_reported():
-    assert histogram_problem([1, 2, 3, 0], 6, bins=2) is None
-    assert "expected 4" in histogram_problem([1, 2, 3], 6, bins=2)
-    assert "whole numbers" in histogram_problem([1, -2, 7, 0], 6, bins=2)
-    assert "add up to 7" in histogram_problem([1, 2, 4, 0], 6, bins=2)
-    assert "not a count" in histogram_problem([1, 2, 3, 0], None, bins=2)
+    assert histogram_problem([1, 2, 3, 0], 7, 1, bins=2) is None, "6 scored in bins, 1 non-finite"
+    assert "expected 4" in histogram_problem([1, 2, 3], 6, 0, bins=2)
+    assert "whole numbers" in histogram_problem([1, -2, 7, 0], 6, 0, bins=2)
+    assert "add up to 7" in histogram_problem([1, 2, 4, 0], 6, 0, bins=2)
+    assert "not a count" in histogram_problem([1, 2, 3, 0], None, 0, bins=2)
+    assert histogram_problem([], 6, 0, bins=0) is None, "an anchor rule needs no histogram"
+    assert "expected 0" in histogram_problem([1, 5], 6, 0, bins=0), "and gets none"
     assert counts_problem({"kept": 3, "total": 6}, 6) is None
     assert "not a share" in counts_problem({"kept": 10**6, "total": 54}, 54)
     assert "differs" in counts_problem({"kept": 3, "total": 7}, 6)

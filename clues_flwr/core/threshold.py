@@ -82,11 +82,17 @@ def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int) ->
 
 def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
     """Counts over fixed ``edges`` plus an underflow and an overflow bin (len(edges) + 1
-    counts): the server chooses the edges, so every client's histogram adds up."""
+    counts): the server chooses the edges, so every client's histogram adds up. Non-finite
+    values have no bin: they are counted apart (``non_finite``) and never kept."""
     counts = [0] * (len(edges) + 1)
     for v in values:
-        counts[bisect.bisect_right(edges, v)] += 1
+        if math.isfinite(v):
+            counts[bisect.bisect_right(edges, v)] += 1
     return counts
+
+
+def non_finite(values: Sequence[float] | torch.Tensor) -> int:
+    return int((~torch.isfinite(torch.as_tensor(values, dtype=torch.float64))).sum())
 
 
 FITS = ("mixture", "valley")
@@ -96,19 +102,23 @@ def _count(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
 
 
-def histogram_problem(counts, total, bins: int) -> str | None:
-    """Why a site's histogram cannot be pooled (None when it can): it must hold ``bins`` + 2
-    counts (the under- and overflow bins included), each a whole number of at least 0,
-    adding up to the ``total`` the site reports. One bad reply would move τ for every site."""
-    if not _count(total):
-        return f"total {total!r} is not a count"
-    if not isinstance(counts, list | tuple) or len(counts) != bins + 2:
+def histogram_problem(counts, total, nonfinite, bins: int) -> str | None:
+    """Why a site's score reply cannot be used (None when it can): ``bins`` + 2 counts (the
+    under- and overflow bins included; none when ``bins`` is 0), each a whole number of at
+    least 0, adding up with the non-finite count to the ``total`` the site reports. One bad
+    reply would move τ for every site."""
+    if not (_count(total) and _count(nonfinite)):
+        return f"total {total!r} or non-finite count {nonfinite!r} is not a count"
+    want = bins + 2 if bins else 0
+    if not isinstance(counts, list | tuple) or len(counts) != want:
         size = len(counts) if isinstance(counts, list | tuple) else type(counts).__name__
-        return f"histogram of {size} counts, expected {bins + 2} ({bins} bins and the two open ends)"
+        return f"histogram of {size} counts, expected {want}" + (
+            f" ({bins} bins and the two open ends)" if bins else ""
+        )
     if not all(_count(c) for c in counts):
         return "histogram counts must be whole numbers of at least 0"
-    if sum(counts) != total:
-        return f"histogram counts add up to {sum(counts):g}, not to the reported total {total:g}"
+    if bins and sum(counts) + nonfinite != total:
+        return f"histogram counts add up to {sum(counts) + nonfinite:g}, not to the reported total {total:g}"
     return None
 
 
@@ -126,6 +136,7 @@ def counts_problem(metrics, scored_total) -> str | None:
         if not all(_count(x) for x in c) or c[0] + c[1] != kept or sum(c) != total:
             return "confusion counts do not add up to kept and total"
     return None
+
 
 def pooled(histograms: Sequence[Sequence[int]]) -> np.ndarray:
     """The sites' counts summed bin by bin (every site's histogram has the same edges)."""
@@ -334,29 +345,42 @@ class Standard:
 
 
 def standard(anchor_scores: Sequence[float] | torch.Tensor, rule: str, recall: float, bins: int) -> Standard:
-    """What the server fixes from the anchors' (combined) scores under ``rule``."""
+    """What the server fixes from the anchors' (combined) scores under ``rule``: edges only
+    for the histogram rule (no site sends a histogram another rule does not need), τ for an
+    anchor rule, neither for ``keep-ratio`` (each site keeps its top share)."""
     s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
-    tau = None if rule == "histogram" else anchor_threshold(s, rule, recall)
-    return Standard(s.tolist(), histogram_edges(s, bins), tau)
+    if not torch.isfinite(s).all():
+        raise ValueError(
+            f"{int((~torch.isfinite(s)).sum())} of {s.numel()} anchor scores are not finite: "
+            "no threshold can be set from them (check the anchors and the scorer)"
+        )
+    tau = anchor_threshold(s, rule, recall) if rule in ("anchor-mean", "anchor-quantile") else None
+    return Standard(s.tolist(), histogram_edges(s, bins) if rule == "histogram" else [], tau)
 
 
 def global_threshold(
-    public: Standard, histograms: Sequence[Sequence[int]], fit: str, recall: float
-) -> tuple[float, str]:
-    """τ for every site of ``public``: the anchor rule's, or the histogram fit to the sites'
-    counts with the anchor-quantile τ as its fallback; and a note when the fit fell back."""
-    if public.threshold is not None:
-        return public.threshold, ""
+    public: Standard, histograms: Sequence[Sequence[int]], rule: str, fit: str, recall: float
+) -> tuple[float | None, str, str]:
+    """τ for every site of ``public`` under ``rule``: the anchor rule's, the histogram fit to
+    the sites' counts with the anchor-quantile τ as its fallback, or None for ``keep-ratio``;
+    the rule actually applied; and a note when the fit fell back."""
+    if rule == "keep-ratio" or public.threshold is not None:
+        return public.threshold, rule, ""
     fallback = anchor_threshold(public.anchor_scores, "anchor-quantile", recall)
     tau, note = histogram_threshold(histograms, public.edges, public.anchor_scores, fit, fallback)
-    return tau, f"{note} (anchor-quantile, target recall {recall})" if note else ""
+    if note:
+        return tau, f"anchor-quantile (histogram fallback, target recall {recall})", f"{note} (anchor-quantile)"
+    return tau, f"histogram ({fit})", ""
 
 
 def keep(scores: Sequence[float] | torch.Tensor, threshold: float | None, keep_ratio: float) -> torch.Tensor:
-    """A site's keep mask: its top ``keep_ratio`` when one is set, else S(z) ≥ τ."""
+    """A site's keep mask: its top ``keep_ratio`` when one is set, else S(z) ≥ τ; a
+    non-finite score is never kept."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    finite = torch.isfinite(s)
     if keep_ratio:
-        return keep_top(scores, keep_ratio)
-    return torch.as_tensor(scores, dtype=torch.float64).flatten() >= threshold
+        return keep_top(torch.where(finite, s, -torch.inf), keep_ratio) & finite
+    return (s >= threshold) & finite
 
 
 def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:

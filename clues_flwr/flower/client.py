@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from clues_flwr.config import from_mapping
 from clues_flwr.core.combine import combined
 from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import confusion
+from clues_flwr.core.privacy import SitePolicy, noisy_counts
 from clues_flwr.core.scoring import ScoreConfig, scores, scoring_names
 from clues_flwr.core.signals import baseline_scores
-from clues_flwr.core.threshold import histogram, keep
+from clues_flwr.core.threshold import histogram, keep, non_finite
 from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import checkpoint, moments
 from clues_flwr.flower.log import say
@@ -47,6 +49,7 @@ from clues_flwr.model import adapter_state, set_adapter_state
 SELECTION_KEY = "clues-selection"  # the keep mask in context.state
 SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
 LABEL_KEY = "site-label"  # node config: the name a site opts to be known by on the server
+RELEASED_KEY = "clues-released"  # what the score reply released (its noisy total under DP)
 TAG_KEY = "clues-records"  # beside each: the run and the fingerprint of the records they cover
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
@@ -213,16 +216,28 @@ class CluesClient:
         begun = time.monotonic()
         content = msg.content
         cfg = content["config"]
+        policy = from_mapping(SitePolicy, context.node_config)
+        edges = list(cfg["histogram-edges"])
+        refused = policy.edges_problem(edges)
+        if refused:
+            raise PermissionError(f"score query refused by this site's policy: {refused}")
         site = self.site(context)
         signals = str(cfg["method"]).split("+")
         per_signal = [self._signal(name, content, site, context) for name in signals]
         reference = {n: torch.tensor(list(cfg[f"anchor-scores-{n}"])) for n in signals if len(signals) > 1}
         s = combined(dict(zip(signals, per_signal)), reference)
+        counts = [*histogram(s.tolist(), edges), non_finite(s)] if edges else [non_finite(s)]
+        if policy.dp_epsilon:  # half the budget: the histogram and the non-finite cell are one query
+            counts = noisy_counts(counts, policy.dp_epsilon / 2, _unseen())
+        total = sum(counts) if policy.dp_epsilon else len(s)
         context.state[SCORES_KEY] = ArrayRecord({SCORES_KEY: s.double().contiguous()})
+        context.state[RELEASED_KEY] = ConfigRecord({"total": total})
         _tag(context, SCORES_KEY, site.records)
         metrics = {
-            "total": len(s),
-            "histogram": histogram(s.tolist(), list(cfg["histogram-edges"])),
+            "total": total,
+            "histogram": counts[:-1],
+            "non-finite": counts[-1],
+            "dp-epsilon": policy.dp_epsilon,
             "seconds": time.monotonic() - begun,
         }
         content = RecordDict({"metrics": MetricRecord(metrics)})
@@ -235,13 +250,26 @@ class CluesClient:
         node; reply with counts."""
         cfg = msg.content["config"]
         site = self.site(context)
+        if SCORES_KEY not in context.state and SELECTION_KEY in context.state:
+            raise PermissionError(
+                "threshold query refused by this site's policy: one threshold per scoring, and this "
+                "scoring's threshold was applied already (a second τ would reveal more of the scores)"
+            )
         s = _stored(context, SCORES_KEY, site.records, "scores")
-        mask = keep(s, float(cfg["threshold"]), float(cfg["keep-ratio"]))
+        policy = from_mapping(SitePolicy, context.node_config)
+        tau = cfg.get("threshold")
+        mask = keep(s, None if tau is None else float(tau), float(cfg["keep-ratio"]))
         context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
         _tag(context, SELECTION_KEY, site.records)
+        total = int(context.state[RELEASED_KEY]["total"])
+        for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}", RELEASED_KEY):
+            del context.state[key]  # applied once: the scores go, only the mask stays
         kept = mask.tolist()
-        metrics = {"kept": sum(kept), "total": len(kept)}
-        if site.records and all("quality" in r for r in site.records):
+        metrics = {"kept": sum(kept), "total": total}
+        if policy.dp_epsilon:  # the other half of the budget; no confusion counts under DP
+            metrics["kept"] = min(noisy_counts([sum(kept)], policy.dp_epsilon / 2, _unseen())[0], total)
+            say(f"site {self.name(context)}: ε = {policy.dp_epsilon:g} spent on the score phase (geometric mechanism)")
+        elif site.records and all("quality" in r for r in site.records):
             metrics.update(confusion(kept, [r["quality"] == "high" for r in site.records]))
         say(f"site {self.name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -267,6 +295,11 @@ class CluesClient:
             seed=int(cfg["seed"]) + context.node_id,
             direction=direction,
         )
+
+
+def _unseen() -> torch.Generator:
+    """A generator the server cannot predict: DP noise must not be reproducible from outside."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def train_reply(msg: Message, site: Site, metrics: dict) -> Message:

@@ -35,6 +35,8 @@ def plot_selection(selection: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for node, row in selection["clients"].items():
         edges = row["histogram-edges"]
+        if not edges:  # an anchor rule: no site sent a histogram
+            continue
         width = edges[1] - edges[0]
         centres = [edges[0] - width / 2] + [(a + b) / 2 for a, b in zip(edges, edges[1:])] + [edges[-1] + width / 2]
         total = max(sum(row["histogram"]), 1)

@@ -372,7 +372,7 @@ class CluesSelection:
             else:
                 scores[name], direction = self.public.baseline(name, initial, self.score, self.train.seed)
         sel = self.selection
-        fixed = standard(combined(scores, scores), sel.threshold_rule, sel.target_recall, sel.histogram_bins)
+        fixed = standard(combined(scores, scores), self._rule(), sel.target_recall, sel.histogram_bins)
         return Anchors(trajectory, val_sums, scores, direction, fixed)
 
     def _content(self, initial_arrays: ArrayRecord, side: Anchors) -> RecordDict:
@@ -412,37 +412,45 @@ class CluesSelection:
         contents = {key: self._content(initial_arrays, side) for key, side in sides.items()}
         messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
         say(f"score: {self.selection.method} on {len(nodes)} site(s)")
-        bins = self.selection.histogram_bins
+        sel = self.selection
+        rule = self._rule()
+        bins = sel.histogram_bins if rule == "histogram" else 0
 
         def histogram_reply(node: int, content: RecordDict) -> str | None:
-            metrics = content["metrics"]
-            return histogram_problem(metrics.get("histogram"), metrics.get("total"), bins)
+            m = content["metrics"]
+            return histogram_problem(m.get("histogram"), m.get("total"), m.get("non-finite"), bins)
 
         scored = exchange(grid, messages, "score", report.failures, **self._phase(), check=histogram_reply)
-        sel = self.selection
-        taus = {}
-        for key, side in sides.items():
-            histograms = [list(scored[n]["metrics"]["histogram"]) for n in scored if side_of(n) == key]
-            if histograms:
-                taus[key], fell_back = global_threshold(side.standard, histograms, sel.histogram_fit, sel.target_recall)
-                if fell_back:
-                    report.warnings.append(fell_back)
         for node, content in scored.items():
             if LABEL_KEY in content:
                 report.failures.names[node] = f"site {content[LABEL_KEY][LABEL_KEY]}"
-        shown = sorted({round(t, 6) for t in taus.values()})
+        taus, applied = {}, {}
+        for key, side in sides.items():
+            fitted = [n for n in scored if side_of(n) == key]
+            if fitted:
+                histograms = [list(scored[n]["metrics"]["histogram"]) for n in fitted]
+                tau, used, note = global_threshold(
+                    side.standard, histograms, rule, sel.histogram_fit, sel.target_recall
+                )
+                taus[key] = tau
+                applied[key] = {"rule": used, "fitted-on": [report.failures.names[n] for n in fitted] if bins else []}
+                if note:
+                    report.warnings.append(note)
+        shown = sorted({round(t, 6) for t in taus.values() if t is not None})
+        used = sorted({a["rule"] for a in applied.values()})
         say(
             f"score: each site keeps its top {sel.keep_ratio:.0%}"
             if sel.keep_ratio
-            else f"score: threshold τ = {', '.join(f'{t:.4g}' for t in shown)} ({sel.threshold_rule}); "
+            else f"score: threshold τ = {', '.join(f'{t:.4g}' for t in shown)} ({', '.join(used)}); "
             "every site applies it"
         )
+
+        def threshold_config(node: int) -> ConfigRecord:
+            tau = taus[side_of(node)]
+            return ConfigRecord({"keep-ratio": sel.keep_ratio, **({} if tau is None else {"threshold": tau})})
+
         messages = [
-            Message(
-                RecordDict({"config": ConfigRecord({"threshold": taus[side_of(n)], "keep-ratio": sel.keep_ratio})}),
-                dst_node_id=n,
-                message_type=THRESHOLD_MESSAGE,
-            )
+            Message(RecordDict({"config": threshold_config(n)}), dst_node_id=n, message_type=THRESHOLD_MESSAGE)
             for n in scored
         ]
         totals = {n: scored[n]["metrics"]["total"] for n in scored}
@@ -456,9 +464,11 @@ class CluesSelection:
             name = report.failures.names[node]
             row = {"site": name, "kept": int(m["kept"]), "total": int(m["total"])}
             row["histogram"] = list(score_metrics["histogram"])
+            row["non-finite"] = int(score_metrics["non-finite"])
+            row["dp-epsilon"] = float(score_metrics["dp-epsilon"])
             if "tp" in m:
                 row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
-            row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)])
+            row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)], **applied[side_of(node)])
             report.clients[node] = row
             seconds = float(score_metrics["seconds"])
             say(f"  {name}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
@@ -473,6 +483,10 @@ class CluesSelection:
             )
 
     # ---- helpers ----------------------------------------------------------------------
+
+    def _rule(self) -> str:
+        """The rule the score phase applies: a set keep ratio decides alone."""
+        return "keep-ratio" if self.selection.keep_ratio else self.selection.threshold_rule
 
     def _phase(self) -> dict:
         return {"timeout": self.federation.round_timeout, "least": self.federation.min_train_nodes}

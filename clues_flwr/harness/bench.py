@@ -191,15 +191,13 @@ def select(scores: dict, clean: dict[str, list[bool]], rule: Rule, selection: Se
     ratio = value if name == "keep-ratio" else 0.0
     fixed = dataclasses.replace(
         selection,
-        threshold_rule="histogram" if name in ("histogram", "keep-ratio") else name,
         histogram_fit=value if name == "histogram" else selection.histogram_fit,
         target_recall=value if name == "anchor-quantile" else selection.target_recall,
     )
-    public = standard(scores["anchors"], fixed.threshold_rule, fixed.target_recall, fixed.histogram_bins)
-    tau = None
-    if not ratio:
-        histograms = [histogram(scores[k].tolist(), public.edges) for k in clean]
-        tau, _ = global_threshold(public, histograms, fixed.histogram_fit, fixed.target_recall)
+    applied = name
+    public = standard(scores["anchors"], applied, fixed.target_recall, fixed.histogram_bins)
+    histograms = [histogram(scores[k].tolist(), public.edges) for k in clean] if public.edges else []
+    tau, _, _ = global_threshold(public, histograms, applied, fixed.histogram_fit, fixed.target_recall)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
     kept = {}
     for k, truth in clean.items():
