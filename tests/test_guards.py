@@ -8,8 +8,10 @@ import json
 import random
 import string
 
+import pytest
+
 from clues_flwr.core.data import demo_splits
-from clues_flwr.core.threshold import guards
+from clues_flwr.core.threshold import guards, pass_rate_bounds
 from clues_flwr.demo import client_app
 from clues_flwr.demo.server_app import run_clues
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults
@@ -61,16 +63,44 @@ def test_the_default_selection_drops_junk_sites(tmp_path, caplog):
     assert demo_kept >= 0.8 * demo_clean, "the clean demo records still pass"
 
 
-def test_guards_name_sites_that_keep_nothing_or_everything_and_scores_that_favour_junk():
-    anchors = [0.0, 1.0, 2.0, 3.0]  # τ = 2: half the anchors pass
+def test_guards_name_sites_that_keep_nothing_or_everything():
+    anchors = [0.0, 1.0, 2.0, 3.0]
     rows = {
         1: {"kept": 0, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
-        2: {"kept": 10, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
-        3: {"kept": 9, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
+        2: {"kept": 10, "total": 10, "threshold": 2.0, "anchor-scores": anchors, "site": "site riverside"},
+        3: {"kept": 5, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
     }
-    warnings = guards(rows, 0.0)
-    assert warnings[:2] == ["site 1 kept none of its 10 records", "site 2 kept all of its 10 records"]
-    assert "63% of the sites' records pass τ but only 50% of the clean anchors do" in warnings[2]
-    rows[3]["kept"] = 5
-    assert len(guards(rows, 0.0)) == 2, "sites passing as often as the anchors raise no alarm"
-    assert len(guards(rows, 0.5)) == 2, "a fixed keep ratio makes no promise to compare"
+    assert guards(rows, 0.0) == ["site 1 kept none of its 10 records", "site riverside kept all of its 10 records"]
+
+
+def simulated_sites(rng, polluted_share: float, sites: int = 4, records: int = 250, anchors: int = 10):
+    """Clean scores N(0, 1); polluted ones N(3, 1), above clean (pollution the score cannot
+    see); τ the anchors' mean, as the paper's rule sets it."""
+    anchor_scores = [rng.gauss(0, 1) for _ in range(anchors)]
+    tau = sum(anchor_scores) / anchors
+    rows = {}
+    for node in range(sites):
+        scores = [rng.gauss(3, 1) if rng.random() < polluted_share else rng.gauss(0, 1) for _ in range(records)]
+        rows[node] = {"kept": sum(x >= tau for x in scores), "total": records, "threshold": tau}
+        rows[node]["anchor-scores"] = anchor_scores
+    return rows
+
+
+def test_the_pass_rate_guard_fires_on_unseen_pollution_and_stays_quiet_without():
+    rng = random.Random(0)
+    runs = 200
+    quiet = sum(bool(guards(simulated_sites(rng, 0.0), 0.0)) for _ in range(runs))
+    fired = sum(bool(guards(simulated_sites(rng, 0.8), 0.0)) for _ in range(runs))
+    # nominal 1 %; τ set from the anchors themselves makes their pass count a little less
+    # variable than a binomial's, so the measured rate is higher (3.5 % here), still far
+    # below the old guard's 29 %
+    assert quiet <= 0.05 * runs, f"false alarms in {quiet} of {runs} clean federations"
+    assert fired >= 0.8 * runs, f"fired in only {fired} of {runs} federations with 80 % unseen pollution"
+    assert not guards(simulated_sites(rng, 0.8), 0.5), "a fixed keep ratio makes no promise to compare"
+
+
+def test_pass_rate_bounds_are_clopper_pearsons():
+    """Against the Beta quantiles (scipy's, computed once): 5 of 10 and 450 of 500 at α = 0.005."""
+    assert pass_rate_bounds(5, 10, 0.005) == pytest.approx((0.1283106, 0.8716894), abs=1e-6)
+    assert pass_rate_bounds(450, 500, 0.005) == pytest.approx((0.8605316, 0.9316009), abs=1e-6)
+    assert pass_rate_bounds(10, 10, 0.005)[1] == 1.0 and pass_rate_bounds(0, 10, 0.005)[0] == 0.0

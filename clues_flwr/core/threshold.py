@@ -383,11 +383,50 @@ def keep(scores: Sequence[float] | torch.Tensor, threshold: float | None, keep_r
     return (s >= threshold) & finite
 
 
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X ≤ k) for X ~ Binomial(n, p), summed in log space (n may be thousands)."""
+    if p <= 0 or p >= 1:
+        return 1.0 if p <= 0 or k >= n else 0.0
+    i = np.arange(k + 1)
+    log_pmf = (
+        math.lgamma(n + 1)
+        - np.vectorize(math.lgamma)(i + 1)
+        - np.vectorize(math.lgamma)(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+    )
+    return float(min(np.exp(log_pmf).sum(), 1.0))
+
+
+def pass_rate_bounds(k: int, n: int, alpha: float) -> tuple[float, float]:
+    """Clopper-Pearson one-sided bounds of a pass rate seen as ``k`` of ``n``: each holds the
+    true rate with probability ≥ 1 − ``alpha``."""
+
+    def crossing(rising, target: float) -> float:  # the p in [0, 1] where the increasing rising(p) reaches target
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if rising(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k <= 0 else crossing(lambda p: 1 - _binomial_cdf(k - 1, n, p), alpha)  # P(X ≥ k) = α
+    upper = 1.0 if k >= n else crossing(lambda p: 1 - _binomial_cdf(k, n, p), 1 - alpha)  # P(X ≤ k) = α
+    return lower, upper
+
+
+GUARD_ALPHA = 0.01  # false-alarm rate of the pass-rate guard when every record is clean
+
+
 def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
     """What a user should look at before tuning: a site that kept nothing or everything, and
-    records passing τ more often than the clean public anchors do (then the score ranks
-    some pollution above clean data, since at most the anchors' share of clean records
-    should pass, and fewer polluted ones)."""
+    records passing τ more often than clean records can.
+
+    The anchors are clean, so their pass count bounds the rate p at which clean records pass
+    τ. Polluted records a score sees pass less often, so the sites' kept share is at most p;
+    when even its lower bound exceeds the anchors' upper bound (one-sided Clopper-Pearson,
+    ``GUARD_ALPHA`` / 2 each), some pollution ranks above clean data. With few anchors the
+    bound is wide: when nearly every anchor passes (the histogram and anchor-quantile
+    rules), this test cannot fire, and it says nothing rather than something false."""
     out = []
     for node, row in clients.items():
         if row["total"] and row["kept"] in (0, row["total"]):
@@ -398,10 +437,12 @@ def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
         return out
     kept = sum(r["kept"] for r in clients.values())
     anchors = [a >= r["threshold"] for r in clients.values() for a in r["anchor-scores"]]
-    passing = sum(anchors) / len(anchors)
-    if kept / total > passing + 0.1:
+    kept_low, _ = pass_rate_bounds(kept, total, GUARD_ALPHA / 2)
+    _, anchors_high = pass_rate_bounds(sum(anchors), len(anchors), GUARD_ALPHA / 2)
+    if kept_low > anchors_high:
         out.append(
-            f"{kept / total:.0%} of the sites' records pass τ but only {passing:.0%} of the clean anchors do: "
+            f"{kept / total:.0%} of the sites' records pass τ, more than clean records can "
+            f"({sum(anchors)} of {len(anchors)} clean anchors pass: at most {anchors_high:.0%}): "
             "the score ranks some records above clean data (pollution it cannot see?)"
         )
     return out
