@@ -210,3 +210,18 @@ def test_combined_scores_put_signals_on_the_anchors_scale():
         combine([x], "max")
     with pytest.raises(ValueError, match="at least 2 anchor"):
         standardise(x, torch.tensor([1.0]))
+
+
+def test_a_reference_that_does_not_vary_is_refused_by_name():
+    """Anchors agreeing to 1e-14 would make that signal z ≈ ±1000 and decide the sum alone."""
+    from clues_flwr.core.combine import combined, standardise
+
+    flat = torch.tensor([3.0, 3.0 + 1e-14, 3.0 - 1e-14], dtype=torch.float64)
+    with pytest.raises(ValueError, match="spread .* below 1e-09 of their scale"):
+        standardise(torch.tensor([3.0, 2.0]), flat)
+    tiny = torch.tensor([1e-20, 2e-20, 3e-20], dtype=torch.float64)  # small, but varying: fine
+    assert standardise(torch.tensor([2e-20], dtype=torch.float64), tiny).tolist() == pytest.approx([0.0])
+    signals = {"clues": torch.tensor([1.0, 2.0]), "perplexity": torch.tensor([3.0, 2.0])}
+    reference = {"clues": torch.tensor([0.0, 1.0, 2.0]), "perplexity": flat}
+    with pytest.raises(ValueError, match="signal 'perplexity'"):
+        combined(signals, reference)

@@ -5,7 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from clues_flwr.core.threshold import FITS, fit_mixture, histogram, histogram_edges, histogram_threshold, unusable
+from clues_flwr.core.threshold import (
+    FITS,
+    Mixture,
+    fit_mixture,
+    histogram,
+    histogram_edges,
+    histogram_threshold,
+    mixture_threshold,
+    pooled,
+    unusable,
+    valley_threshold,
+)
 
 
 def best_f1_threshold(scores: np.ndarray, clean: np.ndarray) -> float:
@@ -43,9 +54,12 @@ def test_mixture_threshold_is_the_best_f1_threshold_within_one_bin(clean_share, 
 def test_mixture_recovers_the_components_from_counts_alone():
     rng = np.random.default_rng(4)
     scores, _ = mixture(rng, 50_000, 0.4, 3.0, 0.7)
-    edges = np.linspace(-6.0, 3.0, 61)  # both tails beyond the edges: censored bins
+    edges = np.linspace(-4.0, 1.5, 45)  # censored open ends holding about 7 % of the records
     counts = np.asarray(histogram(scores.tolist(), edges.tolist()), dtype=float)
-    (wc, mc, sc), (wp, mp, sp) = fit_mixture(counts, edges, np.array([-0.2, 0.1, 0.4]))
+    assert 0.05 < (counts[0] + counts[-1]) / counts.sum() < 0.1
+    fit = fit_mixture(counts, edges, np.array([-0.2, 0.1, 0.4]))
+    (wc, mc, sc), (wp, mp, sp) = fit.clean, fit.polluted
+    assert fit.converged
     assert (wc, mc, sc) == pytest.approx((0.4, 0.0, 1.0), abs=0.03)
     assert (wp, mp, sp) == pytest.approx((0.6, -3.0, 0.7), abs=0.03)
 
@@ -101,5 +115,44 @@ def test_a_pile_of_identical_top_scores_does_not_pass_for_pollution():
     ],
 )
 def test_unusable_mixtures_say_why(polluted, reason):
-    result = unusable((0.6, 0.0, 1.0), polluted)
+    result = unusable(Mixture((0.6, 0.0, 1.0), polluted, True))
     assert (reason in result) if reason else result == ""
+
+
+def test_a_fit_that_did_not_converge_or_is_not_finite_is_unusable():
+    assert "did not converge" in unusable(Mixture((0.6, 0.0, 1.0), (0.4, -6.0, 1.0), False))
+    assert "non-finite" in unusable(Mixture((0.6, 0.0, 1.0), (float("nan"), -6.0, 1.0), True))
+
+
+def test_the_sites_histograms_are_pooled_bin_by_bin():
+    """Sites with different pollution: the pooled fit equals the fit of all scores in one."""
+    rng = np.random.default_rng(11)
+    sites = [mixture(rng, 1_000, share, 5.0, 1.0)[0] for share in (0.2, 0.8, 0.5)]
+    anchors = rng.normal(0.0, 1.0, 10)
+    edges = histogram_edges(torch.tensor(anchors), 40)
+    apart = [histogram(x.tolist(), edges) for x in sites]
+    together = [histogram(np.concatenate(sites).tolist(), edges)]
+    assert pooled(apart).tolist() == pooled(together).tolist()
+    assert histogram_threshold(apart, edges, anchors.tolist(), "mixture", None) == histogram_threshold(
+        together, edges, anchors.tolist(), "mixture", None
+    )
+    assert histogram_threshold(apart[:1] * 3, edges, anchors.tolist(), "mixture", None) != histogram_threshold(
+        apart, edges, anchors.tolist(), "mixture", None
+    ), "one site's histogram thrice is not the federation's"
+
+
+def test_the_valley_is_the_lowest_point_between_the_clean_mode_and_the_one_below():
+    """Two humps with an empty gap between -3 and -1: the valley is in the gap, above the
+    lower hump and below the clean one."""
+    rng = np.random.default_rng(12)
+    clean = rng.normal(1.0, 0.5, 2_000)
+    polluted = rng.normal(-5.0, 0.5, 1_000)
+    anchors = rng.normal(1.0, 0.5, 10)
+    edges = np.linspace(-7.0, 3.0, 41).tolist()
+    counts = np.asarray(histogram(np.concatenate([clean, polluted]).tolist(), edges), dtype=float)
+    fit = fit_mixture(counts, edges, anchors)
+    tau = valley_threshold(counts, edges, anchors, fit)
+    assert -3.5 <= tau <= -0.5
+    one_hump = np.asarray(histogram(clean.tolist(), edges), dtype=float)
+    fit = fit_mixture(one_hump, edges, anchors)
+    assert valley_threshold(one_hump, edges, anchors, fit) == mixture_threshold(edges, fit), "no mode below"

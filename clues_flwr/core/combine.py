@@ -18,12 +18,24 @@ import torch
 RULES = ("sum", "min")
 
 
+SPREAD_FLOOR = 1e-9  # relative to the reference scores' magnitude: below it their spread is rounding noise
+
+
 def standardise(scores: torch.Tensor, anchor_scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` in units of the anchors' spread around their mean (float64)."""
+    """``scores`` in units of the anchors' spread around their mean (float64). A spread below
+    ``SPREAD_FLOOR`` × the anchors' largest magnitude is refused: the reference cannot tell
+    records apart, and dividing by its rounding noise would let this one signal decide any
+    combination alone (z ≈ ±1000 for anchors agreeing to 1e-14)."""
     anchors = torch.as_tensor(anchor_scores, dtype=torch.float64)
     if anchors.numel() < 2:
         raise ValueError("standardising against the anchors needs at least 2 anchor scores")
-    return (torch.as_tensor(scores, dtype=torch.float64) - anchors.mean()) / anchors.std().clamp_min(1e-12)
+    spread, scale = float(anchors.std()), float(anchors.abs().max())
+    if not spread > SPREAD_FLOOR * scale:
+        raise ValueError(
+            f"the reference scores' spread {spread:.3g} is below {SPREAD_FLOOR:g} of their scale {scale:.3g}: "
+            "they do not vary, so this signal cannot be standardised against them"
+        )
+    return (torch.as_tensor(scores, dtype=torch.float64) - anchors.mean()) / spread
 
 
 def combine(standardised: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
@@ -40,4 +52,10 @@ def combined(signals: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
     combined by ``rule``. The server, every site and every driver score through this."""
     if len(signals) == 1:
         return torch.as_tensor(next(iter(signals.values())), dtype=torch.float64)
-    return combine([standardise(scores, reference[name]) for name, scores in signals.items()], rule)
+    standardised = []
+    for name, scores in signals.items():
+        try:
+            standardised.append(standardise(scores, reference[name]))
+        except ValueError as err:
+            raise ValueError(f"signal {name!r}: {err}") from err
+    return combine(standardised, rule)

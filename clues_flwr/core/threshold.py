@@ -26,6 +26,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -177,9 +178,23 @@ def _bin_moments(lo: np.ndarray, hi: np.ndarray, mean: float, std: float):
     return mass, first, var + first**2
 
 
-def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, iterations: int = 300):
+class Mixture(NamedTuple):
+    """A fitted two-component mixture: (weight, mean, std) of the clean component and of the
+    other, and whether EM converged."""
+
+    clean: tuple[float, float, float]
+    polluted: tuple[float, float, float]
+    converged: bool
+
+
+EM_TOLERANCE = 1e-10  # relative change of the binned log-likelihood at which EM stops
+EM_ITERATIONS = 5000  # the cap
+
+
+def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> Mixture:
     """EM for two Gaussians on binned counts, the open end bins treated as censored (exact
-    EM for interval data); returns ((weight, mean, std) clean, the same polluted).
+    EM for interval data), until the binned log-likelihood changes by less than
+    ``EM_TOLERANCE`` (relative) or ``EM_ITERATIONS`` pass.
 
     Starts the clean component at the anchors and the other at the whole distribution, so
     EM settles on the split the anchors point to; the clean one is the component under which
@@ -193,26 +208,30 @@ def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray,
     overall_std = max(float(np.sqrt((counts * (mid - overall_mean) ** 2).sum() / total)), floor)
     clean = (float(anchors.mean()), max(float(anchors.std(ddof=1 if anchors.size > 1 else 0)), floor))
     params = [(0.5, *clean), (0.5, overall_mean, overall_std)]
-    for _ in range(iterations):
+    converged, previous = False, -math.inf
+    for _ in range(EM_ITERATIONS):
         moments = [_bin_moments(lo, hi, m, s) for _, m, s in params]
         joint = np.stack([w * mass for (w, _, _), (mass, _, _) in zip(params, moments)])
-        resp = joint / np.maximum(joint.sum(0), 1e-300)
+        density = joint.sum(0)
+        loglik = float((counts * np.log(np.maximum(density, 1e-300))).sum())
+        if abs(loglik - previous) <= EM_TOLERANCE * abs(loglik):
+            converged = True
+            break
+        previous = loglik
+        resp = joint / np.maximum(density, 1e-300)
         new = []
         for r, (_, first, second) in zip(resp, moments):
             weight = r * counts
             mass = float(weight.sum())
-            if mass < 1e-9:
-                return params[0], params[1]
+            if mass < 1e-9:  # a component emptied: EM cannot go on, and the fit is no mixture
+                return Mixture(params[0], params[1], False)
             mean = float((weight * first).sum() / mass)
             var = float((weight * (second - 2 * mean * first + mean**2)).sum() / mass)
             new.append((mass / total, mean, max(math.sqrt(max(var, 0.0)), floor)))
-        done = all(np.allclose(a, b, rtol=1e-8, atol=1e-12) for a, b in zip(new, params))
         params = new
-        if done:
-            break
     likelihood = [sum(-0.5 * ((anchors - m) / s) ** 2 - math.log(s)) for _, m, s in params]
     first = int(np.argmax(likelihood))
-    return params[first], params[1 - first]
+    return Mixture(params[first], params[1 - first], converged)
 
 
 def expected_f1(candidates: np.ndarray, clean, polluted) -> np.ndarray:
@@ -225,11 +244,11 @@ def expected_f1(candidates: np.ndarray, clean, polluted) -> np.ndarray:
     return 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
 
 
-def mixture_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> float:
+def mixture_threshold(edges: Sequence[float], fit: Mixture) -> float:
+    """The τ (on a grid of 20 points a bin) at which the fitted mixture expects the best F1."""
     e = np.asarray(edges, dtype=np.float64)
-    clean, polluted = fit_mixture(counts, edges, anchors)
     candidates = np.linspace(e[0], e[-1], 20 * (len(e) - 1) + 1)
-    return float(candidates[int(np.argmax(expected_f1(candidates, clean, polluted)))])
+    return float(candidates[int(np.argmax(expected_f1(candidates, fit.clean, fit.polluted)))])
 
 
 def smooth(counts: np.ndarray, bins: float = 1.0) -> np.ndarray:
@@ -241,7 +260,7 @@ def smooth(counts: np.ndarray, bins: float = 1.0) -> np.ndarray:
     return np.convolve(padded, kernel / kernel.sum(), mode="valid")
 
 
-def valley_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> float:
+def valley_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, mixture: Mixture) -> float:
     e = np.asarray(edges, dtype=np.float64)
     x = np.concatenate([[e[0] - (e[1] - e[0]) / 2], (e[:-1] + e[1:]) / 2, [e[-1] + (e[1] - e[0]) / 2]])
     density = smooth(counts, bins=max(1.0, len(counts) / 40))
@@ -256,7 +275,7 @@ def valley_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.nda
     while low > 0 and density[low - 1] <= density[low]:
         low -= 1
     if low == 0 or density[:low].max() <= density[low] * 1.05:
-        return mixture_threshold(counts, edges, anchors)  # no mode below the clean one
+        return mixture_threshold(edges, mixture)  # no mode below the clean one
     return float(x[low] - (x[1] - x[0]) / 2)
 
 
@@ -267,11 +286,14 @@ def separation(clean, polluted) -> float:
     return math.sqrt(2) * abs(m1 - m2) / math.sqrt(s1**2 + s2**2)
 
 
-def unusable(clean, polluted, min_weight: float = 0.05) -> str:
-    """Why a fitted mixture cannot place τ ('' when it can): its components overlap
-    (Ashman's D < 2, not bimodal), the second one is a sliver (a pile-up of identical
-    scores, not a kind of pollution), or it lies above the clean one (keeping s ≥ τ cannot
-    drop it)."""
+def unusable(fit: Mixture, min_weight: float = 0.05) -> str:
+    """Why a fitted mixture cannot place τ ('' when it can): EM did not converge or gave
+    non-finite parameters, its components overlap (Ashman's D < 2, not bimodal), the second
+    one is a sliver (a pile-up of identical scores, not a kind of pollution), or it lies
+    above the clean one (keeping s ≥ τ cannot drop it)."""
+    clean, polluted = fit.clean, fit.polluted
+    if not all(math.isfinite(x) for x in (*clean, *polluted)):
+        return "the mixture fit gave non-finite parameters"
     d = separation(clean, polluted)
     if d < 2:
         return f"the pooled histogram is not bimodal (Ashman's D {d:.2f} < 2)"
@@ -279,6 +301,8 @@ def unusable(clean, polluted, min_weight: float = 0.05) -> str:
         return f"the second component holds only {polluted[0]:.1%} of the records"
     if polluted[1] >= clean[1]:
         return "the second component scores above the clean one"
+    if not fit.converged:
+        return f"the mixture fit did not converge in {EM_ITERATIONS} EM iterations"
     return ""
 
 
@@ -302,13 +326,13 @@ def histogram_threshold(
     anchors = np.asarray(anchor_scores, dtype=np.float64)
     if counts.sum() < 2 or anchors.size < 1:
         raise ValueError("the histogram rule needs at least 2 scored records and 1 anchor")
-    clean, polluted = fit_mixture(counts, edges, anchors)
-    problem = unusable(clean, polluted)
+    mixture = fit_mixture(counts, edges, anchors)
+    problem = unusable(mixture)
     if fallback is not None and problem:
         return fallback, f"{problem}: the anchor rule's τ"
     if fit == "valley":
-        return valley_threshold(counts, edges, anchors), ""
-    return mixture_threshold(counts, edges, anchors), ""
+        return valley_threshold(counts, edges, anchors, mixture), ""
+    return mixture_threshold(edges, mixture), ""
 
 
 def keep_top(scores: Sequence[float] | torch.Tensor, ratio: float) -> torch.Tensor:
