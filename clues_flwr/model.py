@@ -109,7 +109,12 @@ class ModelSpec:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
+    except OSError as err:
+        raise ValueError(
+            f"model-name {name!r} is neither a model folder here nor a model the hub serves: {err}"
+        ) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -137,7 +142,12 @@ def load_base(name: str, quantization: str):
         )
     else:
         kwargs["dtype"] = compute
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_name(name), **kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"model-name {name!r} is neither a model folder here nor a model the hub serves: {err}"
+        ) from err
     model.config.use_cache = False
     return model
 

@@ -153,15 +153,20 @@ def test_a_round_timeout_that_is_not_positive_is_refused(value):
         AppConfig.from_run_config({**app_defaults(), "round-timeout": value})
 
 
-def test_too_few_replies_skip_the_round(tmp_path):
+def test_a_run_in_which_no_round_aggregates_fails_naming_why(tmp_path, caplog):
     def only_100_tunes(node, msg):
         if msg.metadata.message_type == "train" and node != 100:
             raise RuntimeError("site down")
 
-    _, folder = run(tmp_path, before=only_100_tunes)
-    metrics = load(folder, "metrics.json")
-    skipped = [f for f in metrics["failures"] if f["node"] is None]
-    assert len(skipped) == 2 and "round not aggregated" in skipped[0]["reason"]
+    with (
+        caplog.at_level("INFO"),
+        pytest.raises(RuntimeError, match=r"no tuning round aggregated in 2 round\(s\)") as err,
+    ):
+        run(tmp_path, before=only_100_tunes)
+    assert "site down" in str(err.value), "the sites' own errors say why"
+    assert caplog.text.count("round not aggregated") == 2, "each skipped round is said as it happens"
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith(".partial"), "no finished-looking run folder"
 
 
 def test_client_that_keeps_nothing_takes_no_weight(tmp_path):

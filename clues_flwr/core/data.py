@@ -185,6 +185,35 @@ def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tupl
     return [records[i] for i in order[k:]], [records[i] for i in order[:k]]
 
 
+def prompt_format(records: Sequence[Record]) -> str:
+    """``own`` when every record carries its own prompt, ``template`` when none does, else
+    ``mixed``: scores of records formatted differently are not comparable."""
+    own = sum("prompt" in r for r in records)
+    return "own" if records and own == len(records) else "template" if own == 0 else "mixed"
+
+
+def prompt_kept(records: Sequence[Record], tokenizer, max_len: int) -> float:
+    """The median share of each record's prompt tokens that ``encode`` keeps in ``max_len``
+    tokens (the answer is kept whole first)."""
+    shares = []
+    for record in records:
+        full = len(tokenizer(prompt(record), add_special_tokens=False)["input_ids"])
+        masked = sum(label == -100 for label in encode(record, tokenizer, max_len)[1])  # BOS and prompt
+        shares.append((masked - len(_bos(tokenizer))) / full if full else 1.0)
+    return float(sorted(shares)[len(shares) // 2]) if shares else 1.0
+
+
+def check_max_len(records: Sequence[Record], tokenizer, max_len: int) -> None:
+    """Refuse a ``max-seq-len`` that cuts most of the public records' prompts away: their
+    answers would be learnt and scored without their questions."""
+    kept = prompt_kept(records, tokenizer, max_len)
+    if kept < 0.5:
+        raise ValueError(
+            f"max-seq-len {max_len} is too short for a prompt and an answer: the median public record keeps "
+            f"{kept:.0%} of its prompt; raise it"
+        )
+
+
 def prompt(record: Record) -> str:
     """The text that precedes the answer: the record's own ``prompt`` when it has one (a
     project with its own template formats it there, so CLUES traces and scores the text

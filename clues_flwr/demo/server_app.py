@@ -9,7 +9,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from clues_flwr.config import AppConfig, to_record
+from clues_flwr.core.data import check_max_len
 from clues_flwr.demo.task import central_evaluate, public_sets
+from clues_flwr.flower.exchange import wait_for_nodes
 from clues_flwr.flower.log import say
 from clues_flwr.flower.selection import CluesSelection, SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
@@ -32,6 +34,8 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     cfg = AppConfig.from_run_config(run)
     model, tokenizer = cached(cfg.model)
     public = public_sets(cfg.data)
+    check_max_len(public["validation"], tokenizer, cfg.train.max_seq_len)
+    wait_for_nodes(grid, cfg.federation.min_available_nodes, cfg.federation.round_timeout)
     folder = RunFolder.open(cfg, run, resolve_model_name(cfg.model.name), run_id)
     rounds = folder.rounds(cfg)
     initial = ArrayRecord(initial_adapter(cfg.model))
@@ -52,8 +56,6 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     count = max(rounds.last - rounds.first + 1, 0)
     config = ConfigRecord({**to_record(cfg.train), "mode": cfg.tune.mode})
     result = strategy.start(grid, arrays, count, cfg.federation.round_timeout, config, evaluate_fn=hook)
-    if count and not result.arrays:
-        say("no tuning round produced an aggregate: the run folder keeps the adapter it started from")
     set_adapter_state(model, (result.arrays or arrays).to_torch_state_dict())
     run_dir = folder.finish(model, rounds, report.to_state())
     say("per-round metrics:")

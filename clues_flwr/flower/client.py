@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from clues_flwr.config import from_mapping
 from clues_flwr.core.combine import combined
-from clues_flwr.core.data import Record
+from clues_flwr.core.data import Record, prompt_format
 from clues_flwr.core.metrics import confusion
 from clues_flwr.core.privacy import SitePolicy, noisy_counts
 from clues_flwr.core.scoring import ScoreConfig, scores, scoring_names
@@ -222,6 +222,8 @@ class CluesClient:
         if refused:
             raise PermissionError(f"score query refused by this site's policy: {refused}")
         site = self.site(context)
+        mine, theirs = prompt_format(site.records), str(cfg.get("prompt-format", "template"))
+        mismatch = mine != theirs
         signals = str(cfg["method"]).split("+")
         per_signal = [self._signal(name, content, site, context) for name in signals]
         reference = {n: torch.tensor(list(cfg[f"anchor-scores-{n}"])) for n in signals if len(signals) > 1}
@@ -238,8 +240,13 @@ class CluesClient:
             "histogram": counts[:-1],
             "non-finite": counts[-1],
             "dp-epsilon": policy.dp_epsilon,
+            "prompt-mismatch": int(mismatch),
             "seconds": time.monotonic() - begun,
         }
+        if mismatch:
+            say(
+                f"site {self.name(context)}: warning: its records' prompts ({mine}) differ from the server's ({theirs})"
+            )
         content = RecordDict({"metrics": MetricRecord(metrics)})
         if context.node_config.get(LABEL_KEY):  # opt-in: how the server's lines and report name this site
             content[LABEL_KEY] = ConfigRecord({LABEL_KEY: str(context.node_config[LABEL_KEY])})

@@ -11,6 +11,7 @@ screen, enough replies?); the strategies screen the replies Flower's loop hands 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
@@ -96,6 +97,22 @@ def _problem(node: int, msg: Message, check: Check | None) -> str | None:
     if "metrics" not in msg.content:
         return "reply without metrics"
     return check(node, msg.content) if check else None
+
+
+def wait_for_nodes(grid: Grid, least: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """The connected nodes once at least ``least`` are, or one error within ``timeout``
+    seconds naming the setting: Flower's own sampling would wait for ever."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= least:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} site(s) connected within round-timeout {timeout:g} s, "
+                f"min-available-nodes is {least}: start more SuperNodes (or num-supernodes) or lower it"
+            )
+        time.sleep(poll)
 
 
 def exchange(

@@ -35,7 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from clues_flwr.config import FederationConfig, SelectionConfig, TuneConfig, to_record
 from clues_flwr.core.aggregation import fedavg
 from clues_flwr.core.combine import combined
-from clues_flwr.core.data import Record
+from clues_flwr.core.data import Record, check_max_len, prompt_format
 from clues_flwr.core.metrics import selection_scores
 from clues_flwr.core.scoring import ScoreConfig, anchor_scores
 from clues_flwr.core.signals import baseline_scores, datainf_direction
@@ -43,7 +43,7 @@ from clues_flwr.core.threshold import Standard, counts_problem, global_threshold
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.client import LABEL_KEY
-from clues_flwr.flower.exchange import Failures, adapter_check, exchange, usable
+from clues_flwr.flower.exchange import Failures, adapter_check, exchange, usable, wait_for_nodes
 from clues_flwr.flower.log import say, without_final_results
 from clues_flwr.flower.messages import (
     DIRECTION_KEY,
@@ -274,6 +274,7 @@ class CluesSelection:
                 f"max-seq-len differs between scoring ({score.max_len}) and training ({train.max_seq_len}): "
                 "records would be scored on other tokens than they were traced and tuned on"
             )
+        check_max_len(public.validation, public.tokenizer, train.max_seq_len)
         self.public = public
         self.score, self.selection, self.train, self.mode, self.federation = (
             score,
@@ -299,7 +300,7 @@ class CluesSelection:
         saved = folder.saved if folder else None
         report = SelectionReport.of(self.selection, saved.report if saved else None)
         report.clients, report.warnings = {}, []
-        nodes = sorted(grid.get_node_ids())
+        nodes = wait_for_nodes(grid, self.federation.min_available_nodes, self.federation.round_timeout)
         report.failures.names.update({node: f"site {i}" for i, node in enumerate(nodes, start=1)})
         initial = initial_arrays.to_torch_state_dict()
         if "clues" not in self.signals:
@@ -393,7 +394,13 @@ class CluesSelection:
             )
         if len(self.signals) > 1:
             config.update({f"anchor-scores-{n}": side.scores[n].tolist() for n in self.signals})
-        config.update({"method": self.selection.method, "histogram-edges": side.standard.edges})
+        config.update(
+            {
+                "method": self.selection.method,
+                "histogram-edges": side.standard.edges,
+                "prompt-format": prompt_format(self.public.anchors),
+            }
+        )
         content["config"] = ConfigRecord(config)
         return content
 
@@ -472,6 +479,11 @@ class CluesSelection:
             report.clients[node] = row
             seconds = float(score_metrics["seconds"])
             say(f"  {name}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
+            if score_metrics["prompt-mismatch"]:
+                report.warnings.append(
+                    f"{name}: its records' prompts are formatted otherwise than the server's public records' "
+                    f"({prompt_format(self.public.anchors)} here): its scores and τ are not on one scale"
+                )
         report.warnings += guards(report.clients, sel.keep_ratio)
         for warning in report.warnings:
             say(f"warning: {warning}")

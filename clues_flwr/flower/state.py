@@ -132,14 +132,21 @@ class RunFolder:
 
     @classmethod
     def open(cls, cfg: AppConfig, run_config: dict, base_model: str, run_id: int) -> "RunFolder":
-        """A new folder holding ``config.json`` (the run config and base model), or the one
-        ``resume-from`` names, whose config must equal this one up to ``RESUME_FREE``."""
+        """The folder ``resume-from`` names, whose config must equal this one up to
+        ``RESUME_FREE``; else the one unfinished run in ``output-dir`` with this config and a
+        saved state (rerunning a crashed run's command resumes it); else a new folder
+        holding ``config.json`` (the run config and base model)."""
         output = cfg.output
+        out = Path(output.output_dir).expanduser().resolve()
         if output.resume_from:
             path = Path(output.resume_from).expanduser().resolve()
-            _check_resumable(path, cfg)
+            problem = _resume_problem(path, cfg)
+            if problem:
+                raise ValueError(f"resume-from {path}: {problem}")
+        elif resumable := [f for f in sorted(out.glob(f"*{PARTIAL}")) if not _resume_problem(f, cfg)]:
+            path = resumable[-1]
+            say(f"resume: {path} is this run stopped early, so it goes on from there (resume-from chooses another)")
         else:
-            out = Path(output.output_dir).expanduser().resolve()
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}{PARTIAL}"
             path.mkdir()
@@ -241,16 +248,18 @@ def _read(folder: Path) -> Saved | None:
     return Saved(state["round"], adapter, state.get("public"), state["report"], history)
 
 
-def _check_resumable(folder: Path, cfg: AppConfig) -> None:
-    """One error saying why ``folder`` cannot be resumed with ``cfg``, if it cannot: no saved
-    state, or a config that differs (as typed values, so ``0.5`` and ``0.50`` agree) in a key
-    outside ``RESUME_FREE``."""
+def _resume_problem(folder: Path, cfg: AppConfig) -> str | None:
+    """Why ``folder`` cannot be resumed with ``cfg`` (None when it can): no saved state, or a
+    config that differs (as typed values, so ``0.5`` and ``0.50`` agree) in a key outside
+    ``RESUME_FREE``."""
     if not (folder / "state" / STATE).is_file():
-        raise ValueError(
-            f"resume-from {folder}: no saved state (state/state.json); "
-            "not a run folder of this app, or the run stopped before its score phase"
+        return (
+            "no saved state (state/state.json); not a run folder of this app, or the run stopped before its score phase"
         )
-    saved = AppConfig.from_run_config(json.loads((folder / "config.json").read_text())["run_config"])
+    try:
+        saved = AppConfig.from_run_config(json.loads((folder / "config.json").read_text())["run_config"])
+    except (OSError, ValueError, KeyError) as err:
+        return f"its config.json cannot be read as this app's ({err})"
     changed = [
         key_of(f)
         for name in sections()
@@ -258,10 +267,8 @@ def _check_resumable(folder: Path, cfg: AppConfig) -> None:
         if key_of(f) not in RESUME_FREE and getattr(getattr(cfg, name), f.name) != getattr(getattr(saved, name), f.name)
     ]
     if changed:
-        raise ValueError(
-            f"resume-from {folder}: the run config differs in {', '.join(sorted(set(changed)))}; "
-            f"only {', '.join(RESUME_FREE)} may change"
-        )
+        return f"the run config differs in {', '.join(sorted(set(changed)))}; only {', '.join(RESUME_FREE)} may change"
+    return None
 
 
 class RoundHook:

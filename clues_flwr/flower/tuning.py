@@ -117,6 +117,7 @@ class CluesTuning(Strategy):
         self._global: dict[str, torch.Tensor] = {}
         self._sent: list[Message] = []
         self._sent_evaluate: list[Message] = []
+        self._aggregated, self._configured = 0, 0
 
     def summary(self) -> None:
         first = self.rounds.first
@@ -126,7 +127,23 @@ class CluesTuning(Strategy):
         )
         self.strategy.summary()
 
+    def start(self, *args: Any, **kwargs: Any):
+        """Flower's own loop; a run in which no tuning round aggregated ends with an error
+        naming why (every reply an error: a site without a train handler, say), not a
+        quiet "done" with the adapter unchanged."""
+        self._aggregated, self._configured = 0, 0
+        result = super().start(*args, **kwargs)
+        if self._configured and not self._aggregated:
+            tuning = [f for f in self.report.failures if f["where"].startswith("tune round")]
+            reasons = sorted({f["reason"] for f in tuning})
+            raise RuntimeError(
+                f"no tuning round aggregated in {self._configured} round(s): "
+                + ("; ".join(reasons) or "no site replied")
+            )
+        return result
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._configured += 1
         true_round = self.rounds.true(server_round)
         self._global = arrays.to_torch_state_dict()
         config = ConfigRecord({**config, SELECTION_FLAG: self.report.method})
@@ -158,6 +175,7 @@ class CluesTuning(Strategy):
         with span("server aggregate"):
             arrays, metrics = self.strategy.aggregate_train(true_round, usable_replies)
         self.rounds.record(TRAIN, true_round, metrics)
+        self._aggregated += arrays is not None
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
