@@ -5,22 +5,12 @@ import time
 
 import pytest
 from flwr.clientapp import ClientApp
+from helpers import SMALL
 
 from clues_flwr import CluesClient
 from clues_flwr.demo import client_app, server_app
 from clues_flwr.demo.task import demo_site, site_name
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
-
-SMALL = {
-    "demo-pool-size": 40,
-    "test-size": 24,
-    "trace-rounds": 1,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "batch-size": 8,
-    "max-new-tokens": 4,
-    "fraction-evaluate": 0.0,
-}
 
 
 def config(tmp_path, **overrides):

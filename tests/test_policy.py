@@ -7,22 +7,14 @@ import math
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from helpers import SMALL as BASE
 
 from clues_flwr.core.privacy import SitePolicy, geometric_noise, noisy_counts
 from clues_flwr.core.threshold import histogram, keep, non_finite, standard
 from clues_flwr.demo import client_app, server_app
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
-SMALL = {
-    "demo-pool-size": 40,
-    "test-size": 24,
-    "trace-rounds": 1,
-    "local-steps": 2,
-    "num-server-rounds": 1,
-    "batch-size": 8,
-    "max-new-tokens": 4,
-    "fraction-evaluate": 0.0,
-}
+SMALL = {**BASE, "num-server-rounds": 1}
 
 
 def test_the_policy_refuses_too_many_unsorted_or_non_finite_edges():

@@ -4,21 +4,13 @@ that site, and the run goes on while enough sites remain."""
 import json
 
 import pytest
+from helpers import SMALL as BASE
 
 from clues_flwr.core.threshold import counts_problem, histogram_problem
 from clues_flwr.demo import client_app, server_app
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
-SMALL = {
-    "demo-pool-size": 40,
-    "test-size": 24,
-    "trace-rounds": 1,
-    "local-steps": 2,
-    "num-server-rounds": 1,
-    "batch-size": 8,
-    "max-new-tokens": 4,
-    "fraction-evaluate": 1.0,
-}
+SMALL = {**BASE, "num-server-rounds": 1, "fraction-evaluate": 1.0}
 
 
 def test_histogram_and_counts_are_checked_against_what_the_site_reported():
@@ -65,9 +57,7 @@ def test_a_malformed_selection_reply_is_that_sites_failure(tmp_path, kind, one_t
     selection = json.loads((folder / "selection.json").read_text())
     failures = json.loads((folder / "metrics.json").read_text())["failures"]
     assert sorted(selection["clients"]) == ["100", "102"], "the other sites are selected and reported"
-    assert [(f["where"], f["node"]) for f in failures] == [
-        ("threshold" if kind == "kept" else "score", 101)
-    ], failures
+    assert [(f["where"], f["node"]) for f in failures] == [("threshold" if kind == "kept" else "score", 101)], failures
 
 
 def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thread):

@@ -5,22 +5,14 @@ import json
 
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
+from helpers import SMALL as BASE
 
 from clues_flwr import selected_records
 from clues_flwr.demo import client_app, server_app, task
 from clues_flwr.flower.client import SELECTION_KEY
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
-SMALL = {
-    "demo-pool-size": 40,
-    "test-size": 24,
-    "trace-rounds": 1,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "batch-size": 8,
-    "max-new-tokens": 4,
-    "fraction-evaluate": 1.0,
-}
+SMALL = {**BASE, "fraction-evaluate": 1.0}
 
 
 def run(tmp_path, nodes):

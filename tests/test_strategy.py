@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from helpers import SMALL
 from safetensors.torch import load_file
 
 from clues_flwr.config import AppConfig, SelectionConfig
@@ -20,16 +21,6 @@ from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 
 NUM_NODES = 3
-SMALL = {
-    "demo-pool-size": 40,
-    "test-size": 24,
-    "trace-rounds": 1,
-    "local-steps": 2,
-    "num-server-rounds": 2,
-    "batch-size": 8,
-    "max-new-tokens": 4,
-    "fraction-evaluate": 0.0,
-}
 
 
 def run_config(tmp_path, **overrides) -> dict:
