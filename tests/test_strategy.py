@@ -73,10 +73,11 @@ def test_clients_send_only_counts(tmp_path):
             for key, value in metrics.items():
                 if isinstance(value, list):
                     assert key == "histogram" and len(value) == bins + 2 and all(isinstance(c, int) for c in value)
-                elif key == "seconds":
-                    assert isinstance(value, float), "how long scoring took"
+                elif key in ("seconds", "dp-epsilon"):
+                    assert isinstance(value, float), "how long scoring took, and the site's DP budget"
                 else:
-                    assert isinstance(value, int) and key in ("total", "kept", "tp", "fp", "fn", "tn")
+                    counts = ("total", "kept", "tp", "fp", "fn", "tn", "non-finite", "prompt-mismatch")
+                    assert isinstance(value, int) and key in counts
     for reply in grid.replies:
         content = reply.content
         assert not content.config_records, "no strings leave a client"
@@ -170,7 +171,7 @@ def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
     tune = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 100][-1]
     assert tune.content["metrics"]["num-examples"] == 0
     assert load(folder, "metrics.json")["failures"] == []
-    assert any("site 100 kept none of its" in w for w in load(folder, "selection.json")["warnings"])
+    assert any("site 1 kept none of its" in w for w in load(folder, "selection.json")["warnings"]), "node 100 is site 1"
 
 
 @pytest.mark.parametrize("poison", ["nan", "shape", "key"])
