@@ -8,12 +8,14 @@ its own values in ``__post_init__``, so a section built in code is checked as on
 a run config; every error names the key, the value and what is allowed.
 
 The ConfigRecords sent to clients are sections written out by ``to_record`` and read back by
-``from_mapping``, never hand-listed keys.
+``from_mapping``, never hand-listed keys. Every field carries a one-line ``help``, from which
+``reference()`` writes docs/configuration.md (``python -m clues_flwr.config > docs/configuration.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from clues_flwr.core.aggregation import METHODS
 from clues_flwr.core.checks import at_least, one_of, require
 from clues_flwr.core.data import parse_names, parse_ratios
 from clues_flwr.core.pollution import KINDS
+from clues_flwr.core.privacy import SitePolicy
 from clues_flwr.core.scoring import ScoreConfig
 from clues_flwr.core.threshold import FITS, RULES
 from clues_flwr.core.train import TrainConfig
@@ -36,17 +39,50 @@ COMBINED = ("clues+perplexity", "clues+ifd")  # signals standardised by the anch
 SELECTIONS = ("clues", *COMBINED, *BASELINES, "none", "oracle")
 
 
+def setting(default: Any, help: str, key: str | None = None) -> Any:
+    """A section's field: its default, its one-line help (the configuration reference's
+    meaning column) and, where it is not the name with dashes, its run-config key."""
+    metadata = {"help": help} if key is None else {"key": key, "help": help}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     """Which records each site keeps: the scorer, its trajectory and the threshold rule."""
 
-    method: str = dataclasses.field(default="clues+perplexity", metadata={"key": "selection"})
-    trace_rounds: int = 4
-    threshold_rule: str = "histogram"
-    target_recall: float = 0.9  # anchor-quantile; also the histogram rule's fallback
-    keep_ratio: float = 0.0  # 0: the threshold rule; else each site's top share
-    histogram_bins: int = 40
-    histogram_fit: str = "mixture"
+    method: str = setting(
+        "clues+perplexity",
+        "the score: `clues+perplexity` or `clues+ifd` (both signals standardised against the anchors, summed), "
+        "`clues`; the paper's baselines `perplexity`, `ifd`, `datainf`, `random` (scored at the initial adapter, "
+        "no trace); `none` (train on everything) or `oracle` (clean records by their label; benchmarks)",
+        key="selection",
+    )
+    trace_rounds: int = setting(
+        4, "checkpoints of the trajectory CLUES scores along (federated mode: FedAvg rounds on all records)"
+    )
+    threshold_rule: str = setting(
+        "histogram",
+        "how τ is set: `histogram` (fitted to the sites' pooled score histograms, the anchors saying which part "
+        "is clean), `anchor-mean` (the paper: the anchors' mean score) or `anchor-quantile` (`target-recall`)",
+    )
+    target_recall: float = setting(  # anchor-quantile; also the histogram rule's fallback
+        0.9,
+        "anchor-quantile's clean recall r: τ is the k-th smallest anchor score, k = ⌊(1 − r)(n + 1)⌋; "
+        "also the rule the histogram rule falls back to when its fit cannot place τ",
+    )
+    keep_ratio: float = setting(  # 0: the threshold rule; else each site's top share
+        0.0, "0: keep what passes τ; else every site keeps its own top share of scores (fixed-ratio selection)"
+    )
+    histogram_bins: int = setting(
+        40,
+        "bins of the score histogram each site reports under the histogram rule, over edges the server fixes "
+        "from the anchors before any site scores (plus an under- and an overflow bin)",
+    )
+    histogram_fit: str = setting(
+        "mixture",
+        "the histogram rule's fit: `mixture` (two Gaussians fitted by EM to the binned counts, τ where it expects "
+        "the best F1) or `valley` (the lowest point of the smoothed histogram below the anchors' mode)",
+    )
 
     def __post_init__(self):
         one_of("selection", self.method, SELECTIONS)
@@ -64,10 +100,20 @@ class SelectionConfig:
 class TuneConfig:
     """How the federation trains on what was kept, and how the trace is laid out."""
 
-    num_server_rounds: int = 4
-    mode: str = "federated"
-    aggregation: str = "fedavg"
-    ties_density: float = 0.5
+    num_server_rounds: int = setting(4, "tuning rounds on the selected records (merge mode: always one)")
+    mode: str = setting(
+        "federated",
+        "`federated` (one global trajectory, then `num-server-rounds` tuning rounds) or `merge` (each site traces "
+        "alone and gets its own τ from the anchors scored on its trajectory, trains `local-epochs` epochs; "
+        "one-shot merge)",
+    )
+    aggregation: str = setting(
+        "fedavg",
+        "`fedavg`, `ties` (TIES on the updates from the global adapter, `ties-density`), `task-arithmetic` "
+        '(paper eqs. 9-10, √w on A and B; a one-shot merge, so `mode = "merge"` only) or `exact` '
+        "(the mean of B·A refactored to rank r)",
+    )
+    ties_density: float = setting(0.5, "share of each update's entries that TIES keeps")
 
     def __post_init__(self):
         require("num-server-rounds", self.num_server_rounds, self.num_server_rounds >= 1, "at least 1")
@@ -85,11 +131,23 @@ class TuneConfig:
 class FederationConfig:
     """How many sites take part and how long the server waits for them."""
 
-    min_available_nodes: int = 2
-    min_train_nodes: int = 2
-    round_timeout: float = 3600.0
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
+    min_available_nodes: int = setting(
+        2,
+        "sites to wait for (at most `round-timeout` seconds) before the first phase; Flower waits for as many "
+        "before every round, so keep it below the number of sites",
+    )
+    min_train_nodes: int = setting(
+        2,
+        "fewest usable replies for a round to aggregate (fewer: the round is skipped and reported) "
+        "and for the score phase to go on",
+    )
+    round_timeout: float = setting(
+        3600.0,
+        "seconds each round (trace, score, tune, evaluate) waits for replies; a site silent by then is left out "
+        "of that round and named in the failures",
+    )
+    fraction_train: float = setting(1.0, "share of the sites sampled for each training round")
+    fraction_evaluate: float = setting(1.0, "share of the sites sampled for each evaluation round")
 
     def __post_init__(self):
         require("min-available-nodes", self.min_available_nodes, self.min_available_nodes >= 1, "at least 1")
@@ -103,23 +161,43 @@ class FederationConfig:
 class DataConfig:
     """Where the records come from: the demo or one dataset split over the sites, polluted."""
 
-    dataset: str = ""
-    dataset_preset: str = ""
-    dataset_split: str = "train"
-    dataset_subset: str = ""
-    num_samples: int = 0
-    client_samples: int = 0
-    partition: str = "iid"
-    partition_by: str = ""
-    test_path: str = ""
-    validation_path: str = ""
-    anchor_path: str = ""
-    test_size: int = 200
-    demo_pool_size: int = 240
-    pollution: str = "0.8,0.2,0.1,0.5"
-    pollution_kinds: tuple[str, ...] = ()
-    heldout_fraction: float = 0.1
-    seed: int = 0
+    dataset: str = setting(
+        "",
+        "simulate from one dataset (a file, folder or hub name, read like `data-path`): the public sets are drawn "
+        "first, the rest partitioned over the SuperNodes and polluted; empty: the demo",
+    )
+    dataset_preset: str = setting(
+        "", "column preset for `dataset` (as `data-preset`); empty: the preset of its name, else its own columns"
+    )
+    dataset_split: str = setting("train", "the split of `dataset` to read")
+    dataset_subset: str = setting("", "the subset (configuration) of `dataset` to read; empty: none")
+    num_samples: int = setting(0, "private records in all, drawn after the public sets (0: all the rest)")
+    client_samples: int = setting(0, "records per site after partitioning (0: all of its partition)")
+    partition: str = setting(
+        "iid",
+        "`iid` (Flower Datasets' `IidPartitioner` after a seeded shuffle) or `natural` (`NaturalIdPartitioner`: "
+        "one value of column `partition-by` per site)",
+    )
+    partition_by: str = setting("", "the column a `natural` partition splits by")
+    test_path: str = setting("", "the public test set (any source `data-path` takes); empty: split off the data")
+    validation_path: str = setting(
+        "", "the public validation set CLUES aligns gradients with (any source); empty: split off the data"
+    )
+    anchor_path: str = setting("", "the public anchor records, clean, that set τ (any source); empty: split off")
+    test_size: int = setting(200, "records in the public test set split off the demo or `dataset`")
+    demo_pool_size: int = setting(240, "private records per demo site")
+    pollution: str = setting(
+        "0.8,0.2,0.1,0.5",
+        "share of polluted records per simulated site, comma-separated and repeated for more sites "
+        "(the demo and `dataset`)",
+    )
+    pollution_kinds: tuple[str, ...] = setting(
+        (),
+        "comma-separated kinds that take turns: `cut`, `deletion`, `exchange`, `mixed-language`, `random-noise`; "
+        "empty: all that apply",
+    )
+    heldout_fraction: float = setting(0.1, "share of each site's records held out for its local evaluation")
+    seed: int = setting(0, "the run's seed; here: the data splits and the pollution")
 
     def __post_init__(self):
         parse_ratios(self.pollution)
@@ -135,11 +213,23 @@ class DataConfig:
 class OutputConfig:
     """Where the run folder goes, which one to resume, and how the server evaluates."""
 
-    output_dir: str = "runs"
-    resume_from: str = ""
-    max_new_tokens: int = 12
-    evaluate_every: int = 1  # tuning rounds between evaluations (central and on the sites); the last always
-    save_every: int = 1  # tuning rounds between saves of the run state; the last always
+    output_dir: str = setting(
+        "runs", "where run folders go, relative to the ServerApp's working directory (or an absolute path)"
+    )
+    resume_from: str = setting(
+        "", "a run folder to continue; only `num-server-rounds` may differ from the run config it saved"
+    )
+    max_new_tokens: int = setting(12, "answer tokens generated for the exact-match test accuracy")
+    evaluate_every: int = setting(
+        1,
+        "tuning rounds between evaluations (central test loss and accuracy, every site's held-out loss); "
+        "before the first round and after the last always",
+    )
+    save_every: int = setting(
+        1,
+        "tuning rounds between saves of the run state (also after the score phase and the last round); "
+        "a resume repeats at most `save-every` − 1 rounds",
+    )
 
     def __post_init__(self):
         at_least(self, 1, "max-new-tokens", "evaluate-every", "save-every")
@@ -215,3 +305,98 @@ def to_record(section) -> dict[str, Any]:
         key_of(f): list(v) if isinstance(v := getattr(section, f.name), tuple) else v
         for f in dataclasses.fields(section)
     }
+
+
+# Keys a SuperNode reads from its own node config (`flower-supernode --node-config '...'`), not
+# from the run config: each site sets them for itself, and only a `site-label` it sets is ever sent.
+NODE_KEYS: dict[str, str] = {
+    "data-path": "the site's private records: a JSONL, JSON, CSV or Parquet file, a dataset folder, or a Hugging "
+    "Face dataset name; without it (simulation) `partition-id` picks a pool of the demo or of `dataset`",
+    "data-format": "`auto` (by the file's suffix), `jsonl`, `json`, `csv` or `parquet`; default `auto`",
+    "data-mapping": "record fields from the source's columns, e.g. `instruction=task,input=question,output=answer` "
+    "(`=text` is a literal); default: the preset's, or the columns' own names",
+    "data-preset": "a built-in column mapping: `medalpaca/medical_meadow_medical_flashcards`, "
+    "`axiong/pmc_llama_instructions`, `Henrychur/MMedBench`, `FinGPT/fingpt-fiqa_qa`",
+    "data-split": "the split of a folder or hub dataset to read; default `train`",
+    "data-subset": "the subset (configuration) of a folder or hub dataset; default none",
+    "num-threads": "torch threads per app process of this node; default 1 on a machine with at most 4 cores, "
+    "else `OMP_NUM_THREADS` (Ray sets it per simulated site), else torch's own choice",
+    "site-label": "opt-in: the name this site gives itself in its own console lines; sent with its score reply, "
+    "it also names the site in the server's lines and report (unset: the demo uses the `data-path` file's name, "
+    "else the partition)",
+    "max-histogram-bins": "the most histogram bins this site counts over; a score query asking for more is "
+    f"refused; default {SitePolicy.max_histogram_bins}",
+    "dp-epsilon": "ε-differential privacy for the counts this site sends (two-sided geometric noise, half of ε "
+    f"on the histogram, half on the kept count; no confusion counts); default {SitePolicy.dp_epsilon:g}: exact counts",
+}
+
+REGENERATE = "python -m clues_flwr.config > docs/configuration.md"
+
+
+def toml_value(value: Any) -> str:
+    """A default as a run config writes it: strings quoted, names comma-joined in one string,
+    booleans in lower case."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def _plain(text: str) -> str:
+    """A docstring or help text on one Markdown line (reST ``code`` as `code`, pipes escaped)."""
+    return " ".join(text.split()).replace("``", "`").replace("|", "\\|")
+
+
+def reference() -> str:
+    """The configuration reference (docs/configuration.md), written from the sections' fields."""
+    readers: dict[str, list[str]] = {}
+    for name, section in sections().items():
+        for f in dataclasses.fields(section):
+            readers.setdefault(key_of(f), []).append(name)
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses (`clues_flwr/config.py`, with `ModelSpec`, `TrainConfig` and "
+        f"`ScoreConfig`); do not edit it by hand, regenerate it with `{REGENERATE}`. A test fails when this page "
+        "and the code disagree.",
+        "",
+        "## Run config",
+        "",
+        "The defaults are `[tool.flwr.app.config]` in `pyproject.toml`, and they are the demo. Override keys with "
+        '`flwr run . --run-config "key=value ..."` or with a TOML file (`--run-config conf/paper.toml`). Every '
+        "value is checked when the ServerApp starts, before a run folder exists; a bad one stops the run with one "
+        "error that names the key, the value and what is allowed. A misspelt key is refused by Flower itself "
+        "(`Invalid run configuration.`), which names it only in the SuperLink's log. Lists of names are one "
+        "comma-separated string. A key that appears in more than one section takes one value for all of them.",
+    ]
+    for name, section in sections().items():
+        lines += ["", f"### {name} (`{section.__name__}`)", "", _plain(section.__doc__ or ""), ""]
+        lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(section):
+            key = key_of(f)
+            meaning = _plain(f.metadata.get("help", ""))
+            others = [other for other in readers[key] if other != name]
+            if others:
+                meaning += f"; the same key as in {', '.join(others)}"
+            lines.append(f"| `{key}` | `{toml_value(f.default)}` | {meaning} |")
+    lines += [
+        "",
+        "## Node config",
+        "",
+        "Each SuperNode reads these from its own node config (`flower-supernode ... --node-config "
+        "'data-path=\"/data/site.jsonl\" num-threads=4'`); they stay on the site, except a `site-label`, "
+        "which goes with the score reply. In simulation Flower sets `partition-id` and `num-partitions`, "
+        "which pick the site's pool when there is no `data-path`.",
+        "",
+        "| key | meaning |",
+        "| --- | --- |",
+        *(f"| `{key}` | {_plain(meaning)} |" for key, meaning in NODE_KEYS.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

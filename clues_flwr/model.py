@@ -83,13 +83,29 @@ def device() -> torch.device:
 class ModelSpec:
     """What decides the weights a client and the server build: every party must agree."""
 
-    name: str = field(default=DEMO_MODEL, metadata={"key": "model-name"})
-    quantization: str = "8bit"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"key": "lora-target-modules"})
-    seed: int = 0  # LoRA initialisation
+    name: str = field(
+        default=DEMO_MODEL,
+        metadata={
+            "key": "model-name",
+            "help": "Hugging Face model name or local model folder; `:demo:` is the embedded demo model",
+        },
+    )
+    quantization: str = field(
+        default="8bit",
+        metadata={
+            "help": "`8bit`, `4bit` (bitsandbytes; 4-bit needs CUDA, its CPU kernels do not backpropagate) or `none`"
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (the paper: 16)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling α (the update is scaled by α / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={"key": "lora-target-modules", "help": "comma-separated names of the modules that get LoRA"},
+    )
+    seed: int = field(  # LoRA initialisation
+        default=0, metadata={"help": "the run's seed: LoRA initialisation, data splits, pollution, shuffling"}
+    )
 
     def __post_init__(self):
         one_of("quantization", self.quantization, QUANTIZATIONS)

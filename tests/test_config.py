@@ -4,17 +4,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from clues_flwr.config import AppConfig, all_keys, from_mapping, key_of, sections, to_record
-from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.config import (
+    MODES,
+    NODE_KEYS,
+    REGENERATE,
+    SELECTIONS,
+    AppConfig,
+    all_keys,
+    from_mapping,
+    key_of,
+    reference,
+    sections,
+    to_record,
+    toml_value,
+)
+from clues_flwr.core.aggregation import METHODS
+from clues_flwr.core.pollution import KINDS
+from clues_flwr.core.privacy import SitePolicy
+from clues_flwr.core.scoring import PRECONDITIONERS, ScoreConfig
+from clues_flwr.core.threshold import FITS, RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.demo import client_app, server_app
 from clues_flwr.flower.threads import thread_count, threads_mod
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
+from clues_flwr.model import QUANTIZATIONS
+from clues_flwr.partition import SCHEMES
 
 
 def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():
@@ -31,6 +52,57 @@ def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():
                 f"{key_of(f)}: pyproject gives {toml[key_of(f)]!r}, {type(section).__name__} {value!r}"
             )
             assert isinstance(written, list) or type(toml[key_of(f)]) is type(written), key_of(f)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def every_field():
+    return [(name, f) for name, section in sections().items() for f in dataclasses.fields(section)]
+
+
+def test_the_configuration_reference_is_generated_from_the_code():
+    written = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert written == reference(), f"docs/configuration.md is out of date: regenerate it with `{REGENERATE}`"
+
+
+def test_every_field_says_what_it_means():
+    missing = [f"{name}.{f.name}" for name, f in every_field() if not str(f.metadata.get("help", "")).strip()]
+    assert not missing, f"fields without metadata help: {missing}"
+    for key, meaning in NODE_KEYS.items():
+        assert meaning.strip(), key
+    for f in dataclasses.fields(SitePolicy):  # the site's own limits are node-config keys too
+        assert key_of(f) in NODE_KEYS, f"{key_of(f)}: a SitePolicy key missing from NODE_KEYS"
+    assert not set(NODE_KEYS) & all_keys(), "a key is either the run's or the node's"
+
+
+@pytest.mark.parametrize(
+    "key, choices",
+    [
+        ("selection", SELECTIONS),
+        ("threshold-rule", RULES),
+        ("histogram-fit", FITS),
+        ("mode", MODES),
+        ("aggregation", METHODS),
+        ("partition", SCHEMES),
+        ("quantization", QUANTIZATIONS),
+        ("precondition", PRECONDITIONERS),
+        ("pollution-kinds", KINDS),
+    ],
+)
+def test_the_help_of_a_choice_names_every_choice(key, choices):
+    (meaning,) = {f.metadata["help"] for _, f in every_field() if key_of(f) == key}
+    unnamed = [c for c in choices if f"`{c}`" not in meaning]
+    assert not unnamed, f"{key}: the help does not name {unnamed}"
+
+
+def test_the_reference_writes_defaults_as_the_run_config_takes_them():
+    toml = app_defaults()
+    for _, f in every_field():
+        assert tomllib.loads(f"v = {toml_value(f.default)}")["v"] == toml[key_of(f)], key_of(f)
+    assert toml_value(("q_proj", "v_proj")) == '"q_proj,v_proj"'
+    assert toml_value(()) == '""'
+    assert toml_value(True) == "true"
 
 
 def test_keys_shared_by_sections_take_one_value():

@@ -40,14 +40,44 @@ PRECONDITIONERS = ("adam", "adam-eps-inside", "sgd")
 class ScoreConfig:
     """How to score. ``paper()`` is the paper's equations 5-8; ``official()`` its code's."""
 
-    layer: int = field(default=0, metadata={"key": "score-layer"})
-    modules: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={"key": "score-modules"})
-    precondition: str = "adam"  # adam | adam-eps-inside | sgd
-    bias_correction: bool = True
-    precondition_validation: bool = True  # paper eq. 6; the official code uses raw gradients
-    cosine: bool = True
-    batch_size: int = field(default=32, metadata={"key": "score-batch-size"})
-    max_len: int = field(default=96, metadata={"key": "max-seq-len"})
+    layer: int = field(
+        default=0,
+        metadata={
+            "key": "score-layer",
+            "help": "transformer layer whose LoRA gradients are scored (the paper: 0, the first)",
+        },
+    )
+    modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={
+            "key": "score-modules",
+            "help": "comma-separated modules of that layer whose LoRA A and B are scored",
+        },
+    )
+    precondition: str = field(  # adam | adam-eps-inside | sgd
+        default="adam",
+        metadata={
+            "help": "`adam` (paper eqs. 5-8), `adam-eps-inside` (the official code, LESS) or `sgd` (raw gradient)"
+        },
+    )
+    bias_correction: bool = field(default=True, metadata={"help": "Adam bias correction of the moments in Γ"})
+    precondition_validation: bool = field(  # paper eq. 6; the official code uses raw gradients
+        default=True, metadata={"help": "precondition the validation side too (paper eq. 6; the official code: raw)"}
+    )
+    cosine: bool = field(
+        default=True,
+        metadata={"help": "unit-normalise Γ before the inner products (against length bias, per-site scale)"},
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={
+            "key": "score-batch-size",
+            "help": "records per scoring batch (CLUES and baselines); no optimizer state, so it may exceed batch-size",
+        },
+    )
+    max_len: int = field(
+        default=96, metadata={"key": "max-seq-len", "help": "tokens per scored record: the key training reads too"}
+    )
 
     def __post_init__(self):
         require("score-layer", self.layer, self.layer >= 0, "a layer index, 0 or more")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
@@ -17,13 +17,25 @@ class TrainConfig:
     """A site's local training, as the server sends it; ``seed`` is the run's, each round
     and phase shuffles with its own seed derived from it."""
 
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.01  # torch's AdamW default; Γ includes its term (scoring.precondition)
-    local_steps: int = 10
-    batch_size: int = 16
-    max_seq_len: int = 96
-    local_epochs: int = 1  # merge mode: epochs over the selected records instead of local-steps
-    seed: int = 0
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate, trace and tuning rounds"})
+    weight_decay: float = field(  # torch's AdamW default; Γ includes its term (scoring.precondition)
+        default=0.01,
+        metadata={
+            "help": "AdamW's decoupled weight decay λ (torch's default); checkpoints carry it, Γ has its λθ_t term"
+        },
+    )
+    local_steps: int = field(default=10, metadata={"help": "AdamW steps per site per round"})
+    batch_size: int = field(default=16, metadata={"help": "records per training step"})
+    max_seq_len: int = field(
+        default=96,
+        metadata={"help": "tokens per record, in training and in scoring (the prompt is cut from the left)"},
+    )
+    local_epochs: int = field(  # merge mode: epochs over the selected records instead of local-steps
+        default=1, metadata={"help": "merge mode: epochs over the selected records, instead of `local-steps`"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "the run's seed; each round and phase shuffles with one derived from it"}
+    )
 
     def __post_init__(self):
         require("learning-rate", self.learning_rate, self.learning_rate > 0, "positive")
