@@ -5,11 +5,13 @@ demo model, for ``--nodes`` sites and ``--rounds`` tuning rounds of ``--local-st
     python simulation/bench_rounds.py --nodes 20 --rounds 30 --local-steps 10    # the paper's local work
 
 The app notes its own spans when ``CLUES_TIMING`` names a file (``clues_flwr.flower.timing``):
-every ClientApp handler (a ClientApp mod), the server's aggregation, and the per-round hook
-(central evaluation and run state). A tuning round's wall time runs from the end of one
-round hook to the end of the next. Its *app time* is the length of the union of every span
-that overlaps it, so handlers running at once count once; *orchestration* is the rest:
-Flower and Ray moving messages, scheduling actors, serialising records. Peak RSS is each
+every ClientApp handler (a ClientApp mod), the server's configure, reply screening and
+aggregation, and the per-round hook (central evaluation and run state). A tuning round's
+wall time runs from the end of one round hook to the end of the next. Its *app time* is the
+length of the union of every span that overlaps it, so handlers running at once count once;
+*orchestration* is the rest: Flower and Ray moving messages, scheduling actors, serialising
+records (Flower's simulation engine looks for new messages every 0.1 s, so about 0.05 s of
+every round is its polling alone). Peak RSS is each
 process's ``ru_maxrss`` when it notes a span; the run folder's size is taken at each round
 hook. Prints seconds per round (median, p90), the orchestration share, peak RSS of the
 ServerApp and the client processes and the run folder's size at round 10 and at the last

@@ -1,6 +1,8 @@
 """The histogram threshold rule: τ from the sites' pooled histograms lands where the best F1
 of any global τ is, on synthetic two-Gaussian scores, seeing counts only."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,21 @@ def test_the_valley_is_the_lowest_point_between_the_clean_mode_and_the_one_below
     one_hump = np.asarray(histogram(clean.tolist(), edges), dtype=float)
     fit = fit_mixture(one_hump, edges, anchors)
     assert valley_threshold(one_hump, edges, anchors, fit) == mixture_threshold(edges, fit), "no mode below"
+
+
+def test_the_mixture_threshold_maximises_f1_not_accuracy():
+    """Under a known mixture the best-F1 τ and the best-accuracy τ lie bins apart; the rule
+    must land on the F1 one (a plain per-τ loop with math.erf is the reference)."""
+    clean, polluted = (0.1, 0.0, 1.0), (0.9, -4.0, 2.5)
+    edges = np.linspace(-6.0, 3.0, 41).tolist()
+
+    def kept(tau, weight, mean, std):
+        return weight * 0.5 * math.erfc((tau - mean) / (std * math.sqrt(2)))
+
+    grid = np.linspace(-6.0, 3.0, 9001)
+    f1 = [2 * kept(t, *clean) / (clean[0] + kept(t, *clean) + kept(t, *polluted)) for t in grid]
+    accuracy = [kept(t, *clean) + polluted[0] - kept(t, *polluted) for t in grid]
+    best_f1, best_accuracy = grid[int(np.argmax(f1))], grid[int(np.argmax(accuracy))]
+    width = edges[1] - edges[0]
+    assert abs(best_f1 - best_accuracy) > 3 * width
+    assert abs(mixture_threshold(edges, Mixture(clean, polluted, True)) - best_f1) <= width / 20

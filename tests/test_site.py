@@ -39,6 +39,21 @@ def test_a_sites_loader_runs_once_per_process_over_a_whole_run(tmp_path, monkeyp
     assert sorted(calls) == [0, 1], "one load per site, not one per message"
 
 
+def test_one_process_serving_many_sites_in_turn_loads_each_once(monkeypatch):
+    """A simulation process (a Ray actor) serves many nodes round-robin; every site's records
+    stay cached however many there are."""
+    calls = []
+    load = task.load_site
+    monkeypatch.setattr(task, "load_site", lambda node, data: calls.append(node["partition-id"]) or load(node, data))
+    task._split.cache_clear()
+    cfg = {**app_defaults(), "demo-pool-size": 100}
+    nodes = [{"partition-id": i, "num-partitions": 20} for i in range(20)]
+    for _ in range(3):
+        for node in nodes:
+            task.local_split(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg))
+    assert sorted(calls) == list(range(20))
+
+
 def test_a_keep_mask_is_refused_on_other_records_or_in_another_run(tmp_path, one_thread):
     grid, _ = run(tmp_path, demo_nodes(2))
     context = grid.contexts[100]

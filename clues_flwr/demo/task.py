@@ -52,7 +52,8 @@ def load_site(node: dict, data: DataConfig) -> list[Record]:
     return splits_for(data, int(node["num-partitions"])).pools[int(node["partition-id"])]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache  # unbounded: one simulation process serves many sites in turn, and a bounded
+# cache smaller than their number misses on every message
 def _split(node_json: str, data: DataConfig) -> tuple[tuple[Record, ...], tuple[Record, ...]]:
     train, heldout = split_heldout(load_site(json.loads(node_json), data), data.heldout_fraction, data.seed)
     return tuple(train), tuple(heldout)

@@ -145,9 +145,10 @@ class CluesTuning(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._configured += 1
         true_round = self.rounds.true(server_round)
-        self._global = arrays.to_torch_state_dict()
-        config = ConfigRecord({**config, SELECTION_FLAG: self.report.method})
-        messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
+        with span("server configure"):
+            self._global = arrays.to_torch_state_dict()
+            config = ConfigRecord({**config, SELECTION_FLAG: self.report.method})
+            messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
             if dropped:
@@ -160,11 +161,12 @@ class CluesTuning(Strategy):
         true_round = self.rounds.true(server_round)
         where = f"tune round {true_round}"
         check = adapter_check(self._global, self.weighted_by_key)
-        usable_replies = [
-            m
-            for _, m in usable(replies, self._sent, where, self.report.failures, check)
-            if float(m.content["metrics"][self.weighted_by_key]) > 0  # kept nothing: no weight
-        ]
+        with span("server screen"):
+            usable_replies = [
+                m
+                for _, m in usable(replies, self._sent, where, self.report.failures, check)
+                if float(m.content["metrics"][self.weighted_by_key]) > 0  # kept nothing: no weight
+            ]
         if len(usable_replies) < self.min_train_nodes:
             self.report.failures.add(
                 where,
