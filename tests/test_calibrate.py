@@ -66,6 +66,19 @@ def test_mixture_recovers_the_components_from_counts_alone():
     assert (wp, mp, sp) == pytest.approx((0.6, -3.0, 0.7), abs=0.03)
 
 
+def test_em_runs_to_its_tolerance_on_an_overlapping_mixture():
+    """Overlapping components take EM well over 300 iterations: stopped early, the fit is
+    still moving (τ two bins off in this case); run to the tolerance, it finds them."""
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(0.0, 1.0, 14_000), rng.normal(-2.0, 1.0, 6_000)]
+    anchors = rng.normal(0.0, 1.0, 10)
+    edges = histogram_edges(torch.tensor(anchors), 40)
+    fit = fit_mixture(np.asarray(histogram(scores.tolist(), edges), dtype=float), edges, anchors)
+    assert fit.converged
+    assert fit.clean == pytest.approx((0.7, 0.0, 1.0), abs=0.03)
+    assert fit.polluted == pytest.approx((0.3, -2.0, 1.0), abs=0.04)
+
+
 @pytest.mark.parametrize("fit", FITS)
 def test_every_fit_separates_well_separated_scores(fit):
     rng = np.random.default_rng(6)
@@ -155,6 +168,9 @@ def test_the_valley_is_the_lowest_point_between_the_clean_mode_and_the_one_below
     fit = fit_mixture(counts, edges, anchors)
     tau = valley_threshold(counts, edges, anchors, fit)
     assert -3.5 <= tau <= -0.5
+    misfit = Mixture((0.67, 1.0, 0.5), (0.33, -1.0, 3.0), True)  # a poor fit puts its τ elsewhere
+    assert not -3.5 <= mixture_threshold(edges, misfit) <= -0.5
+    assert valley_threshold(counts, edges, anchors, misfit) == tau, "the valley is read off the counts"
     one_hump = np.asarray(histogram(clean.tolist(), edges), dtype=float)
     fit = fit_mixture(one_hump, edges, anchors)
     assert valley_threshold(one_hump, edges, anchors, fit) == mixture_threshold(edges, fit), "no mode below"

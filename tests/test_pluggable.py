@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAdam, FedProx
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx
 
 from clues_flwr import CluesClient, Site, selected_records
 from clues_flwr.config import SelectionConfig
@@ -145,3 +145,27 @@ def test_fedadam_after_clues_selection_aggregates_with_fedadam():
     final, returned = result.arrays.to_torch_state_dict(), fedadam.returned[0].to_torch_state_dict()
     assert final.keys() == returned.keys() and all(torch.equal(final[k], returned[k]) for k in final)
     assert any(not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items())
+
+
+def update_norm(final: ArrayRecord, initial: ArrayRecord) -> float:
+    a, b = final.to_torch_state_dict(), initial.to_torch_state_dict()
+    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)))
+
+
+def test_flowers_dp_wrapper_composes_with_clues_tuning():
+    """CluesTuning wraps Flower's server-side DP wrapper around FedAvg: CLUES screens the
+    replies, DP clips each site's update (to 1e-3 here, no noise, so the bound is exact)
+    and FedAvg averages, so the global update is at most the clipping norm."""
+    model, tok = tiny_gpt2()
+    grid = LocalGrid(their_client_app([]), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
+    initial = ArrayRecord(adapter_state(model))
+    report = selection_stage(model, tok).run(grid, initial)
+    plain = CluesTuning(FedAvg(fraction_evaluate=0.0), report).start(grid, initial, num_rounds=1)
+    assert update_norm(plain.arrays, initial) > 5e-3, "unclipped, the update is larger than the norm"
+    dp = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(fraction_evaluate=0.0), noise_multiplier=0.0, clipping_norm=1e-3, num_sampled_clients=2
+    )
+    tuning = CluesTuning(dp, report)
+    assert tuning.weighted_by_key == "num-examples" and tuning.min_train_nodes == 2, "FedAvg's, through the wrapper"
+    clipped = tuning.start(grid, initial, num_rounds=1)
+    assert 0 < update_norm(clipped.arrays, initial) <= 1e-3 * (1 + 1e-6)

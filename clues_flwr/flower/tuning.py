@@ -90,6 +90,14 @@ class FedExact(_Merged):
 STRATEGIES = {"fedavg": FedAvg, "ties": FedTies, "task-arithmetic": FedTaskArithmetic, "exact": FedExact}
 
 
+def _setting(strategy: Strategy, name: str, default: Any) -> Any:
+    """A setting of the strategy, or of the one it wraps: Flower's DP wrappers keep the
+    inner strategy (and its ``weighted_by_key``) in ``.strategy``."""
+    while not hasattr(strategy, name) and hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return getattr(strategy, name, default)
+
+
 class CluesTuning(Strategy):
     """Any Flower strategy, tuning on the records the CLUES selection kept.
 
@@ -112,8 +120,8 @@ class CluesTuning(Strategy):
     def __init__(self, strategy: Strategy, report: SelectionReport, rounds: Rounds | None = None):
         self.strategy, self.report = strategy, report
         self.rounds = rounds or Rounds(1, None, OutputConfig.evaluate_every, OutputConfig.save_every)
-        self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
-        self.min_train_nodes = getattr(strategy, "min_train_nodes", 1)
+        self.weighted_by_key = _setting(strategy, "weighted_by_key", "num-examples")
+        self.min_train_nodes = _setting(strategy, "min_train_nodes", 1)
         self._global: dict[str, torch.Tensor] = {}
         self._sent: list[Message] = []
         self._sent_evaluate: list[Message] = []
