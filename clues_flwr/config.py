@@ -326,6 +326,9 @@ NODE_KEYS: dict[str, str] = {
     "else the partition)",
     "max-histogram-bins": "the most histogram bins this site counts over; a score query asking for more is "
     f"refused; default {SitePolicy.max_histogram_bins}",
+    "state-dir": "a folder on the site where its keep mask is also written (one safetensors file per run, with the "
+    "run and the records' fingerprint), so a SuperNode restarted mid-run keeps its selection; default none: the "
+    "mask lives in the node's memory only",
     "dp-epsilon": "ε-differential privacy for the counts this site sends (two-sided geometric noise, half of ε "
     f"on the histogram, half on the kept count; no confusion counts); default {SitePolicy.dp_epsilon:g}: exact counts",
 }

@@ -83,3 +83,23 @@ def test_sites_are_numbered_unless_they_choose_a_label(tmp_path, caplog, one_thr
     assert "site 1: scored 36 records" in caplog.text and "site riverside: scored 36 records" in caplog.text
     assert "partition 0" not in json.dumps(clients), "the site's own console name stays on the site"
     assert (folder / "rounds.png").stat().st_size > 1000
+
+
+def test_a_restarted_site_keeps_its_selection_in_its_state_dir(tmp_path, one_thread):
+    nodes = demo_nodes(2)
+    nodes[100]["state-dir"] = str(tmp_path / "site-state")
+    grid, _ = run(tmp_path, nodes)
+    config = ConfigRecord({"clues-selection": "clues+perplexity"})
+    for node in (100, 101):
+        context = grid.contexts[node]
+        records = task.local_split(context)[0]
+        kept = selected_records(records, config, context)
+        restarted = Context(run_id=1, node_id=node, node_config=context.node_config, state=RecordDict(), run_config={})
+        if node == 100:  # the mask comes back from disk, checked like the one in memory
+            assert selected_records(records, config, restarted) == kept
+            with pytest.raises(RuntimeError, match="computed on other records"):
+                selected_records(records[1:] + records[:1], config, restarted)
+        else:
+            with pytest.raises(RuntimeError, match="or restarted: set state-dir"):
+                selected_records(records, config, restarted)
+    assert [p.name for p in (tmp_path / "site-state").iterdir()] == ["clues-selection-run1.safetensors"]

@@ -15,11 +15,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from clues_flwr.config import from_mapping
 from clues_flwr.core.combine import combined
@@ -49,6 +52,7 @@ from clues_flwr.model import adapter_state, set_adapter_state
 SELECTION_KEY = "clues-selection"  # the keep mask in context.state
 SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
 LABEL_KEY = "site-label"  # node config: the name a site opts to be known by on the server
+STATE_DIR_KEY = "state-dir"  # node config: a folder of the site's own where its keep mask survives a restart
 RELEASED_KEY = "clues-released"  # what the score reply released (its noisy total under DP)
 TAG_KEY = "clues-records"  # beside each: the run and the fingerprint of the records they cover
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
@@ -88,10 +92,43 @@ def _tag(context: Context, key: str, records: Sequence[Record]) -> None:
     context.state[f"{TAG_KEY}/{key}"] = ConfigRecord({"run-id": int(context.run_id), "records": fingerprint(records)})
 
 
+def _selection_file(context: Context) -> Path | None:
+    """Where this node keeps its keep mask on disk (``state-dir`` in its node config), one
+    file per run: a SuperNode restarted mid-run has lost ``context.state``."""
+    folder = str(context.node_config.get(STATE_DIR_KEY, ""))
+    return Path(folder) / f"clues-selection-run{int(context.run_id)}.safetensors" if folder else None
+
+
+def _keep_on_disk(context: Context, mask: torch.Tensor) -> None:
+    path = _selection_file(context)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = context.state[f"{TAG_KEY}/{SELECTION_KEY}"]
+    partial = path.with_suffix(".partial")
+    save_file({SELECTION_KEY: mask}, partial, metadata={"run-id": str(tag["run-id"]), "records": tag["records"]})
+    partial.replace(path)  # whole or absent, never half-written
+
+
+def _restore(context: Context) -> None:
+    """The keep mask from ``state-dir`` back into ``context.state``, when this run left one."""
+    path = _selection_file(context)
+    if path is None or not path.exists():
+        return
+    with safe_open(path, "pt") as f:
+        tag, mask = f.metadata(), f.get_tensor(SELECTION_KEY)
+    context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask})
+    tag = {"run-id": int(tag["run-id"]), "records": tag["records"]}
+    context.state[f"{TAG_KEY}/{SELECTION_KEY}"] = ConfigRecord(tag)
+
+
 def _stored(context: Context, key: str, records: Sequence[Record], what: str) -> torch.Tensor:
     """The tensor ``key`` left on this node, if it was computed in this run on ``records``."""
+    if key == SELECTION_KEY and key not in context.state:
+        _restore(context)
     if key not in context.state:
-        raise RuntimeError(f"no {what} on this node: it did not take part in the score phase")
+        hint = "" if key != SELECTION_KEY or _selection_file(context) else f" (or restarted: set {STATE_DIR_KEY})"
+        raise RuntimeError(f"no {what} on this node: it did not take part in the score phase{hint}")
     tag = context.state.get(f"{TAG_KEY}/{key}")
     if tag is None or int(tag["run-id"]) != int(context.run_id):
         raise RuntimeError(f"the {what} on this node is from another run: this run's score phase did not reach it")
@@ -268,6 +305,7 @@ class CluesClient:
         mask = keep(s, None if tau is None else float(tau), float(cfg["keep-ratio"]))
         context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
         _tag(context, SELECTION_KEY, site.records)
+        _keep_on_disk(context, mask.to(torch.int8))
         total = int(context.state[RELEASED_KEY]["total"])
         for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}", RELEASED_KEY):
             del context.state[key]  # applied once: the scores go, only the mask stays
