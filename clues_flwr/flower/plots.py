@@ -26,13 +26,24 @@ def score_name(method: str) -> str:
     return f"{' + '.join(signals)} (sum of z-scores against the anchors)"
 
 
+def open_ends(histogram: list[int], total: int) -> str:
+    """The share of a site's records in the open end bins, for its legend entry."""
+    below, above = histogram[0] / total, histogram[-1] / total
+    return "".join(
+        f"; {share:.0%} {where} the bins" for share, where in ((below, "below"), (above, "above")) if share >= 0.005
+    )
+
+
 def plot_selection(selection: dict, path: Path) -> None:
     """Site score histograms over the server's fixed bins, anchors as ticks, τ as a line.
 
     The outer bins hold everything below the first and above the last edge; they are drawn
-    one bin wide beyond the edges.
+    one bin wide beyond the edges, and the legend says what share of each site they hold
+    (the edges come from the anchors before any site's score exists, so heavily polluted
+    sites have much of their mass below them).
     """
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    inner = 0.0  # the tallest bin within the edges: the axis is scaled to it, not to the pile below
     for node, row in selection["clients"].items():
         edges = row["histogram-edges"]
         if not edges:  # an anchor rule: no site sent a histogram
@@ -40,11 +51,12 @@ def plot_selection(selection: dict, path: Path) -> None:
         width = edges[1] - edges[0]
         centres = [edges[0] - width / 2] + [(a + b) / 2 for a, b in zip(edges, edges[1:])] + [edges[-1] + width / 2]
         total = max(sum(row["histogram"]), 1)
+        inner = max(inner, *(c / total for c in row["histogram"][1:-1]))
         ax.step(
             centres,
             [c / total for c in row["histogram"]],
             where="mid",
-            label=f"{row.get('site', node)} ({row['kept']}/{row['total']} kept)",
+            label=f"{row.get('site', node)} ({row['kept']}/{row['total']} kept{open_ends(row['histogram'], total)})",
         )
     shown = set()
     for row in selection["clients"].values():
@@ -56,6 +68,8 @@ def plot_selection(selection: dict, path: Path) -> None:
         ax.axvline(row["threshold"], color="k", linestyle="--", linewidth=1)
     ax.set_xlabel(f"{score_name(selection['method'])}  (ticks: anchors, dashed: τ)")
     ax.set_ylabel("share of the site's records")
+    if inner:
+        ax.set_ylim(top=1.3 * inner)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
