@@ -17,7 +17,7 @@ from clues_flwr.core.data import Record
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("instruction", "input", "output", "quality", "pollution")
+FIELDS = ("instruction", "input", "prompt", "output", "quality", "pollution")
 REQUIRED = ("instruction", "output")
 QUALITIES = ("high", "low")
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -92,16 +92,21 @@ def _from_mapping(mapping: Mapping[str, str]) -> Callable[[Mapping], Record]:
         )
 
     def convert(row: Mapping) -> Record:
+        # a record with its own prompt needs no instruction; a column mapped to another field is not one
+        prompt = mapping.get("prompt", "" if "prompt" in mapping.values() else "prompt")
+        own_prompt = prompt in row
         record = {}
         for field in FIELDS:
             column = mapping.get(field, field)
+            if field == "prompt" and not own_prompt and "prompt" not in mapping:
+                continue
             if column.startswith("="):
                 record[field] = column[1:]
             elif column in row:
                 record[field] = _text(row[column])
-            elif field in mapping or field in REQUIRED:
+            elif field in mapping or (field in REQUIRED and not (own_prompt and field == "instruction")):
                 raise KeyError(column)
-            elif field == "input":
+            elif field == "input" and not own_prompt:
                 record[field] = ""
         return record
 

@@ -70,11 +70,19 @@ def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thre
     nodes = demo_nodes(2)
     nodes[300] = {"data-path": str(unlabelled)}
     nodes[301] = {"data-path": str(tiny), "data-mapping": "instruction=question,output=answer"}
+    own = tmp_path / "own-prompts.jsonl"  # prompts of its own, while the server's anchors use the template
+    own.write_text(
+        "".join(json.dumps({"prompt": f"Q: {i} + {i} = ?\nA:", "output": str(2 * i)}) + "\n" for i in range(30))
+    )
+    nodes[302] = {"data-path": str(own)}
     cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path / "runs"), "num-server-rounds": 2}
     folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg), cfg)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert all("heldout-loss" in r for r in metrics["rounds"][1:]), "the sites' evaluation aggregated every round"
     assert not [f for f in metrics["failures"] if f["where"].startswith("evaluate")], metrics["failures"]
-    clients = json.loads((folder / "selection.json").read_text())["clients"]
+    selection = json.loads((folder / "selection.json").read_text())
+    clients = selection["clients"]
     assert "tp" not in clients["300"] and "tp" in clients["100"], "labels are sent only where records carry them"
+    mismatched = [w for w in selection["warnings"] if "prompts are formatted otherwise" in w]
+    assert len(mismatched) == 1 and mismatched[0].startswith("site 5"), selection["warnings"]
