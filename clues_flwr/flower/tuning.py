@@ -191,6 +191,7 @@ class CluesTuning(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         true_round = self.rounds.true(server_round)
         if not self.rounds.due(true_round, self.rounds.evaluate_every):
+            self._sent_evaluate = []  # Flower still calls aggregate_evaluate: nobody was asked, nobody is missing
             return []
         self._sent_evaluate = list(self.strategy.configure_evaluate(true_round, arrays, config, grid))
         return self._sent_evaluate
