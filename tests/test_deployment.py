@@ -149,8 +149,10 @@ class Deployment:
         self.procs.append(proc)
         return proc, log
 
-    def start_superlink(self) -> None:
-        make_certificates(self.certs)
+    def start_superlink(self, log_name: str = "superlink") -> None:
+        """Start (or, after a crash, restart on the same port and database) the SuperLink."""
+        if not self.certs.exists():
+            make_certificates(self.certs)
         home = self.base / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
@@ -159,7 +161,7 @@ class Deployment:
             f'root-certificates = "{self.certs / "ca.crt"}"\n'
         )
         self.superlink, self.superlink_log = self.spawn(
-            "superlink",
+            log_name,
             [
                 "flower-superlink",
                 "--host",
@@ -210,7 +212,7 @@ class Deployment:
         make_site_key(keys / name)
         return keys / name
 
-    def start_supernode(self, name: str, key: Path, data: Path) -> tuple[subprocess.Popen, Path]:
+    def start_supernode(self, name: str, key: Path, data: Path, node_config: str = "") -> tuple[subprocess.Popen, Path]:
         return self.spawn(
             name,
             [
@@ -222,7 +224,7 @@ class Deployment:
                 "--auth-supernode-private-key",
                 str(key),
                 "--node-config",
-                f'data-path="{data}"',
+                f'data-path="{data}" {node_config}'.strip(),
                 "--port",
                 str(free_port()),  # the SuperNode's local Runtime API; one per SuperNode on a machine
             ],
@@ -359,3 +361,81 @@ def test_a_site_killed_during_a_tuning_round_is_named_and_the_run_goes_on(deploy
             capture_output=True,
             timeout=60,
         )
+
+
+def rounds_reached(log: Path) -> int:
+    """The last tuning round ``flwr run --stream`` has started, by Flower's own round lines."""
+    found = re.findall(r"\[ROUND (\d+)/\d+\]", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+def wait_round(proc: subprocess.Popen, log: Path, round_: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while rounds_reached(log) < round_:
+        assert proc.poll() is None, f"flwr run ended before round {round_}:\n" + tail(log)
+        assert time.monotonic() < deadline, f"round {round_} not reached in {timeout}s:\n" + tail(log)
+        time.sleep(0.5)
+
+
+SOAK_ROUNDS = 32
+
+
+def test_a_soak_with_sites_restarting_and_the_superlink_crashing_loses_no_round(deployment):
+    """32 tuning rounds; site 2's SuperNode stopped and restarted every 6 rounds (its keep
+    mask survives in its ``state-dir``); the SuperLink killed without warning at round 14,
+    restarted on its database, and the same ``flwr run`` command rerun, which resumes the run
+    folder. Every round is in ``metrics.json`` once, the trace is not redone, the kept counts
+    are the first run's, and the only failures are the restarting site's missed rounds."""
+    sites = [deployment.site(1), deployment.site(2)]
+    for index, site in enumerate(sites, start=1):  # both with a state-dir, so a restart keeps the selection
+        stop(site.proc)
+        key = deployment.base / "keys" / site.name
+        data = deployment.base / f"{site.name}.jsonl"
+        site.proc, site.log = deployment.start_supernode(
+            f"{site.name}-soak", key, data, f'state-dir="{deployment.base / f"state-{index}"}"'
+        )
+    deployment.wait_status({s.node_id for s in sites}, "online")
+    runs = deployment.base / "runs-soak"
+    config = (
+        RUN_CONFIG.replace("local-steps=2", "local-steps=1").replace("nodes=2", "nodes=1")
+        + f" num-server-rounds={SOAK_ROUNDS} evaluate-every=8 round-timeout=90.0 output-dir='{runs}'"
+    )
+    first_log = deployment.base / "soak-1.log"
+    proc = deployment.run_app(config, first_log)
+    restarted = 0
+    for round_ in (4, 10):  # site 2 stopped (gracefully: offline at once) and back a round later
+        wait_round(proc, first_log, round_)
+        victim = sites[1]
+        stop(victim.proc)
+        restarted += 1
+        wait_round(proc, first_log, round_ + 1)
+        victim.proc, victim.log = deployment.start_supernode(
+            f"{victim.name}-soak-{restarted}",
+            deployment.base / "keys" / victim.name,
+            deployment.base / f"{victim.name}.jsonl",
+            f'state-dir="{deployment.base / "state-2"}"',
+        )
+        deployment.wait_status({victim.node_id}, "online")
+    wait_round(proc, first_log, 14)
+    stop(deployment.superlink, signal.SIGKILL)  # the SuperLink and its ServerApp, without warning
+    proc.wait(timeout=120)
+    first = first_log.read_text(errors="replace")
+    kept_first = dict(re.findall(r"\[clues\]   (site \d+): scored \d+ records in [\d.]+ s, kept (\d+)", first))
+    assert len(kept_first) == 2, first[-3000:]
+    partial = list(runs.glob("*.partial"))
+    assert len(partial) == 1, f"one resumable run folder, found {partial}"
+
+    deployment.start_superlink("superlink-restarted")
+    deployment.wait_status({s.node_id for s in sites}, "online", timeout=180)
+    second_log = deployment.base / "soak-2.log"
+    out, run_dir = finished_run(deployment.run_app(config, second_log), second_log, timeout=900)
+    assert "resum" in out and "trace: " not in out, "resumed from the run folder, the trace not redone"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(SOAK_ROUNDS + 1)), "every round once"
+    assert all("train-loss" in r for r in metrics["rounds"][1:]), "every round aggregated"
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert {row["site"]: str(row["kept"]) for row in selection["clients"].values()} == kept_first
+    reasons = [f["reason"] for f in metrics["failures"]]
+    assert all(f["node"] == sites[1].node_id for f in metrics["failures"]), metrics["failures"]
+    assert not any("selection" in r for r in reasons), "a restarted site kept its selection"
+    assert len(list(runs.iterdir())) == 1, "the resumed folder is the run's only one"
