@@ -24,19 +24,19 @@ from typing import Any
 
 from clues_flwr.core.aggregation import METHODS
 from clues_flwr.core.checks import at_least, one_of, require
+from clues_flwr.core.combine import RULES as COMBINATIONS
 from clues_flwr.core.data import parse_names, parse_ratios
 from clues_flwr.core.pollution import KINDS
 from clues_flwr.core.privacy import SitePolicy
 from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.signals import SIGNALS
 from clues_flwr.core.threshold import FITS, RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.model import ModelSpec
 from clues_flwr.partition import SCHEMES
 
 MODES = ("federated", "merge")
-BASELINES = ("perplexity", "ifd", "datainf", "random")
-COMBINED = ("clues+perplexity", "clues+ifd")  # signals standardised by the anchors, summed
-SELECTIONS = ("clues", *COMBINED, *BASELINES, "none", "oracle")
+SELECTIONS = (*SIGNALS, "none", "oracle")  # a selection is one of these, or signals joined by "+"
 
 
 def setting(default: Any, help: str, key: str | None = None) -> Any:
@@ -51,23 +51,32 @@ class SelectionConfig:
     """Which records each site keeps: the scorer, its trajectory and the threshold rule."""
 
     method: str = setting(
-        "clues+perplexity",
-        "the score: `clues+perplexity` or `clues+ifd` (both signals standardised against the anchors, summed), "
-        "`clues`; the paper's baselines `perplexity`, `ifd`, `datainf`, `random` (scored at the initial adapter, "
-        "no trace); `none` (train on everything) or `oracle` (clean records by their label; benchmarks)",
+        "perplexity+end-loss+head-loss+ifd",
+        "the score: one signal or several joined by `+` (each standardised against the public clean reference, "
+        "then combined by `combination`): `clues` (traced), the loss profile at the initial adapter `perplexity` "
+        "(mean answer loss), `end-loss` (the end-of-answer token), `peak-loss` (the largest token loss), "
+        "`head-loss` (the first answer token); `ifd`, FedDQC's `ira`, `datainf`, `random`; "
+        "or alone `none` (train on everything) or `oracle` (clean records by their label; benchmarks)",
         key="selection",
+    )
+    combination: str = setting(
+        "sum",
+        "how the standardised signals of a `+` selection combine: `sum` (a weak signal is outvoted) or `min` "
+        "(a record must look clean to every signal)",
     )
     trace_rounds: int = setting(
         4, "checkpoints of the trajectory CLUES scores along (federated mode: FedAvg rounds on all records)"
     )
     threshold_rule: str = setting(
         "histogram",
-        "how τ is set: `histogram` (fitted to the sites' pooled score histograms, the anchors saying which part "
-        "is clean), `anchor-mean` (the paper: the anchors' mean score) or `anchor-quantile` (`target-recall`)",
+        "how τ is set: `histogram` (fitted to the sites' pooled score histograms, the public clean reference "
+        "saying which part is clean), `anchor-mean` (the paper: the anchors' mean score) or `anchor-quantile` "
+        "(the reference's quantile at `target-recall`)",
     )
     target_recall: float = setting(  # anchor-quantile; also the histogram rule's fallback
         0.9,
-        "anchor-quantile's clean recall r: τ is the k-th smallest anchor score, k = ⌊(1 − r)(n + 1)⌋; "
+        "anchor-quantile's clean recall r: τ is the k-th smallest of the n reference scores (validation and "
+        "anchors), k = ⌊(1 − r)(n + 1)⌋; "
         "also the rule the histogram rule falls back to when its fit cannot place τ",
     )
     keep_ratio: float = setting(  # 0: the threshold rule; else each site's top share
@@ -76,16 +85,26 @@ class SelectionConfig:
     histogram_bins: int = setting(
         40,
         "bins of the score histogram each site reports under the histogram rule, over edges the server fixes "
-        "from the anchors before any site scores (plus an under- and an overflow bin)",
+        "from the public clean reference before any site scores (plus an under- and an overflow bin)",
     )
     histogram_fit: str = setting(
         "mixture",
         "the histogram rule's fit: `mixture` (two Gaussians fitted by EM to the binned counts, τ where it expects "
-        "the best F1) or `valley` (the lowest point of the smoothed histogram below the anchors' mode)",
+        "the best F1) or `valley` (the lowest point of the smoothed histogram below the reference's mode)",
     )
 
     def __post_init__(self):
-        one_of("selection", self.method, SELECTIONS)
+        parts = self.method.split("+")
+        if len(parts) == 1 or self.method in ("none", "oracle"):
+            one_of("selection", self.method, SELECTIONS)
+        for part in parts if len(parts) > 1 else ():
+            require(
+                "selection",
+                self.method,
+                part in SIGNALS and parts.count(part) == 1,
+                f"signals joined by '+', each once, from {', '.join(map(repr, SIGNALS))}",
+            )
+        one_of("combination", self.combination, COMBINATIONS)
         require(
             "trace-rounds", self.trace_rounds, self.trace_rounds >= 1, "at least 1: CLUES scores along a trajectory"
         )

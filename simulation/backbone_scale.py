@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         raw = raw_gradients(bench, bench.sets())
         scores = {
             "CLUES": variant_scores(raw, bench.trajectory, bench.names, VARIANTS[DEFAULT]),
-            "perplexity": baseline_set_scores(bench, "perplexity"),
+            "perplexity": baseline_set_scores(bench, ["perplexity"])["perplexity"],
         }
         row = {"size": f"{hidden}x{layers}", "parameters": info["parameters"], "pretrain_loss": info["final_loss"]}
         for method, s in scores.items():

@@ -47,14 +47,18 @@ from clues_flwr.harness.bench import (
 )
 from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
-BASELINES = ("perplexity", "ifd", "datainf", "random", "oracle")
-APP_DEFAULT = "CLUES + perplexity (sum)"  # the app's default selection, selection = "clues+perplexity"
-# Combined scores: (rule, signals), each signal standardised against its anchor scores.
+BASELINES = ("perplexity", "end-loss", "peak-loss", "head-loss", "ifd", "ira", "datainf", "random", "oracle")
+APP_DEFAULT = "perplexity + end + head + IFD (sum)"  # the app's default selection
+# Combined scores: (rule, signals), each signal standardised by its mean and spread on the clean reference.
 COMBINED = {
     "CLUES + perplexity (sum)": ("sum", (DEFAULT, "perplexity")),
     "CLUES + perplexity (min)": ("min", (DEFAULT, "perplexity")),
     "CLUES + IFD (sum)": ("sum", (DEFAULT, "ifd")),
     "perplexity + IFD (sum)": ("sum", ("perplexity", "ifd")),
+    "perplexity + end + IFD (sum)": ("sum", ("perplexity", "end-loss", "ifd")),
+    APP_DEFAULT: ("sum", ("perplexity", "end-loss", "head-loss", "ifd")),
+    "perplexity + end + head + IFD (min)": ("min", ("perplexity", "end-loss", "head-loss", "ifd")),
+    "CLUES + perplexity + end + head + IFD (sum)": ("sum", (DEFAULT, "perplexity", "end-loss", "head-loss", "ifd")),
 }
 
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         f"in {time.time() - start:.0f}s"
     )
     scores = {name: variant_scores(raw, bench.trajectory, names, cfg) for name, cfg in VARIANTS.items()}
-    scores.update({m: baseline_set_scores(bench, m) for m in BASELINES})
+    scores.update(baseline_set_scores(bench, list(BASELINES)))
     scores.update({name: combined_scores(scores, *how) for name, how in COMBINED.items()})
     print(f"scored {len(VARIANTS)} variants and {len(BASELINES)} baselines in {time.time() - start:.0f}s")
 

@@ -7,17 +7,17 @@ from clues_flwr.core.data import batches, demo_splits, encode, encode_answer, pr
 from clues_flwr.core.metrics import auroc
 from clues_flwr.core.scoring import per_sample_loss, scoring_mode
 from clues_flwr.core.signals import (
+    LOSS_SIGNALS,
     METHODS,
-    answer_losses,
-    baseline_scores,
     datainf_direction,
     datainf_scores,
     direction_from_grads,
-    ifd_scores,
     layer_slices,
     lora_names,
+    loss_profile,
     oracle_scores,
     random_scores,
+    signal_scores,
 )
 from clues_flwr.core.threshold import keep_top
 from clues_flwr.model import ModelSpec, build, load_tokenizer
@@ -44,33 +44,52 @@ def demo():
     return tok, model, model64, splits.validation, splits.pools[0]
 
 
-def hand_nll(model, ids, answer):
-    """Mean −log p of ``answer``, the last tokens of ``ids``, from one unpadded forward."""
+def hand_token_nll(model, ids, answer) -> list[float]:
+    """−log p of each token of ``answer``, the last tokens of ``ids``, from one unpadded
+    forward in float64."""
     scoring_mode(model)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
     start = len(ids) - len(answer)
-    return -sum(float(logp[start + j - 1, t]) for j, t in enumerate(answer)) / len(answer)
+    return [-float(logp[start + j - 1, t]) for j, t in enumerate(answer)]
 
 
-def test_answer_losses_and_ifd_match_a_float64_hand_loop(demo):
+def test_every_loss_signal_matches_a_float64_hand_loop_over_tokens(demo):
+    """One padded, length-sorted batch per four records against one record at a time: the
+    mean, end-of-answer, peak and first-token losses, s(A), and the signals built on them."""
     tok, _, model, _, pool = demo
     records = pool[:9]
-    conditioned = answer_losses(model, tok, records, batch_size=4, max_len=96)
-    direct = answer_losses(model, tok, records, batch_size=4, max_len=96, prompted=False)
-    ref_cond, ref_direct = [], []
+    profile = loss_profile(model, tok, records, batch_size=4, max_len=96, unprompted=True)
+    hand = {k: [] for k in ("mean", "end", "peak", "head", "unprompted")}
     for r in records:
         p = [tok.bos_token_id] + tok(prompt(r), add_special_tokens=False)["input_ids"]
         a = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ref_cond.append(hand_nll(model, p + a, a))
-        ref_direct.append(hand_nll(model, [tok.bos_token_id] + a, a))
-    ref_cond, ref_direct = torch.tensor(ref_cond, dtype=torch.float64), torch.tensor(ref_direct, dtype=torch.float64)
-    errs = rel_err(conditioned, ref_cond), rel_err(direct, ref_direct)
-    print(f"s(A|Q) relative error {errs[0]:.1e}, s(A) {errs[1]:.1e}")
-    assert conditioned.dtype == torch.float64 and max(errs) <= 1e-12  # measured 3e-16 and 1.5e-16
-    ifd = -ifd_scores(model, tok, records, batch_size=4, max_len=96)
-    assert rel_err(ifd, ref_cond / ref_direct) <= 1e-12
-    assert torch.equal(baseline_scores("perplexity", model, tok, records, batch_size=4, max_len=96), -conditioned)
+        token = hand_token_nll(model, p + a, a)
+        hand["mean"].append(sum(token) / len(token))
+        hand["end"].append(token[-1])
+        hand["peak"].append(max(token))
+        hand["head"].append(token[0])
+        alone = hand_token_nll(model, [tok.bos_token_id] + a, a)
+        hand["unprompted"].append(sum(alone) / len(alone))
+    hand = {k: torch.tensor(v, dtype=torch.float64) for k, v in hand.items()}
+    errs = {k: rel_err(getattr(profile, k), hand[k]) for k in hand}
+    print("loss profile relative errors:", {k: f"{e:.1e}" for k, e in errs.items()})
+    assert profile.mean.dtype == torch.float64 and max(errs.values()) <= 1e-12  # measured ≤ 3e-16
+    assert not torch.equal(hand["end"], hand["mean"]) and not torch.equal(hand["peak"], hand["head"])
+    scored = signal_scores(list(LOSS_SIGNALS), model, tok, records, batch_size=4, max_len=96)
+    expected = {
+        "perplexity": -hand["mean"],
+        "end-loss": -hand["end"],
+        "peak-loss": -hand["peak"],
+        "head-loss": -hand["head"],
+        "ifd": -hand["mean"] / hand["unprompted"],
+        "ira": hand["unprompted"] - hand["mean"],  # FedDQC: s(A) − s(A|Q)
+    }
+    assert list(scored) == list(LOSS_SIGNALS)
+    for name, want in expected.items():
+        assert rel_err(scored[name], want) <= 1e-12, name
+    alone = signal_scores(["perplexity"], model, tok, records, batch_size=4, max_len=96)
+    assert torch.equal(alone["perplexity"], scored["perplexity"])
 
 
 def test_answer_alone_scores_the_same_tokens_as_training_when_truncated(demo):
@@ -145,7 +164,7 @@ def test_datainf_on_the_demo_model_matches_a_per_sample_loop(demo):
     public = datainf_direction(model, tok, val, batch_size=4, max_len=96)
     assert rel_err(public, direction_from_grads(lambda: [g_val], None, slices)) <= 1e-12
     with pytest.raises(ValueError, match="needs direction"):
-        baseline_scores("datainf", model, tok, train, batch_size=4, max_len=96)
+        signal_scores(["datainf"], model, tok, train, batch_size=4, max_len=96)
     with pytest.raises(ValueError, match="entries"):
         datainf_scores(model, tok, train, u[:-1], batch_size=4, max_len=96)
 
@@ -177,7 +196,7 @@ def test_oracle_and_random():
     assert a.dtype == torch.float64 and torch.equal(a, random_scores(50, seed=3)) and not torch.equal(a, b)
     assert 0 <= float(a.min()) and float(a.max()) < 1
     with pytest.raises(ValueError, match="method must be one of"):
-        baseline_scores("cherry", None, None, records, batch_size=1, max_len=8)
+        signal_scores(["cherry"], None, None, records, batch_size=1, max_len=8)
 
 
 def test_demo_clean_records_outrank_polluted_ones(demo):
@@ -185,43 +204,52 @@ def test_demo_clean_records_outrank_polluted_ones(demo):
     tok, model, _, val, pool = demo
     clean = [r["quality"] == "high" for r in pool]
     direction = datainf_direction(model, tok, val[:20], batch_size=16, max_len=96)
-    aurocs = {
-        m: auroc(baseline_scores(m, model, tok, pool, batch_size=16, max_len=96, direction=direction).tolist(), clean)
-        for m in METHODS
-    }
+    scored = signal_scores(METHODS, model, tok, pool, batch_size=16, max_len=96, direction=direction)
+    aurocs = {m: auroc(s.tolist(), clean) for m, s in scored.items()}
     print("demo AUROC (clean vs polluted):", {m: round(a, 3) for m, a in aurocs.items()})
     # measured: perplexity 0.982, ifd 0.990, datainf 0.568, random 0.484, oracle 1.0
     assert aurocs["perplexity"] > 0.9 and aurocs["ifd"] > 0.9 and aurocs["oracle"] == 1.0
 
 
-def test_combined_scores_put_signals_on_the_anchors_scale():
-    from clues_flwr.core.combine import combine, standardise
+def test_combined_scores_put_signals_on_the_references_scale():
+    from clues_flwr.core.combine import combine, combined, reference_of, standardise
 
-    anchors = torch.tensor([1.0, 2.0, 3.0])
-    assert standardise(torch.tensor([2.0, 4.0]), anchors).tolist() == [0.0, 2.0]
+    reference = torch.tensor([1.0, 2.0, 3.0])
+    assert reference_of(reference) == (2.0, 1.0)
+    assert standardise(torch.tensor([2.0, 4.0]), *reference_of(reference)).tolist() == [0.0, 2.0]
     g = torch.Generator().manual_seed(0)
     s, a = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
     # a site's scale and offset do not matter: a signal scaled by 7 and shifted by -3 is the same
-    torch.testing.assert_close(standardise(7 * s - 3, 7 * a - 3), standardise(s, a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        standardise(7 * s - 3, *reference_of(7 * a - 3)), standardise(s, *reference_of(a)), rtol=1e-12, atol=1e-12
+    )
     x, y = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 3.0, 0.25])
     assert combine([x, y], "sum").tolist() == [1.0, 1.0, 0.75]
     assert combine([x, y], "min").tolist() == [0.0, -2.0, 0.25]
     with pytest.raises(ValueError, match="combination rule"):
         combine([x], "max")
-    with pytest.raises(ValueError, match="at least 2 anchor"):
-        standardise(x, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="at least 2 reference"):
+        reference_of(torch.tensor([1.0]))
+    # fixed inputs, by hand: z = (s − mean) / spread per signal, then summed or the least
+    signals = {"a": torch.tensor([4.0, 0.0]), "b": torch.tensor([10.0, 16.0])}
+    stats = {"a": (2.0, 2.0), "b": (10.0, 3.0)}  # z_a = [1, −1], z_b = [0, 2]
+    assert combined(signals, stats, "sum").tolist() == [1.0, 1.0]
+    assert combined(signals, stats, "min").tolist() == [0.0, -1.0]
+    assert combined({"a": signals["a"]}, {}, "sum").tolist() == [4.0, 0.0]  # one signal: as it is
+    with pytest.raises(ValueError, match="no reference mean and spread for signal 'b'"):
+        combined(signals, {"a": (0.0, 1.0)}, "sum")
 
 
-def test_a_reference_that_does_not_vary_is_refused_by_name():
-    """Anchors agreeing to 1e-14 would make that signal z ≈ ±1000 and decide the sum alone."""
-    from clues_flwr.core.combine import combined, standardise
+def test_a_reference_that_does_not_vary_is_refused():
+    """Reference scores agreeing to 1e-14 would make that signal z ≈ ±1000 and decide the sum alone."""
+    from clues_flwr.core.combine import reference_of, references
 
     flat = torch.tensor([3.0, 3.0 + 1e-14, 3.0 - 1e-14], dtype=torch.float64)
     with pytest.raises(ValueError, match="spread .* below 1e-09 of their scale"):
-        standardise(torch.tensor([3.0, 2.0]), flat)
+        reference_of(flat)
     tiny = torch.tensor([1e-20, 2e-20, 3e-20], dtype=torch.float64)  # small, but varying: fine
-    assert standardise(torch.tensor([2e-20], dtype=torch.float64), tiny).tolist() == pytest.approx([0.0])
-    signals = {"clues": torch.tensor([1.0, 2.0]), "perplexity": torch.tensor([3.0, 2.0])}
-    reference = {"clues": torch.tensor([0.0, 1.0, 2.0]), "perplexity": flat}
+    assert reference_of(tiny) == pytest.approx((2e-20, 1e-20))
+    with pytest.raises(ValueError, match="not finite"):
+        reference_of(torch.tensor([1.0, float("nan"), 2.0]))
     with pytest.raises(ValueError, match="signal 'perplexity'"):
-        combined(signals, reference)
+        references({"clues": torch.tensor([0.0, 1.0, 2.0]), "perplexity": flat})

@@ -11,11 +11,13 @@ from clues_flwr.core.threshold import (
     FITS,
     Mixture,
     fit_mixture,
+    global_threshold,
     histogram,
     histogram_edges,
     histogram_threshold,
     mixture_threshold,
     pooled,
+    standard,
     unusable,
     valley_threshold,
 )
@@ -97,6 +99,26 @@ def test_unimodal_scores_fall_back_to_the_anchor_rule():
     edges = histogram_edges(torch.tensor(anchors), 40)
     tau, note = histogram_threshold([histogram(scores.tolist(), edges)], edges, anchors.tolist(), "mixture", -0.25)
     assert tau == -0.25 and "not bimodal" in note
+
+
+def test_the_standard_and_the_fallback_come_from_the_whole_clean_reference():
+    """60 reference scores (validation + anchors) against the 10 anchors among them: the edges
+    span the reference, anchor-mean stays the paper's mean of the anchors, and a unimodal
+    pooled histogram falls back to the k-th smallest of the 60 (k = ⌊0.1 · 61⌋ = 6), a recall
+    bound ten anchors cannot give (with 10, k = 1: the smallest anchor)."""
+    rng = np.random.default_rng(9)
+    reference = rng.normal(0.0, 1.0, 60)
+    anchors = reference[50:]
+    fixed = standard(anchors, reference, "histogram", 0.9, 40)
+    spread = reference.max() - reference.min()
+    assert fixed.edges[0] == pytest.approx(reference.min() - spread) and fixed.threshold is None
+    assert fixed.edges[-1] == pytest.approx(reference.max() + spread) and len(fixed.edges) == 41
+    mean_rule = standard(anchors, reference, "anchor-mean", 0.9, 40)
+    assert mean_rule.threshold == pytest.approx(anchors.mean()) and mean_rule.edges == []
+    scores, _ = mixture(rng, 4_000, 0.5, 0.8, 1.0)  # overlapping: one hump
+    tau, rule, note = global_threshold(fixed, [histogram(scores.tolist(), fixed.edges)], "histogram", "mixture", 0.9)
+    assert tau == np.sort(reference)[5] and "anchor-quantile" in rule and "anchor rule" in note
+    assert standard(anchors, reference, "anchor-quantile", 0.9, 40).threshold == tau
 
 
 def test_bad_histograms_are_refused():

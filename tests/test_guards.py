@@ -66,9 +66,9 @@ def test_the_default_selection_drops_junk_sites(tmp_path, caplog):
 def test_guards_name_sites_that_keep_nothing_or_everything():
     anchors = [0.0, 1.0, 2.0, 3.0]
     rows = {
-        1: {"kept": 0, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
-        2: {"kept": 10, "total": 10, "threshold": 2.0, "anchor-scores": anchors, "site": "site riverside"},
-        3: {"kept": 5, "total": 10, "threshold": 2.0, "anchor-scores": anchors},
+        1: {"kept": 0, "total": 10, "threshold": 2.0, "reference-scores": anchors},
+        2: {"kept": 10, "total": 10, "threshold": 2.0, "reference-scores": anchors, "site": "site riverside"},
+        3: {"kept": 5, "total": 10, "threshold": 2.0, "reference-scores": anchors},
     }
     assert guards(rows, 0.0) == ["site 1 kept none of its 10 records", "site riverside kept all of its 10 records"]
 
@@ -82,7 +82,7 @@ def simulated_sites(rng, polluted_share: float, sites: int = 4, records: int = 2
     for node in range(sites):
         scores = [rng.gauss(3, 1) if rng.random() < polluted_share else rng.gauss(0, 1) for _ in range(records)]
         rows[node] = {"kept": sum(x >= tau for x in scores), "total": records, "threshold": tau}
-        rows[node]["anchor-scores"] = anchor_scores
+        rows[node]["reference-scores"] = anchor_scores
     return rows
 
 

@@ -97,7 +97,7 @@ def selection_stage(model, tok) -> CluesSelection:
         sums(12, seed=90),
         sums(6, seed=91),
         score=cfg,
-        selection=SelectionConfig(trace_rounds=2),
+        selection=SelectionConfig(method="clues+perplexity", trace_rounds=2),
         train=TrainConfig(learning_rate=1e-2, local_steps=3, batch_size=8, max_seq_len=48),
     )
 

@@ -34,7 +34,9 @@ def test_non_finite_scores_are_counted_apart_and_never_kept():
     assert keep(s, 1.0, 0.0).tolist() == [False, False, True, False, False, True]
     assert keep(s, None, 0.5).tolist() == [True, False, True, False, False, True], "the top half, all finite"
     with pytest.raises(ValueError, match="1 of 3 anchor scores are not finite"):
-        standard([0.0, float("nan"), 1.0], "histogram", 0.9, 10)
+        standard([0.0, float("nan"), 1.0], [0.0, 1.0, 2.0], "histogram", 0.9, 10)
+    with pytest.raises(ValueError, match="1 of 4 reference scores are not finite"):
+        standard([0.0, 1.0], [0.0, 1.0, float("inf"), 2.0], "histogram", 0.9, 10)
 
 
 def test_the_geometric_mechanism_has_the_two_sided_geometric_law():

@@ -356,7 +356,7 @@ def save_dropout_model(family: str, folder):
 @pytest.mark.parametrize("quantization", ["none", "8bit"])
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_scoring_is_deterministic_with_functional_dropout(tmp_path, family, quantization, one_thread):
-    from clues_flwr.core.signals import perplexity_scores
+    from clues_flwr.core.signals import signal_scores
     from clues_flwr.model import load_base
 
     base = load_base(str(save_dropout_model(family, tmp_path / family)), quantization)
@@ -370,7 +370,8 @@ def test_scoring_is_deterministic_with_functional_dropout(tmp_path, family, quan
     names = scoring_names(model)
     first, second = per_sample_grads(model, batch, names), per_sample_grads(model, batch, names)
     assert first.abs().sum() > 0 and torch.equal(first, second)
-    assert torch.equal(perplexity_scores(model, tok, records, 4, 96), perplexity_scores(model, tok, records, 4, 96))
+    losses = [signal_scores(["perplexity", "ifd"], model, tok, records, batch_size=4, max_len=96) for _ in range(2)]
+    assert all(torch.equal(losses[0][m], losses[1][m]) for m in ("perplexity", "ifd"))
     model.train()  # the same model does drop out in training, so the test can tell
     lossy = [answer_losses_of(model, batch) for _ in range(2)]
     assert not torch.equal(*lossy)

@@ -13,12 +13,15 @@ from helpers import SMALL
 from safetensors.torch import load_file
 
 from clues_flwr.config import AppConfig, SelectionConfig
+from clues_flwr.core.data import NUM_ANCHORS, NUM_VALIDATION
+from clues_flwr.core.signals import signal_scores
 from clues_flwr.demo import client_app, server_app, task
 from clues_flwr.flower.client import SELECTION_KEY
 from clues_flwr.flower.selection import PublicRecords, SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
+from clues_flwr.model import cached, initial_adapter, set_adapter_state
 
 NUM_NODES = 3
 
@@ -84,6 +87,33 @@ def test_clients_send_only_counts(tmp_path):
         for name, arrays in content.array_records.items():
             for key, array in arrays.items():
                 assert ".lora_" in key, f"{name}/{key} is not an adapter or moment tensor"
+
+
+def test_a_combination_sends_each_signals_reference_mean_and_spread_and_no_public_score(tmp_path):
+    """Sites standardise by two numbers per signal, computed on validation + anchors; no
+    public record's score, and no record, goes to a site for it."""
+    signals = ["perplexity", "end-loss", "ifd"]
+    sent = []
+    grid, folder = run(tmp_path, selection="+".join(signals), before=lambda node, msg: sent.append(msg.content))
+    (score_config,) = {
+        json.dumps(dict(c["config"]), sort_keys=True) for c in sent if "histogram-edges" in c.get("config", {})
+    }
+    config = json.loads(score_config)
+    assert sorted(k for k in config if k.startswith("reference-")) == sorted(f"reference-{s}" for s in signals)
+    assert not [k for k in config if "scores" in k], "no list of public scores"
+    cfg = AppConfig.from_run_config(run_config(tmp_path, selection="+".join(signals)))
+    model, tok = cached(cfg.model)
+    public = task.public_sets(cfg.data)
+    reference = [*public["validation"], *public["anchor"]]
+    assert len(reference) == NUM_VALIDATION + NUM_ANCHORS
+    set_adapter_state(model, initial_adapter(cfg.model))
+    scored = signal_scores(signals, model, tok, reference, batch_size=cfg.score.batch_size, max_len=cfg.score.max_len)
+    for name in signals:
+        mean, spread = config[f"reference-{name}"]
+        assert mean == pytest.approx(float(scored[name].mean()), rel=1e-9)
+        assert spread == pytest.approx(float(scored[name].std()), rel=1e-9)
+    arrays = {key for c in sent for name, record in c.array_records.items() for key in record}
+    assert all(".lora_" in key for key in arrays), "only the adapter travels as tensors"
 
 
 def fail_on(node_id, message_type):
@@ -294,7 +324,7 @@ def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_pat
     assert summary["method"] == selection and len(summary["clients"]) == NUM_NODES
     for node, c in summary["clients"].items():
         assert c["tp"] + c["fp"] == c["kept"] and sum(c["histogram"]) == c["total"] == 36
-        assert len(c["anchor-scores"]) == 10
+        assert len(c["anchor-scores"]) == NUM_ANCHORS and len(c["reference-scores"]) == NUM_ANCHORS + NUM_VALIDATION
         assert int(grid.contexts[int(node)].state[SELECTION_KEY][SELECTION_KEY].numpy().sum()) == c["kept"]
     tuned = [r.content["metrics"]["num-examples"] for r in grid.replies if r.metadata.message_type == "train"]
     assert sorted(set(tuned)) == sorted({c["kept"] for c in summary["clients"].values() if c["kept"]})

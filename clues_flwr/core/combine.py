@@ -1,12 +1,13 @@
-"""Combined selection scores: several signals (CLUES, perplexity, IFD) on one scale.
+"""Combined selection scores: several signals (CLUES, the loss profile, IFD, …) on one scale.
 
-Each signal is standardised against the public anchors' scores, z = (s − mean_anchor) /
-std_anchor: the anchors are clean and public, so every site and the server put the same
-signal on the same scale, and one global τ on the combined score still means the same
-thing at every site. Signals fail on different pollution kinds (CLUES's preconditioned
-direction forgets how large a gradient was, so long junk can pass it; a loss keeps that
-magnitude), so a record's combined score is their sum (``sum``: a weak signal is outvoted)
-or their minimum (``min``: a record must look clean to every signal).
+Each signal is standardised against the public clean reference, the validation set and the
+anchors (and any clean records a user adds): z = (s − mean_ref) / spread_ref. The reference
+is clean and public, so every site and the server put the same signal on the same scale,
+and one global τ on the combined score means the same thing at every site; sites are sent
+only each signal's two numbers. Signals fail on different pollution kinds (the mean answer
+loss dilutes a cut answer's one wrong token, the end-of-answer loss sees nothing but that
+token), so a record's combined score is their sum (``sum``: a weak signal is outvoted) or
+their minimum (``min``: a record must look clean to every signal).
 """
 
 from __future__ import annotations
@@ -17,28 +18,45 @@ import torch
 
 RULES = ("sum", "min")
 
-
 SPREAD_FLOOR = 1e-9  # relative to the reference scores' magnitude: below it their spread is rounding noise
 
 
-def standardise(scores: torch.Tensor, anchor_scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` in units of the anchors' spread around their mean (float64). A spread below
-    ``SPREAD_FLOOR`` × the anchors' largest magnitude is refused: the reference cannot tell
+def reference_of(scores: torch.Tensor) -> tuple[float, float]:
+    """(mean, spread) of one signal's scores on the clean reference. A spread below
+    ``SPREAD_FLOOR`` × the scores' largest magnitude is refused: the reference cannot tell
     records apart, and dividing by its rounding noise would let this one signal decide any
-    combination alone (z ≈ ±1000 for anchors agreeing to 1e-14)."""
-    anchors = torch.as_tensor(anchor_scores, dtype=torch.float64)
-    if anchors.numel() < 2:
-        raise ValueError("standardising against the anchors needs at least 2 anchor scores")
-    spread, scale = float(anchors.std()), float(anchors.abs().max())
+    combination alone (z ≈ ±1000 for scores agreeing to 1e-14)."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if s.numel() < 2:
+        raise ValueError("standardising against the reference needs at least 2 reference scores")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{int((~torch.isfinite(s)).sum())} of {s.numel()} reference scores are not finite")
+    spread, scale = float(s.std()), float(s.abs().max())
     if not spread > SPREAD_FLOOR * scale:
         raise ValueError(
             f"the reference scores' spread {spread:.3g} is below {SPREAD_FLOOR:g} of their scale {scale:.3g}: "
             "they do not vary, so this signal cannot be standardised against them"
         )
-    return (torch.as_tensor(scores, dtype=torch.float64) - anchors.mean()) / spread
+    return float(s.mean()), spread
 
 
-def combine(standardised: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
+def references(scores: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``reference_of`` for each signal's reference scores; an error names the signal."""
+    out = {}
+    for name, s in scores.items():
+        try:
+            out[name] = reference_of(s)
+        except ValueError as err:
+            raise ValueError(f"signal {name!r}: {err}") from err
+    return out
+
+
+def standardise(scores: torch.Tensor, mean: float, spread: float) -> torch.Tensor:
+    """``scores`` in units of the reference's spread around its mean (float64)."""
+    return (torch.as_tensor(scores, dtype=torch.float64) - mean) / spread
+
+
+def combine(standardised: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
     """One score per record from the standardised signals."""
     if rule not in RULES:
         raise ValueError(f"combination rule must be one of {RULES}, got {rule!r}")
@@ -46,16 +64,13 @@ def combine(standardised: Sequence[torch.Tensor], rule: str = "sum") -> torch.Te
     return stacked.sum(0) if rule == "sum" else stacked.min(0).values
 
 
-def combined(signals: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], rule: str = RULES[0]):
+def combined(signals: Mapping[str, torch.Tensor], reference: Mapping[str, Sequence[float]], rule: str):
     """The selection score of records scored by every signal in ``signals``: one signal as
-    it is; several each standardised against its ``reference`` scores (the anchors') and
-    combined by ``rule``. The server, every site and every driver score through this."""
+    it is; several each standardised by its ``reference`` (mean, spread) and combined by
+    ``rule``. The server, every site and every driver score through this."""
     if len(signals) == 1:
         return torch.as_tensor(next(iter(signals.values())), dtype=torch.float64)
-    standardised = []
-    for name, scores in signals.items():
-        try:
-            standardised.append(standardise(scores, reference[name]))
-        except ValueError as err:
-            raise ValueError(f"signal {name!r}: {err}") from err
-    return combine(standardised, rule)
+    missing = [name for name in signals if name not in reference]
+    if missing:
+        raise ValueError(f"no reference mean and spread for signal {missing[0]!r}")
+    return combine([standardise(s, *reference[name]) for name, s in signals.items()], rule)

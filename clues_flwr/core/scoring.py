@@ -135,16 +135,22 @@ def capture(model, names: Sequence[str]):
             h.remove()
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over each sample's answer tokens (labels != -100): one per row.
-    ``logits`` may cover only the last positions of ``labels``."""
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every next-token prediction and the mask of answer tokens
+    (labels != -100), both [B, L − 1] over the positions ``logits`` covers (they may
+    cover only the last positions of ``labels``)."""
     labels = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
     token = F.cross_entropy(
         logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).transpose(1, 2),
         labels.clamp(min=0),
         reduction="none",
     )
-    mask = (labels != -100).to(token.dtype)
+    return token, (labels != -100).to(token.dtype)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each sample's answer tokens: one per row."""
+    token, mask = token_losses(logits, labels)
     return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
@@ -155,20 +161,22 @@ def takes_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def answer_losses_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward pass and ``per_sample_loss`` of a batch already on the model's device.
-
-    Logits are asked for only from the position before the batch's first answer token on
-    (``logits_to_keep``, where the model takes it): the prompt's logits never enter the
-    loss, and with a large vocabulary they are the largest tensor of the pass.
-    """
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward pass of a batch already on the model's device, logits asked for only from
+    the position before the batch's first answer token on (``logits_to_keep``, where the
+    model takes it): the prompt's logits never enter a loss, and with a large vocabulary
+    they are the largest tensor of the pass."""
     labels = batch["labels"]
     answer = (labels != -100).any(0).nonzero()
     start = max(int(answer[0]) - 1, 0) if len(answer) else labels.shape[1] - 1
     base = getattr(model, "get_base_model", lambda: model)()
     keep = {"logits_to_keep": labels.shape[1] - start} if takes_logits_to_keep(type(base)) else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
-    return per_sample_loss(logits, labels)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
+
+
+def answer_losses_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``per_sample_loss`` of a batch already on the model's device."""
+    return per_sample_loss(answer_logits(model, batch), batch["labels"])
 
 
 def scoring_mode(model) -> None:
@@ -285,14 +293,25 @@ def scores(
     return total
 
 
-def anchor_scores(
-    model,
-    tokenizer,
-    validation: Sequence[Record],
-    anchors: Sequence[Record],
-    trajectory: Sequence[Checkpoint],
-    cfg: ScoreConfig,
+def left_out_scores(
+    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The server's side of the score phase: (G_t per checkpoint, S of every anchor)."""
-    val_sums = validation_sums(model, tokenizer, validation, trajectory, cfg)
-    return val_sums, scores(model, tokenizer, anchors, trajectory, val_sums, cfg)
+    """(G_t per checkpoint, S of every validation record with itself left out of G_t).
+
+    The validation records belong to the clean reference every signal is standardised
+    against, but each is one of the terms of G_t, and its own term ⟨Γ, Γ⟩ would align it
+    with itself; left out, its score is one a clean record outside the set gets."""
+    names = scoring_names(model, cfg.layer, cfg.modules)
+    val_sums, own = [], torch.zeros(len(validation), dtype=torch.float64)
+    for ckpt in trajectory:
+        record_side = gammas(model, tokenizer, validation, ckpt, names, cfg)
+        sum_side = (
+            record_side
+            if cfg.precondition_validation
+            else gammas(model, tokenizer, validation, ckpt, names, cfg, raw=True)
+        )
+        g_val = sum_side.sum(0)
+        val_sums.append(g_val)
+        r, v = record_side.double(), sum_side.double()
+        own += ckpt.lr * (r @ g_val.double() - (r * v).sum(1)).cpu()
+    return val_sums, own

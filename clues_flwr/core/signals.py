@@ -1,47 +1,105 @@
-"""The signals beside CLUES's S(z): the paper's baseline scorers (Appendix E) perplexity,
-IFD, DataInf, random and the oracle.
+"""The signals beside CLUES's S(z): the loss profile of each record's answer (its mean,
+the paper's perplexity baseline; its end, its peak, its first token), IFD and FedDQC's IRA,
+DataInf, random and the oracle.
 
 Every scorer returns one float64 score per record with higher = keep, the convention of
 CLUES's S(z), so the rules of ``core.threshold`` and ``core.combine`` apply to any of them
-unchanged. Model-based scores are taken at whatever adapter the model holds.
+unchanged. Model-based scores are taken at whatever adapter the model holds. The loss
+signals all come from one forward pass per record (``loss_profile``), and IFD's and IRA's
+unprompted pass is made only when one of them is asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
-from clues_flwr.core.data import Record, batches, encode, encode_answer, per_record, to_device
+from clues_flwr.core.data import Record, batches, encode_answer, per_record, to_device
 from clues_flwr.core.pollution import HIGH
-from clues_flwr.core.scoring import answer_losses_of, per_sample_grads, scoring_mode
-
-METHODS = ("random", "perplexity", "ifd", "datainf", "oracle")
+from clues_flwr.core.scoring import answer_logits, answer_losses_of, per_sample_grads, scoring_mode, token_losses
 
 GradStream = Callable[[], Iterable[torch.Tensor]]
 
 
+class LossProfile(NamedTuple):
+    """Per record, statistics of the NLL of its answer tokens (the end-of-answer token
+    included), from one prompted forward pass; ``unprompted`` is the mean NLL of the same
+    tokens with no prompt, s(A), when IFD or IRA needs it."""
+
+    mean: torch.Tensor
+    end: torch.Tensor
+    peak: torch.Tensor
+    head: torch.Tensor
+    unprompted: torch.Tensor | None = None
+
+
+def profile_of(token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 4]: mean, last, largest and first answer-token loss of each row (``token_losses``)."""
+    n = mask.sum(1).clamp(min=1)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, -1).max(1).values.clamp(min=0)
+    first = torch.where(mask > 0, positions, mask.shape[1]).min(1).values.clamp(max=mask.shape[1] - 1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    peak = torch.where(mask > 0, token, -torch.inf).max(1).values
+    return torch.stack([(token * mask).sum(1) / n, token[rows, last], peak, token[rows, first]], 1)
+
+
 @torch.no_grad()
-def answer_losses(
-    model, tokenizer, records: Sequence[Record], batch_size: int, max_len: int, prompted: bool = True
-) -> torch.Tensor:
-    """Mean NLL of each record's answer tokens: s(A|Q) with the training template and
-    masking, or with ``prompted=False`` s(A), the same tokens with no prompt at all."""
+def loss_profile(
+    model, tokenizer, records: Sequence[Record], batch_size: int, max_len: int, unprompted: bool = False
+) -> LossProfile:
+    """The loss profile of every record, with the training template and masking; with
+    ``unprompted`` also s(A), the answer's tokens scored with no prompt at all."""
     scoring_mode(model)
-    encoder = encode if prompted else encode_answer
-    losses = per_record(
-        lambda b: answer_losses_of(model, to_device(b, model)), records, tokenizer, batch_size, max_len, encoder
-    )
-    return losses.cpu().double()
+
+    def stats(batch):
+        batch = to_device(batch, model)
+        return profile_of(*token_losses(answer_logits(model, batch), batch["labels"]))
+
+    columns = per_record(stats, records, tokenizer, batch_size, max_len).cpu().double().unbind(1)
+    direct = None
+    if unprompted:
+        direct = per_record(
+            lambda b: answer_losses_of(model, to_device(b, model)),
+            records,
+            tokenizer,
+            batch_size,
+            max_len,
+            encode_answer,
+        )
+        direct = direct.cpu().double()
+    return LossProfile(*columns, unprompted=direct)
 
 
-def perplexity_scores(model, tokenizer, records: Sequence[Record], batch_size: int, max_len: int) -> torch.Tensor:
-    """−log PPL: low perplexity is kept. The log ranks like PPL but keeps an anchor mean
-    from being dominated by one noisy record's exponentially large perplexity."""
-    return -answer_losses(model, tokenizer, records, batch_size, max_len)
+def perplexity(p: LossProfile) -> torch.Tensor:
+    """−log PPL, the mean answer-token loss: low perplexity is kept. The log ranks like PPL
+    but keeps a reference mean from being dominated by one noisy record's exponentially
+    large perplexity."""
+    return -p.mean
 
 
-def ifd_scores(model, tokenizer, records: Sequence[Record], batch_size: int, max_len: int) -> torch.Tensor:
+def end_loss(p: LossProfile) -> torch.Tensor:
+    """−the end-of-answer token's loss. A cut answer is a fluent prefix whose one wrong
+    token is its early end: the mean over the answer dilutes that token, this sees only it."""
+    return -p.end
+
+
+def peak_loss(p: LossProfile) -> torch.Tensor:
+    """−the largest answer-token loss. A deletion or a swapped word is one surprising
+    token among fluent ones; the mean spreads it over the answer, the peak keeps it whole."""
+    return -p.peak
+
+
+def head_loss(p: LossProfile) -> torch.Tensor:
+    """−the first answer token's loss. An exchanged answer is fluent and in-domain, but it
+    answers another question, and the first token is where it commits to the wrong one;
+    once it has, the rest follows from its own prefix and scores well."""
+    return -p.head
+
+
+def ifd(p: LossProfile) -> torch.Tensor:
     """−IFD, IFD = s(A|Q) / s(A): records whose question explains their answer are kept.
 
     A polluted answer (cut, exchanged, noise, another language) is one the question does
@@ -49,9 +107,28 @@ def ifd_scores(model, tokenizer, records: Sequence[Record], batch_size: int, max
     therefore the direction that targets quality. Cherry LLM (Li et al.) instead keeps
     the highest IFD below 1, looking for difficult instructions rather than clean ones.
     """
-    conditioned = answer_losses(model, tokenizer, records, batch_size, max_len)
-    direct = answer_losses(model, tokenizer, records, batch_size, max_len, prompted=False)
-    return -(conditioned / direct)
+    return -(p.mean / p.unprompted)
+
+
+def ira(p: LossProfile) -> torch.Tensor:
+    """FedDQC's instruction-response alignment (Du et al., ACL Findings 2025), IRA =
+    s(A) − s(A|Q): how much the instruction lowers the answer's loss; high IRA is kept.
+    The difference IFD takes as a ratio: an answer the question does not predict gains
+    nothing from it, whatever its own fluency."""
+    return p.unprompted - p.mean
+
+
+LOSS_SIGNALS: dict[str, Callable[[LossProfile], torch.Tensor]] = {
+    "perplexity": perplexity,
+    "end-loss": end_loss,
+    "peak-loss": peak_loss,
+    "head-loss": head_loss,
+    "ifd": ifd,
+    "ira": ira,
+}
+UNPROMPTED = ("ifd", "ira")  # the signals that need s(A)
+SIGNALS = ("clues", *LOSS_SIGNALS, "datainf", "random")  # what a selection combines
+METHODS = (*LOSS_SIGNALS, "datainf", "random", "oracle")  # what ``signal_scores`` scores
 
 
 def lora_names(model) -> list[str]:
@@ -194,8 +271,8 @@ def oracle_scores(records: Sequence[Record]) -> torch.Tensor:
     return torch.tensor([float(r["quality"] == HIGH) for r in records], dtype=torch.float64)
 
 
-def baseline_scores(
-    method: str,
+def signal_scores(
+    methods: Sequence[str],
     model,
     tokenizer,
     records: Sequence[Record],
@@ -205,19 +282,26 @@ def baseline_scores(
     seed: int = 0,
     direction: torch.Tensor | None = None,
     names: Sequence[str] | None = None,
-) -> torch.Tensor:
-    """Scores of ``method`` for every record; DataInf needs ``direction`` from
+) -> dict[str, torch.Tensor]:
+    """Scores of every record by each of ``methods``; the loss signals share one forward
+    pass (two when IFD or IRA is among them). DataInf needs ``direction`` from
     ``datainf_direction`` (the one the anchors were scored with)."""
-    if method == "random":
-        return random_scores(len(records), seed)
-    if method == "oracle":
-        return oracle_scores(records)
-    if method == "perplexity":
-        return perplexity_scores(model, tokenizer, records, batch_size, max_len)
-    if method == "ifd":
-        return ifd_scores(model, tokenizer, records, batch_size, max_len)
-    if method == "datainf":
-        if direction is None:
-            raise ValueError("datainf needs direction=: compute it once with datainf_direction")
-        return datainf_scores(model, tokenizer, records, direction, names, batch_size=batch_size, max_len=max_len)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"method must be one of {METHODS}, got {unknown[0]!r}")
+    out: dict[str, torch.Tensor] = {}
+    losses = [m for m in methods if m in LOSS_SIGNALS]
+    if losses:
+        unprompted = any(m in UNPROMPTED for m in losses)
+        profile = loss_profile(model, tokenizer, records, batch_size, max_len, unprompted)
+        out.update({m: LOSS_SIGNALS[m](profile) for m in losses})
+    for m in methods:
+        if m == "random":
+            out[m] = random_scores(len(records), seed)
+        elif m == "oracle":
+            out[m] = oracle_scores(records)
+        elif m == "datainf":
+            if direction is None:
+                raise ValueError("datainf needs direction=: compute it once with datainf_direction")
+            out[m] = datainf_scores(model, tokenizer, records, direction, names, batch_size=batch_size, max_len=max_len)
+    return {m: out[m] for m in methods}

@@ -1,22 +1,24 @@
 """The global threshold τ, every rule of it in one place: the anchor rules, the histogram
-rule (the sites' pooled histograms fitted, the anchors saying which side is clean) with its
-fallback, each site's keep decision, and the guards a user reads before tuning.
+rule (the sites' pooled histograms fitted, the clean reference saying which part is clean)
+with its fallback, each site's keep decision, and the guards a user reads before tuning.
 
-Ten anchor scores place τ badly; the sites together hold thousands of scores. Each site
-sends only counts over bin edges the server fixed from the anchors before any site scored,
-the server sums them (each site weighted by its record count) and fits the pooled
-distribution; the anchors only say which part of it is clean. Two fits:
+The server holds public clean records: the validation set and the anchors (the
+*reference*). Their scores place τ badly alone; the sites together hold thousands of
+scores. Each site sends only counts over bin edges the server fixed from the reference
+before any site scored, the server sums them and fits the pooled distribution. Two fits:
 
 - ``mixture``: a two-component Gaussian mixture fitted by EM to the binned counts, the clean
-  component the one under which the anchors are likelier; τ maximises the F1 the fitted
+  component the one under which the reference is likelier; τ maximises the F1 the fitted
   mixture expects (keep s ≥ τ, positive = clean).
 - ``valley``: the lowest point of the smoothed pooled histogram between the clean mode (the
-  one the anchors sit in) and the nearest mode below it; the mixture's τ when there is no
-  mode below.
+  one the reference sits in) and the nearest mode below it; the mixture's τ when there is
+  no mode below.
 
 Both see only the histogram, so τ is resolved to about one bin. When the fitted mixture
-cannot say where clean ends (its components overlap, Ashman's D < 2; or the second one is a
-sliver or lies above the clean one), the anchor-quantile τ is used and a note says so.
+cannot say where clean ends (its components overlap, Ashman's D < 2, as on a backbone that
+has not read the sites' facts; or the second one is a sliver or lies above the clean one),
+the anchor-quantile τ on the whole reference is used and a note says so: with validation
+and anchors, 60 clean scores rather than 10 set it.
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ RULES = ("anchor-mean", "anchor-quantile", "histogram")
 
 
 def anchor_threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str, recall: float) -> float:
-    """The global threshold τ from the anchors' scores.
+    """The global threshold τ from clean public records' scores (the anchors for the
+    paper's rule, the whole reference for the quantile).
 
     ``anchor-mean`` (the paper): τ = mean anchor score. Anchors drawn like clean data sit
     around the middle of the clean scores, so about half of the clean data falls below.
 
-    ``anchor-quantile``: τ = the k-th smallest of the n anchor scores, k = ⌊(1 − r)(n + 1)⌋.
-    If anchors and clean samples are exchangeable, a clean sample ranks below the k-th
-    anchor with probability k/(n + 1), so it is kept with probability ≥ 1 − k/(n + 1) ≥ r.
-    When k < 1 (n < 1/(1 − r) − 1: too few anchors for the asked recall) no anchor gives
-    that guarantee; τ falls back to the smallest anchor score, which guarantees only
+    ``anchor-quantile``: τ = the k-th smallest of the n scores, k = ⌊(1 − r)(n + 1)⌋.
+    If these records and clean samples are exchangeable, a clean sample ranks below the k-th
+    with probability k/(n + 1), so it is kept with probability ≥ 1 − k/(n + 1) ≥ r.
+    When k < 1 (n < 1/(1 − r) − 1: too few records for the asked recall) none gives
+    that guarantee; τ falls back to the smallest score, which guarantees only
     1 − 1/(n + 1), and a warning says so.
     """
     s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
@@ -72,10 +75,11 @@ def anchor_threshold(anchor_scores: Sequence[float] | torch.Tensor, rule: str, r
     return float(s.sort().values[k - 1])
 
 
-def histogram_edges(anchor_scores: Sequence[float] | torch.Tensor, bins: int) -> list[float]:
-    """Fixed bin edges around the anchors (their range, widened by that range on each side),
-    chosen by the server before any client score exists, so histograms reveal only counts."""
-    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+def histogram_edges(reference_scores: Sequence[float] | torch.Tensor, bins: int) -> list[float]:
+    """Fixed bin edges around the clean reference (its range, widened by that range on each
+    side), chosen by the server before any client score exists, so histograms reveal only
+    counts."""
+    s = torch.as_tensor(reference_scores, dtype=torch.float64).flatten()
     lo, hi = float(s.min()), float(s.max())
     spread = hi - lo or max(abs(hi), 1e-12)
     return torch.linspace(lo - spread, hi + spread, bins + 1).tolist()
@@ -191,14 +195,14 @@ EM_TOLERANCE = 1e-10  # relative change of the binned log-likelihood at which EM
 EM_ITERATIONS = 5000  # the cap
 
 
-def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray) -> Mixture:
+def fit_mixture(counts: np.ndarray, edges: Sequence[float], reference: np.ndarray) -> Mixture:
     """EM for two Gaussians on binned counts, the open end bins treated as censored (exact
     EM for interval data), until the binned log-likelihood changes by less than
     ``EM_TOLERANCE`` (relative) or ``EM_ITERATIONS`` pass.
 
-    Starts the clean component at the anchors and the other at the whole distribution, so
-    EM settles on the split the anchors point to; the clean one is the component under which
-    the anchors are likelier."""
+    Starts the clean component at the clean ``reference`` and the other at the whole
+    distribution, so EM settles on the split the reference points to; the clean one is the
+    component under which the reference is likelier."""
     e = np.asarray(edges, dtype=np.float64)
     lo, hi = np.concatenate([[-np.inf], e]), np.concatenate([e, [np.inf]])
     mid = np.clip((lo + hi) / 2, e[0], e[-1])
@@ -206,7 +210,7 @@ def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray)
     floor = (e[1] - e[0]) / 4
     overall_mean = float((counts * mid).sum() / total)
     overall_std = max(float(np.sqrt((counts * (mid - overall_mean) ** 2).sum() / total)), floor)
-    clean = (float(anchors.mean()), max(float(anchors.std(ddof=1 if anchors.size > 1 else 0)), floor))
+    clean = (float(reference.mean()), max(float(reference.std(ddof=1 if reference.size > 1 else 0)), floor))
     params = [(0.5, *clean), (0.5, overall_mean, overall_std)]
     converged, previous = False, -math.inf
     for _ in range(EM_ITERATIONS):
@@ -229,7 +233,7 @@ def fit_mixture(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray)
             var = float((weight * (second - 2 * mean * first + mean**2)).sum() / mass)
             new.append((mass / total, mean, max(math.sqrt(max(var, 0.0)), floor)))
         params = new
-    likelihood = [sum(-0.5 * ((anchors - m) / s) ** 2 - math.log(s)) for _, m, s in params]
+    likelihood = [sum(-0.5 * ((reference - m) / s) ** 2 - math.log(s)) for _, m, s in params]
     first = int(np.argmax(likelihood))
     return Mixture(params[first], params[1 - first], converged)
 
@@ -260,12 +264,12 @@ def smooth(counts: np.ndarray, bins: float = 1.0) -> np.ndarray:
     return np.convolve(padded, kernel / kernel.sum(), mode="valid")
 
 
-def valley_threshold(counts: np.ndarray, edges: Sequence[float], anchors: np.ndarray, mixture: Mixture) -> float:
+def valley_threshold(counts: np.ndarray, edges: Sequence[float], reference: np.ndarray, mixture: Mixture) -> float:
     e = np.asarray(edges, dtype=np.float64)
     x = np.concatenate([[e[0] - (e[1] - e[0]) / 2], (e[:-1] + e[1:]) / 2, [e[-1] + (e[1] - e[0]) / 2]])
     density = smooth(counts, bins=max(1.0, len(counts) / 40))
-    clean_bin = int(np.argmin(np.abs(x - np.median(anchors))))
-    # climb from the anchors' bin to the clean mode, then walk down to the valley below it
+    clean_bin = int(np.argmin(np.abs(x - np.median(reference))))
+    # climb from the reference's bin to the clean mode, then walk down to the valley below it
     top = clean_bin
     while top > 0 and density[top - 1] >= density[top]:
         top -= 1
@@ -309,13 +313,13 @@ def unusable(fit: Mixture, min_weight: float = 0.05) -> str:
 def histogram_threshold(
     histograms: Sequence[Sequence[int]],
     edges: Sequence[float],
-    anchor_scores: Sequence[float],
+    reference_scores: Sequence[float],
     fit: str,
     fallback: float | None,
 ) -> tuple[float, str]:
     """The global τ from the sites' histograms over ``edges`` (counts include the under- and
-    overflow bins) and the anchors' scores, by ``fit``; and a note, empty unless τ is the
-    ``fallback`` (an anchor rule's τ) because the fitted components are not separated."""
+    overflow bins) and the clean reference's scores, by ``fit``; and a note, empty unless τ
+    is the ``fallback`` (an anchor rule's τ) because the fit cannot place it."""
     if fit not in FITS:
         raise ValueError(f"histogram-fit must be one of {FITS}, got {fit!r}")
     if len(edges) < 3:
@@ -323,15 +327,15 @@ def histogram_threshold(
     counts = pooled(histograms)
     if len(counts) != len(edges) + 1:
         raise ValueError(f"{len(counts)} counts over {len(edges)} edges: expected len(edges) + 1")
-    anchors = np.asarray(anchor_scores, dtype=np.float64)
-    if counts.sum() < 2 or anchors.size < 1:
-        raise ValueError("the histogram rule needs at least 2 scored records and 1 anchor")
-    mixture = fit_mixture(counts, edges, anchors)
+    reference = np.asarray(reference_scores, dtype=np.float64)
+    if counts.sum() < 2 or reference.size < 1:
+        raise ValueError("the histogram rule needs at least 2 scored records and 1 reference score")
+    mixture = fit_mixture(counts, edges, reference)
     problem = unusable(mixture)
     if fallback is not None and problem:
         return fallback, f"{problem}: the anchor rule's τ"
     if fit == "valley":
-        return valley_threshold(counts, edges, anchors, mixture), ""
+        return valley_threshold(counts, edges, reference, mixture), ""
     return mixture_threshold(edges, mixture), ""
 
 
@@ -351,35 +355,59 @@ def keep_top(scores: Sequence[float] | torch.Tensor, ratio: float) -> torch.Tens
 
 @dataclass(frozen=True)
 class Standard:
-    """The public side of one global standard, fixed from the anchors before any site
-    scores: the anchors' scores, the histogram edges every site counts over, and τ when an
-    anchor rule sets it (None: the histogram rule fits it to the sites' counts)."""
+    """The public side of one global standard, fixed from the clean public records before
+    any site scores: the anchors' and the whole reference's (combined) scores, the histogram
+    edges every site counts over, and τ when an anchor rule sets it (None: the histogram
+    rule fits it to the sites' counts)."""
 
     anchor_scores: list[float]
+    reference_scores: list[float]
     edges: list[float]
     threshold: float | None
 
     def row(self) -> dict:
         """As a report row and the run state keep it."""
-        return {"threshold": self.threshold, "histogram-edges": self.edges, "anchor-scores": self.anchor_scores}
+        return {
+            "threshold": self.threshold,
+            "histogram-edges": self.edges,
+            "anchor-scores": self.anchor_scores,
+            "reference-scores": self.reference_scores,
+        }
 
     @classmethod
     def from_row(cls, row: Mapping) -> "Standard":
-        return cls(list(row["anchor-scores"]), list(row["histogram-edges"]), row["threshold"])
+        return cls(
+            list(row["anchor-scores"]), list(row["reference-scores"]), list(row["histogram-edges"]), row["threshold"]
+        )
 
 
-def standard(anchor_scores: Sequence[float] | torch.Tensor, rule: str, recall: float, bins: int) -> Standard:
-    """What the server fixes from the anchors' (combined) scores under ``rule``: edges only
-    for the histogram rule (no site sends a histogram another rule does not need), τ for an
-    anchor rule, neither for ``keep-ratio`` (each site keeps its top share)."""
-    s = torch.as_tensor(anchor_scores, dtype=torch.float64).flatten()
+def _finite(scores, what: str) -> torch.Tensor:
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if not torch.isfinite(s).all():
         raise ValueError(
-            f"{int((~torch.isfinite(s)).sum())} of {s.numel()} anchor scores are not finite: "
-            "no threshold can be set from them (check the anchors and the scorer)"
+            f"{int((~torch.isfinite(s)).sum())} of {s.numel()} {what} scores are not finite: "
+            "no threshold can be set from them (check the public records and the scorer)"
         )
-    tau = anchor_threshold(s, rule, recall) if rule in ("anchor-mean", "anchor-quantile") else None
-    return Standard(s.tolist(), histogram_edges(s, bins) if rule == "histogram" else [], tau)
+    return s
+
+
+def standard(
+    anchor_scores: Sequence[float] | torch.Tensor,
+    reference_scores: Sequence[float] | torch.Tensor,
+    rule: str,
+    recall: float,
+    bins: int,
+) -> Standard:
+    """What the server fixes from the public records' (combined) scores under ``rule``: edges
+    only for the histogram rule (no site sends a histogram another rule does not need), from
+    the reference; τ for an anchor rule (the paper's mean of the anchors, or the quantile of
+    the reference); neither for ``keep-ratio`` (each site keeps its top share)."""
+    anchors, reference = _finite(anchor_scores, "anchor"), _finite(reference_scores, "reference")
+    tau = None
+    if rule in ("anchor-mean", "anchor-quantile"):
+        tau = anchor_threshold(anchors if rule == "anchor-mean" else reference, rule, recall)
+    edges = histogram_edges(reference, bins) if rule == "histogram" else []
+    return Standard(anchors.tolist(), reference.tolist(), edges, tau)
 
 
 def global_threshold(
@@ -390,8 +418,8 @@ def global_threshold(
     the rule actually applied; and a note when the fit fell back."""
     if rule == "keep-ratio" or public.threshold is not None:
         return public.threshold, rule, ""
-    fallback = anchor_threshold(public.anchor_scores, "anchor-quantile", recall)
-    tau, note = histogram_threshold(histograms, public.edges, public.anchor_scores, fit, fallback)
+    fallback = anchor_threshold(public.reference_scores, "anchor-quantile", recall)
+    tau, note = histogram_threshold(histograms, public.edges, public.reference_scores, fit, fallback)
     if note:
         return tau, f"anchor-quantile (histogram fallback, target recall {recall})", f"{note} (anchor-quantile)"
     return tau, f"histogram ({fit})", ""
@@ -445,12 +473,12 @@ def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
     """What a user should look at before tuning: a site that kept nothing or everything, and
     records passing τ more often than clean records can.
 
-    The anchors are clean, so their pass count bounds the rate p at which clean records pass
-    τ. Polluted records a score sees pass less often, so the sites' kept share is at most p;
-    when even its lower bound exceeds the anchors' upper bound (one-sided Clopper-Pearson,
-    ``GUARD_ALPHA`` / 2 each), some pollution ranks above clean data. With few anchors the
-    bound is wide: when nearly every anchor passes (the histogram and anchor-quantile
-    rules), this test cannot fire, and it says nothing rather than something false."""
+    The reference records are clean, so their pass count bounds the rate p at which clean
+    records pass τ. Polluted records a score sees pass less often, so the sites' kept share
+    is at most p; when even its lower bound exceeds the reference's upper bound (one-sided
+    Clopper-Pearson, ``GUARD_ALPHA`` / 2 each), some pollution ranks above clean data. With
+    a small reference the bound is wide: when nearly every reference record passes, this
+    test cannot fire, and it says nothing rather than something false."""
     out = []
     for node, row in clients.items():
         if row["total"] and row["kept"] in (0, row["total"]):
@@ -460,13 +488,13 @@ def guards(clients: Mapping[int, Mapping], keep_ratio: float) -> list[str]:
     if keep_ratio or not total:
         return out
     kept = sum(r["kept"] for r in clients.values())
-    anchors = [a >= r["threshold"] for r in clients.values() for a in r["anchor-scores"]]
+    clean = [a >= r["threshold"] for r in clients.values() for a in r["reference-scores"]]
     kept_low, _ = pass_rate_bounds(kept, total, GUARD_ALPHA / 2)
-    _, anchors_high = pass_rate_bounds(sum(anchors), len(anchors), GUARD_ALPHA / 2)
-    if kept_low > anchors_high:
+    _, clean_high = pass_rate_bounds(sum(clean), len(clean), GUARD_ALPHA / 2)
+    if kept_low > clean_high:
         out.append(
             f"{kept / total:.0%} of the sites' records pass τ, more than clean records can "
-            f"({sum(anchors)} of {len(anchors)} clean anchors pass: at most {anchors_high:.0%}): "
+            f"({sum(clean)} of {len(clean)} clean reference records pass: at most {clean_high:.0%}): "
             "the score ranks some records above clean data (pollution it cannot see?)"
         )
     return out

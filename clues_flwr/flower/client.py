@@ -30,7 +30,7 @@ from clues_flwr.core.data import Record, prompt_format
 from clues_flwr.core.metrics import confusion
 from clues_flwr.core.privacy import SitePolicy, noisy_counts
 from clues_flwr.core.scoring import ScoreConfig, scores, scoring_names
-from clues_flwr.core.signals import baseline_scores
+from clues_flwr.core.signals import signal_scores
 from clues_flwr.core.threshold import histogram, keep, non_finite
 from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import checkpoint, moments
@@ -262,9 +262,8 @@ class CluesClient:
         mine, theirs = prompt_format(site.records), str(cfg.get("prompt-format", "template"))
         mismatch = mine != theirs
         signals = str(cfg["method"]).split("+")
-        per_signal = [self._signal(name, content, site, context) for name in signals]
-        reference = {n: torch.tensor(list(cfg[f"anchor-scores-{n}"])) for n in signals if len(signals) > 1}
-        s = combined(dict(zip(signals, per_signal)), reference)
+        reference = {n: tuple(cfg[f"reference-{n}"]) for n in signals if len(signals) > 1}
+        s = combined(self._signals(signals, content, site, context), reference, str(cfg["combination"]))
         counts = [*histogram(s.tolist(), edges), non_finite(s)] if edges else [non_finite(s)]
         if policy.dp_epsilon:  # half the budget: the histogram and the non-finite cell are one query
             counts = noisy_counts(counts, policy.dp_epsilon / 2, _unseen())
@@ -320,26 +319,32 @@ class CluesClient:
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @staticmethod
-    def _signal(name: str, content: RecordDict, site: Site, context: Context) -> torch.Tensor:
-        """One signal's scores of every record: CLUES along the trajectory, a baseline at the
-        adapter the message carries."""
+    def _signals(names: list[str], content: RecordDict, site: Site, context: Context) -> dict[str, torch.Tensor]:
+        """Each signal's scores of every record: CLUES along the trajectory, the others at
+        the adapter the message carries (the loss signals from one forward pass)."""
         cfg = content["config"]
-        if name == "clues":
+        out = {}
+        if "clues" in names:
             trajectory, val_sums = trajectory_from(content)
             score = from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY])
-            return scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score)
-        set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
-        direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
-        return baseline_scores(
-            name,
-            site.model,
-            site.tokenizer,
-            site.records,
-            batch_size=int(cfg["batch-size"]),
-            max_len=int(cfg["max-seq-len"]),
-            seed=int(cfg["seed"]) + context.node_id,
-            direction=direction,
-        )
+            out["clues"] = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score)
+        others = [n for n in names if n != "clues"]
+        if others:
+            set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
+            direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
+            out.update(
+                signal_scores(
+                    others,
+                    site.model,
+                    site.tokenizer,
+                    site.records,
+                    batch_size=int(cfg["batch-size"]),
+                    max_len=int(cfg["max-seq-len"]),
+                    seed=int(cfg["seed"]) + context.node_id,
+                    direction=direction,
+                )
+            )
+        return {n: out[n] for n in names}
 
 
 def _unseen() -> torch.Generator:

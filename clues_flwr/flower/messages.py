@@ -15,7 +15,8 @@ server → client, ``query.clues_score``: the selection's name (``clues``, a bas
     for CLUES the trajectory (adapters, scoring-layer moments), the validation sums G_t, η_t
     and the scoring settings; for a baseline the initial adapter, batch size, length and
     seed, and for DataInf the direction u computed on the public validation set; for a
-    combination each signal's public anchor scores (``anchor-scores-<signal>``).
+    combination the rule (``combination``) and each signal's mean and spread on the public
+    clean reference (``reference-<signal>``, two numbers: no public record's score either).
 client → server, ``query.clues_score``: counts only: ``total`` and a histogram of the
     site's scores over the server's fixed edges. The scores stay on the node.
 server → client, ``query.clues_threshold``: τ, or the keep ratio.

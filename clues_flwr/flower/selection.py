@@ -34,11 +34,12 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from clues_flwr.config import FederationConfig, SelectionConfig, TuneConfig, to_record
 from clues_flwr.core.aggregation import fedavg
-from clues_flwr.core.combine import combined
+from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record, check_max_len, prompt_format
 from clues_flwr.core.metrics import selection_scores
-from clues_flwr.core.scoring import ScoreConfig, anchor_scores
-from clues_flwr.core.signals import baseline_scores, datainf_direction
+from clues_flwr.core.scoring import ScoreConfig, left_out_scores
+from clues_flwr.core.scoring import scores as clues_scores
+from clues_flwr.core.signals import datainf_direction, signal_scores
 from clues_flwr.core.threshold import Standard, counts_problem, global_threshold, guards, histogram_problem, standard
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
@@ -62,44 +63,66 @@ from clues_flwr.model import set_adapter_state
 
 @dataclasses.dataclass(frozen=True)
 class PublicRecords:
-    """What the server holds to score the anchors itself: a PEFT model, its tokenizer, the
-    public validation set (G_t, DataInf's direction) and the anchors."""
+    """What the server holds to score the public records itself: a PEFT model, its
+    tokenizer, the public validation set (G_t, DataInf's direction), the anchors, and any
+    more clean records a user adds (``clean``). All of them are the clean reference every
+    signal is standardised against and every fallback τ is set from."""
 
     model: Any
     tokenizer: Any
     validation: list[Record]
     anchors: list[Record]
+    clean: list[Record] = dataclasses.field(default_factory=list)
+
+    @property
+    def reference(self) -> list[Record]:
+        """The clean reference: validation, anchors, then the added records, in that order."""
+        return [*self.validation, *self.anchors, *self.clean]
+
+    @property
+    def anchor_slice(self) -> slice:
+        return slice(len(self.validation), len(self.validation) + len(self.anchors))
 
     def clues(self, trajectory: list[Checkpoint], score: ScoreConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """G_t per checkpoint and the anchors' CLUES scores along ``trajectory``."""
-        return anchor_scores(self.model, self.tokenizer, self.validation, self.anchors, trajectory, score)
+        """G_t per checkpoint and the reference's CLUES scores along ``trajectory`` (each
+        validation record with itself left out of G_t)."""
+        val_sums, own = left_out_scores(self.model, self.tokenizer, self.validation, trajectory, score)
+        others = clues_scores(self.model, self.tokenizer, [*self.anchors, *self.clean], trajectory, val_sums, score)
+        return val_sums, torch.cat([own, others])
 
-    def baseline(self, method: str, adapter: dict, score: ScoreConfig, seed: int):
-        """The anchors' scores by a baseline at ``adapter``, and DataInf's direction (else None)."""
+    def baseline(self, methods: list[str], adapter: dict, score: ScoreConfig, seed: int):
+        """The reference's scores by each baseline signal at ``adapter``, and DataInf's
+        direction (else None)."""
         set_adapter_state(self.model, adapter)
         sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
         direction = (
-            datainf_direction(self.model, self.tokenizer, self.validation, **sizes) if method == "datainf" else None
+            datainf_direction(self.model, self.tokenizer, self.validation, **sizes) if "datainf" in methods else None
         )
-        scored = baseline_scores(
-            method, self.model, self.tokenizer, self.anchors, seed=seed, direction=direction, **sizes
+        scored = signal_scores(
+            methods, self.model, self.tokenizer, self.reference, seed=seed, direction=direction, **sizes
         )
         return scored, direction
 
 
 @dataclasses.dataclass
 class Anchors:
-    """The server's side of one trajectory (or of the initial adapter, for baselines)."""
+    """The server's side of one trajectory (or of the initial adapter, for baselines): per
+    signal the reference's scores and their (mean, spread), and the standard fixed from them."""
 
     trajectory: list[Checkpoint] | None
     val_sums: list[torch.Tensor] | None
-    scores: dict[str, torch.Tensor]  # per signal
+    scores: dict[str, torch.Tensor]  # per signal, over the reference records
     direction: torch.Tensor | None
     standard: Standard
 
+    @property
+    def stats(self) -> dict[str, tuple[float, float]]:
+        """Each signal's reference mean and spread: all a site is sent to standardise by."""
+        return references(self.scores)
+
     def public(self) -> dict:
-        """As the run state keeps it: what a resumed run needs not to score the anchors again."""
-        return {"anchor-scores": {n: s.tolist() for n, s in self.scores.items()}, "standard": self.standard.row()}
+        """As the run state keeps it: what a resumed run needs not to score the reference again."""
+        return {"reference-scores": {n: s.tolist() for n, s in self.scores.items()}, "standard": self.standard.row()}
 
 
 @dataclasses.dataclass
@@ -287,10 +310,19 @@ class CluesSelection:
         self.anchors: Anchors | None = None  # a federated trajectory's public side, for the run state
 
     @classmethod
-    def from_public(cls, model, tokenizer, validation: list[Record], anchors: list[Record], **sections: Any):
-        """The stage for a server that holds ``model`` (a PEFT model) and the public
-        ``validation`` and ``anchors`` records; ``sections`` are the config sections."""
-        return cls(PublicRecords(model, tokenizer, list(validation), list(anchors)), **sections)
+    def from_public(
+        cls,
+        model,
+        tokenizer,
+        validation: list[Record],
+        anchors: list[Record],
+        clean: list[Record] = (),
+        **sections: Any,
+    ):
+        """The stage for a server that holds ``model`` (a PEFT model), the public
+        ``validation`` and ``anchors`` records and, optionally, more public ``clean`` ones
+        for the reference; ``sections`` are the config sections."""
+        return cls(PublicRecords(model, tokenizer, list(validation), list(anchors), list(clean)), **sections)
 
     def run(self, grid: Grid, initial_arrays: ArrayRecord, folder: RunFolder | None = None) -> SelectionReport:
         """Select on every site. With ``folder``, a federated trajectory and its public side
@@ -309,7 +341,7 @@ class CluesSelection:
         elif saved and saved.public:
             say("resume: scoring again on the saved trajectory and anchor scores")
             trajectory, val_sums = folder.trajectory()
-            scores = {n: torch.tensor(s, dtype=torch.float64) for n, s in saved.public["anchor-scores"].items()}
+            scores = {n: torch.tensor(s, dtype=torch.float64) for n, s in saved.public["reference-scores"].items()}
             sides = {None: Anchors(trajectory, val_sums, scores, None, Standard.from_row(saved.public["standard"]))}
         else:
             traced = self.trace(grid, initial_arrays, report)
@@ -362,23 +394,32 @@ class CluesSelection:
     # ---- score ------------------------------------------------------------------------
 
     def _anchors(self, initial: dict[str, torch.Tensor], trajectory: list[Checkpoint] | None) -> Anchors:
-        """The anchors' scores by every signal, and the standard fixed from them. CLUES scores
-        along ``trajectory``; a baseline at the adapter every site starts from, as the paper
-        applies the baselines before any training (DataInf's direction comes from the public
-        validation set, so sites and anchors share it)."""
-        scores, val_sums, direction = {}, None, None
+        """The reference's scores by every signal, and the standard fixed from them. CLUES
+        scores along ``trajectory``; the other signals at the adapter every site starts from,
+        as the paper applies the baselines before any training (DataInf's direction comes
+        from the public validation set, so sites and the server share it)."""
+        val_sums, scores = None, {}
+        others = [n for n in self.signals if n != "clues"]
+        baseline, direction = (
+            self.public.baseline(others, initial, self.score, self.train.seed) if others else ({}, None)
+        )
         for name in self.signals:
             if name == "clues":
                 val_sums, scores[name] = self.public.clues(trajectory, self.score)
             else:
-                scores[name], direction = self.public.baseline(name, initial, self.score, self.train.seed)
+                scores[name] = baseline[name]
+        return Anchors(trajectory, val_sums, scores, direction, self._standard(scores))
+
+    def _standard(self, scores: dict[str, torch.Tensor]) -> Standard:
         sel = self.selection
-        fixed = standard(combined(scores, scores), self._rule(), sel.target_recall, sel.histogram_bins)
-        return Anchors(trajectory, val_sums, scores, direction, fixed)
+        stats = references(scores) if len(scores) > 1 else {}
+        reference = combined(scores, stats, sel.combination)
+        anchors = reference[self.public.anchor_slice]
+        return standard(anchors, reference, self._rule(), sel.target_recall, sel.histogram_bins)
 
     def _content(self, initial_arrays: ArrayRecord, side: Anchors) -> RecordDict:
         """What a site is sent to score with: per signal what it scores with, the histogram
-        edges and, for a combination, each signal's anchor scores (its reference scale)."""
+        edges and, for a combination, each signal's reference mean and spread (its scale)."""
         content, config = RecordDict(), {}
         for name in self.signals:
             if name == "clues":
@@ -393,10 +434,11 @@ class CluesSelection:
                 {"batch-size": self.score.batch_size, "max-seq-len": self.score.max_len}, seed=self.train.seed
             )
         if len(self.signals) > 1:
-            config.update({f"anchor-scores-{n}": side.scores[n].tolist() for n in self.signals})
+            config.update({f"reference-{n}": list(stats) for n, stats in side.stats.items()})
         config.update(
             {
                 "method": self.selection.method,
+                "combination": self.selection.combination,
                 "histogram-edges": side.standard.edges,
                 "prompt-format": prompt_format(self.public.anchors),
             }

@@ -23,12 +23,12 @@ import torch
 from flwr.app import ArrayRecord
 
 from clues_flwr.config import AppConfig, SelectionConfig
-from clues_flwr.core.combine import combined
+from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.core.pollution import HIGH
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names
-from clues_flwr.core.signals import baseline_scores, datainf_direction
+from clues_flwr.core.signals import datainf_direction, signal_scores
 from clues_flwr.core.threshold import global_threshold, histogram, keep, standard
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo import client_app
@@ -140,38 +140,49 @@ def raw_gradients(bench: Bench, sets: dict[str, list[Record]]) -> list[dict[str,
 
 
 def variant_scores(raw, trajectory, names, cfg: ScoreConfig) -> dict[str, torch.Tensor]:
-    """S for every set from the cached raw gradients, under one variant; a shorter
+    """S for every set from the cached raw gradients, under one variant, the validation
+    records' with each left out of G_t (``scoring.left_out_scores``); a shorter
     ``trajectory`` scores with its checkpoints only."""
-    total = {k: 0.0 for k in raw[0] if k != "validation"}
+    total = dict.fromkeys(raw[0], 0.0)
     for ckpt, grads in zip(trajectory, raw):
-        raw_val = not cfg.precondition_validation
-        g_val = gamma_from_grads(grads["validation"], ckpt, names, cfg, raw_val).sum(0).double()
+        val_side = gamma_from_grads(grads["validation"], ckpt, names, cfg, not cfg.precondition_validation).double()
+        g_val = val_side.sum(0)
         for key in total:
-            total[key] = total[key] + ckpt.lr * (gamma_from_grads(grads[key], ckpt, names, cfg).double() @ g_val)
+            gamma = gamma_from_grads(grads[key], ckpt, names, cfg).double()
+            own = (gamma * val_side).sum(1) if key == "validation" else 0.0
+            total[key] = total[key] + ckpt.lr * (gamma @ g_val - own)
     return {k: v.cpu() for k, v in total.items()}
 
 
-def baseline_set_scores(bench: Bench, method: str) -> dict[str, torch.Tensor]:
-    """A baseline's scores of the anchors and of every site at the initial adapter, as the
-    app scores them; DataInf's direction from the public validation set."""
+def baseline_set_scores(bench: Bench, methods: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each baseline signal's scores of the public sets and of every site at the initial
+    adapter, as the app scores them (the loss signals from one forward pass); DataInf's
+    direction from the public validation set."""
     set_adapter_state(bench.model, bench.initial)
     sizes = {"batch_size": bench.config.score.batch_size, "max_len": bench.config.score.max_len}
     val = bench.public["validation"]
-    direction = datainf_direction(bench.model, bench.tokenizer, val, **sizes) if method == "datainf" else None
-    sets = {k: v for k, v in bench.sets().items() if k != "validation"}
-    sets["anchors"] = [{**r, "quality": HIGH} for r in sets["anchors"]]  # public and clean: the oracle's 1
+    direction = datainf_direction(bench.model, bench.tokenizer, val, **sizes) if "datainf" in methods else None
+    sets = bench.sets()
+    for public in ("validation", "anchors"):  # public and clean: the oracle's 1
+        sets[public] = [{**r, "quality": HIGH} for r in sets[public]]
     seed = bench.config.train.seed
-    return {
-        k: baseline_scores(method, bench.model, bench.tokenizer, recs, seed=seed + j, direction=direction, **sizes)
+    by_set = {
+        k: signal_scores(methods, bench.model, bench.tokenizer, recs, seed=seed + j, direction=direction, **sizes)
         for j, (k, recs) in enumerate(sets.items())
     }
+    return {m: {k: by_set[k][m] for k in sets} for m in methods}
+
+
+def reference_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The clean reference's scores, as ``PublicRecords.reference`` orders it."""
+    return torch.cat([scores["validation"], scores["anchors"]])
 
 
 def combined_scores(scores: dict[str, dict[str, torch.Tensor]], rule: str, signals: tuple[str, ...]) -> dict:
-    """Every set's combined score from ``signals``, each standardised against its anchors
-    (``core.combine.combined``, as the app scores)."""
-    reference = {m: scores[m]["anchors"] for m in signals}
-    return {key: combined({m: scores[m][key] for m in signals}, reference, rule) for key in scores[signals[0]]}
+    """Every set's combined score from ``signals``, each standardised by its reference mean
+    and spread (``core.combine``, as the app scores)."""
+    stats = references({m: reference_scores(scores[m]) for m in signals})
+    return {key: combined({m: scores[m][key] for m in signals}, stats, rule) for key in scores[signals[0]]}
 
 
 def rule_label(rule: Rule) -> str:
@@ -195,7 +206,7 @@ def select(scores: dict, clean: dict[str, list[bool]], rule: Rule, selection: Se
         target_recall=value if name == "anchor-quantile" else selection.target_recall,
     )
     applied = name
-    public = standard(scores["anchors"], applied, fixed.target_recall, fixed.histogram_bins)
+    public = standard(scores["anchors"], reference_scores(scores), applied, fixed.target_recall, fixed.histogram_bins)
     histograms = [histogram(scores[k].tolist(), public.edges) for k in clean] if public.edges else []
     tau, _, _ = global_threshold(public, histograms, applied, fixed.histogram_fit, fixed.target_recall)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)

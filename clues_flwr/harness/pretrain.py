@@ -4,8 +4,11 @@ pretrained on the demo's facts as plain text.
     python -m clues_flwr.harness.pretrain            # rewrites clues_flwr/assets/demo-model
     python -m clues_flwr.harness.pretrain --out /tmp/unread --unread-facts
     python -m clues_flwr.harness.pretrain --out /tmp/big --hidden-size 256 --layers 6
+    python -m clues_flwr.harness.pretrain --out /tmp/unicode/backbone --corpus /tmp/unicode/corpus.jsonl
 
-The last two build backbones for experiments; pass the folder as ``--model-name``.
+The last three build backbones for experiments; pass the folder as ``--model-name``. With
+``--corpus`` the backbone reads that file's records instead of the demo's facts (e.g. the
+corpus ``clues_flwr.harness.unicode_domain`` writes for its own setting).
 
 A random backbone gives LoRA too little to adapt and CLUES too little signal, so the demo
 ships a pretrained one. Seeded and deterministic, so a rerun with the same ``--threads`` on
@@ -27,6 +30,7 @@ import torch
 
 from clues_flwr.core.data import collate, demo_records, demo_splits, pretrain_text, prompt, to_device
 from clues_flwr.model import DEMO_DIR
+from clues_flwr.sources import load_records
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 HEAD_DIM = 32
@@ -78,10 +82,13 @@ def pretrain(
     layers: int = 4,
     all_facts: bool = True,
     device: str = "cpu",
+    corpus: Path | None = None,
 ) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = attention_heads(hidden_size)
+    if corpus is not None and not all_facts:
+        raise ValueError("--unread-facts leaves half of the demo's facts unread; it has no meaning with --corpus")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     # CUDA has no deterministic kernel for every op; there a rerun is close, not equal.
@@ -93,12 +100,13 @@ def pretrain(
     # template (a share of it, as a web model has seen some instruction data), so the
     # fine-tuning, validation, anchor and test records stay unseen as instructions.
     # ``all_facts=False`` leaves the other half unread, for the experiment of a base model
-    # that does not know the facts it is fine-tuned on.
+    # that does not know the facts it is fine-tuned on. A ``corpus`` replaces the demo's
+    # facts: read the same way, plain text with a share in the template.
     rng = random.Random(seed)
-    pretraining = demo_splits().pretrain
+    pretraining = demo_splits().pretrain if corpus is None else load_records(str(corpus))
     texts = [prompt(r) + r["output"] if rng.random() < template_share else pretrain_text(r) for r in pretraining]
-    seen = {(r["instruction"], r["input"]) for r in pretraining}
-    if all_facts:
+    if corpus is None and all_facts:
+        seen = {(r["instruction"], r["input"]) for r in pretraining}
         texts += [pretrain_text(r) for r in demo_records()[0] if (r["instruction"], r["input"]) not in seen]
     tokenizer = train_tokenizer(texts, vocab_size=2048)
     config = LlamaConfig(
@@ -154,6 +162,8 @@ def pretrain(
         "torch": torch.__version__,
         "device": device,
     }
+    if corpus is not None:  # absent otherwise, so the demo's pretrain.json stays as it was
+        info.update(corpus=str(corpus), corpus_records=len(pretraining))
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staging = Path(tmp) / "model"
         model.cpu().save_pretrained(staging)
@@ -168,7 +178,7 @@ def pretrain(
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--steps", type=int, default=3000)
@@ -184,12 +194,14 @@ def main() -> None:
     )
     parser.add_argument("--hidden-size", type=int, default=128, help=f"a multiple of {HEAD_DIM} (heads of {HEAD_DIM})")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument(
+    facts = parser.add_mutually_exclusive_group()
+    facts.add_argument("--corpus", type=Path, help="JSONL of records to read instead of the demo's facts")
+    facts.add_argument(
         "--unread-facts",
         action="store_true",
         help="read only the pretraining half of the facts: a base that does not know what it is fine-tuned on",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = pretrain(
         args.out,
@@ -203,6 +215,7 @@ def main() -> None:
         layers=args.layers,
         all_facts=not args.unread_facts,
         device=args.device,
+        corpus=args.corpus,
     )
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out}")

@@ -29,7 +29,7 @@ def main(grid: Grid, context: Context):
         validation,
         anchors,
         score=ScoreConfig(max_len=max_len),
-        selection=SelectionConfig(trace_rounds=int(run["trace-rounds"])),
+        selection=SelectionConfig(method="clues+perplexity", trace_rounds=int(run["trace-rounds"])),
         train=TrainConfig(
             learning_rate=float(run["learning-rate"]),
             local_steps=int(run["local-steps"]),
