@@ -11,6 +11,7 @@ from clues_flwr.core.data import batches, collate, demo_splits
 from clues_flwr.core.scoring import (
     ScoreConfig,
     answer_losses_of,
+    left_out_scores,
     per_sample_grads,
     per_sample_loss,
     precondition,
@@ -189,6 +190,17 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     err = rel_err(fast, brute)
     print(f"{cfg.precondition} cos={cfg.cosine}: relative error of S(z) {err:.2e}")
     assert err <= 1e-12  # measured 2e-16 to 3e-16
+    # each validation record scored against the others only, as the clean reference holds it
+    val_sums, left_out = left_out_scores(model, tok, val, ckpts, cfg)
+    brute_out = torch.zeros(len(val), dtype=torch.float64)
+    for ckpt in ckpts:
+        g_rec, g_sum = gamma_loop(val, ckpt, raw=False), gamma_loop(val, ckpt, raw=not cfg.precondition_validation)
+        for i in range(len(val)):
+            brute_out[i] += sum(ckpt.lr * float(g_sum[j] @ g_rec[i]) for j in range(len(val)) if j != i)
+    err = rel_err(left_out, brute_out)
+    print(f"  left-out validation scores: relative error {err:.2e}")
+    assert err <= 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(val_sums, validation_sums(model, tok, val, ckpts, cfg)))
 
 
 def test_moments_outside_the_scoring_layer_do_not_matter(scored_setup):
