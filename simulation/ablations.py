@@ -92,6 +92,12 @@ def selection_cells(row: dict, total: int) -> list:
 SELECTION_HEADER = ["rule", "τ", "kept", "P", "R", "F1", "Acc"]
 
 
+def drawn(scores: dict, anchors) -> dict:
+    """The scores with ``anchors`` as the whole clean reference (no validation records), so
+    a count of drawn records is all that sets τ."""
+    return {**scores, "validation": scores["validation"][:0], "anchors": anchors}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     driver_arguments(p)
@@ -192,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         draws = [random.Random(seed).sample(range(len(candidates)), n) for seed in range(args.anchor_draws)]
         for rule in rules:
             picked = [
-                {**select({**s, "anchors": pool[idx]}, clean, rule, bench.config.selection), "anchors": idx}
-                for idx in draws
+                {**select(drawn(s, pool[idx]), clean, rule, bench.config.selection), "anchors": idx} for idx in draws
             ]
             bounds = {recall_bound(pool[r["anchors"]], r) for r in picked}
             rows.append(

@@ -1,13 +1,14 @@
 """Does selection pay? The same federation trained on all records (``none``), on the
-records CLUES keeps (``clues``), and on the clean records only (``oracle``).
+records the default selection keeps (or any ``--selections``), and on the clean records only
+(``oracle``).
 
-    python simulation/compare_selection.py                  # the demo's defaults, ~4 min on 2 cores
+    python simulation/compare_selection.py                  # the demo's defaults, ~2 min on 2 cores
     python simulation/compare_selection.py --set aggregation=ties --set num-server-rounds=8
 
 Each run is the real ServerApp and ClientApp on an in-process grid (no Ray), so the only
 difference between rows is the ``selection`` key. Prints the final test loss per row and
-how much of the oracle's improvement over ``none`` CLUES recovers:
-(loss_none − loss_clues) / (loss_none − loss_oracle).
+how much of the oracle's improvement over ``none`` each selection recovers:
+(loss_none − loss_selection) / (loss_none − loss_oracle).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from clues_flwr.config import SelectionConfig
 from clues_flwr.harness.bench import federation, parse_set, recovery, run_config
 
 
@@ -23,7 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
-    p.add_argument("--selections", nargs="+", default=["none", "clues", "oracle"])
+    p.add_argument("--selections", nargs="+", default=["none", SelectionConfig.method, "oracle"])
     p.add_argument("--out", type=Path, default=Path("runs/compare_selection"))
     args = p.parse_args()
 
@@ -37,11 +39,12 @@ def main() -> None:
     for r in rows:
         sel = f"{r['precision']:.1f} / {r['recall']:.1f} / {r['f1']:.1f}" if r.get("f1") is not None else "-"
         print(f"| {r['selection']} | {r['test-loss']:.4f} | {r['test-accuracy']:.3f} | {sel} | {r['seconds']} |")
-    share = recovery(rows)
-    if share is not None:
-        print(f"\nCLUES recovers {100 * share:.1f}% of the oracle's improvement over no selection")
+    shares = {r["selection"]: recovery(rows, r["selection"]) for r in rows if r["selection"] not in ("none", "oracle")}
+    for selection, share in shares.items():
+        if share is not None:
+            print(f"{selection} recovers {100 * share:.1f}% of the oracle's improvement over no selection")
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"nodes": args.nodes, "overrides": overrides, "rows": rows, "recovery": share}
+    summary = {"nodes": args.nodes, "overrides": overrides, "rows": rows, "recovery": shares}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'summary.json'}")
 

@@ -5,7 +5,8 @@ federation trains, under FedAvg, TIES and one-shot merging.
     python simulation/downstream_table.py --setups fedavg --set num-server-rounds=8
 
 Rows: mixed data (no selection), the oracle (clean records only), the baselines perplexity,
-IFD and DataInf, CLUES, and CLUES + perplexity (the app's default); each at the app's defaults
+IFD, FedDQC's IRA and DataInf, CLUES, CLUES + perplexity, and the app's default (perplexity,
+end- and head-loss and IFD); each at the app's defaults
 apart from ``selection`` and the setup. Cells: final test loss and exact-match answer accuracy
 on the public test set, and the share of the oracle's improvement over mixed data that the method recovers.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clues_flwr.config import SelectionConfig
 from clues_flwr.harness.bench import federation, parse_set, recovery, run_config
 from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, write
 
@@ -23,15 +25,18 @@ SETUPS = {
     "ties": {"mode": "federated", "aggregation": "ties"},
     "merge": {"mode": "merge", "aggregation": "ties"},
 }
-METHODS = ["none", "oracle", "perplexity", "ifd", "datainf", "clues", "clues+perplexity"]
+DEFAULT = SelectionConfig.method
+METHODS = ["none", "oracle", "perplexity", "ifd", "ira", "datainf", "clues", "clues+perplexity", DEFAULT]
 NAMES = {
     "none": "mixed data",
     "oracle": "oracle",
     "perplexity": "PPL",
     "ifd": "IFD",
+    "ira": "IRA (FedDQC)",
     "datainf": "DataInf",
     "clues": "CLUES",
-    "clues+perplexity": "CLUES + PPL (default)",
+    "clues+perplexity": "CLUES + PPL",
+    DEFAULT: "PPL + end + head + IFD (default)",
 }
 
 

@@ -258,7 +258,7 @@ def federation(run: dict, nodes: int) -> dict:
     return row
 
 
-def recovery(rows: list[dict], method: str = "clues") -> float | None:
+def recovery(rows: list[dict], method: str) -> float | None:
     """(loss_none − loss_method) / (loss_none − loss_oracle), when all three ran."""
     by = {r["selection"]: r["test-loss"] for r in rows}
     if {"none", method, "oracle"} <= set(by) and by["none"] != by["oracle"]:
