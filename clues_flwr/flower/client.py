@@ -88,8 +88,9 @@ def fingerprint(records: Sequence[Record]) -> str:
     return digest.hexdigest()
 
 
-def _tag(context: Context, key: str, records: Sequence[Record]) -> None:
-    context.state[f"{TAG_KEY}/{key}"] = ConfigRecord({"run-id": int(context.run_id), "records": fingerprint(records)})
+def _tag(context: Context, key: str, run_id: int, digest: str) -> None:
+    """Beside ``key`` in ``context.state``: the run and the records' fingerprint it covers."""
+    context.state[f"{TAG_KEY}/{key}"] = ConfigRecord({"run-id": run_id, "records": digest})
 
 
 def _selection_file(context: Context) -> Path | None:
@@ -118,8 +119,7 @@ def _restore(context: Context) -> None:
     with safe_open(path, "pt") as f:
         tag, mask = f.metadata(), f.get_tensor(SELECTION_KEY)
     context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask})
-    tag = {"run-id": int(tag["run-id"]), "records": tag["records"]}
-    context.state[f"{TAG_KEY}/{SELECTION_KEY}"] = ConfigRecord(tag)
+    _tag(context, SELECTION_KEY, int(tag["run-id"]), tag["records"])
 
 
 def _stored(context: Context, key: str, records: Sequence[Record], what: str) -> torch.Tensor:
@@ -270,7 +270,7 @@ class CluesClient:
         total = sum(counts) if policy.dp_epsilon else len(s)
         context.state[SCORES_KEY] = ArrayRecord({SCORES_KEY: s.double().contiguous()})
         context.state[RELEASED_KEY] = ConfigRecord({"total": total})
-        _tag(context, SCORES_KEY, site.records)
+        _tag(context, SCORES_KEY, int(context.run_id), fingerprint(site.records))
         metrics = {
             "total": total,
             "histogram": counts[:-1],
@@ -303,7 +303,7 @@ class CluesClient:
         tau = cfg.get("threshold")
         mask = keep(s, None if tau is None else float(tau), float(cfg["keep-ratio"]))
         context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
-        _tag(context, SELECTION_KEY, site.records)
+        _tag(context, SELECTION_KEY, int(context.run_id), fingerprint(site.records))
         _keep_on_disk(context, mask.to(torch.int8))
         total = int(context.state[RELEASED_KEY]["total"])
         for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}", RELEASED_KEY):
