@@ -51,7 +51,7 @@ class SelectionConfig:
     """Which records each site keeps: the scorer, its trajectory and the threshold rule."""
 
     method: str = setting(
-        "perplexity+end-loss+head-loss+ifd",
+        "clues+perplexity+end-loss+head-loss+ifd",
         "the score: one signal or several joined by `+` (each standardised against the public clean reference, "
         "then combined by `combination`): `clues` (traced), the loss profile at the initial adapter `perplexity` "
         "(mean answer loss), `end-loss` (the end-of-answer token), `peak-loss` (the largest token loss), "

@@ -5,8 +5,8 @@ federation trains, under FedAvg, TIES and one-shot merging.
     python simulation/downstream_table.py --setups fedavg --set num-server-rounds=8
 
 Rows: mixed data (no selection), the oracle (clean records only), the baselines perplexity,
-IFD, FedDQC's IRA and DataInf, CLUES, CLUES + perplexity, and the app's default (perplexity,
-end- and head-loss and IFD); each at the app's defaults
+IFD, FedDQC's IRA and DataInf, CLUES, CLUES + perplexity, and the app's default (CLUES,
+perplexity, end- and head-loss and IFD); each at the app's defaults
 apart from ``selection`` and the setup. Cells: final test loss and exact-match answer accuracy
 on the public test set, and the share of the oracle's improvement over mixed data that the method recovers.
 """
@@ -36,7 +36,7 @@ NAMES = {
     "datainf": "DataInf",
     "clues": "CLUES",
     "clues+perplexity": "CLUES + PPL",
-    DEFAULT: "PPL + end + head + IFD (default)",
+    DEFAULT: "CLUES + PPL + end + head + IFD (default)",
 }
 
 

@@ -48,7 +48,7 @@ from clues_flwr.harness.bench import (
 from clues_flwr.harness.results import command_line, figure, markdown_table, save_figure, score_histogram, write
 
 BASELINES = ("perplexity", "end-loss", "peak-loss", "head-loss", "ifd", "ira", "datainf", "random", "oracle")
-APP_DEFAULT = "perplexity + end + head + IFD (sum)"  # the app's default selection
+APP_DEFAULT = "CLUES + perplexity + end + head + IFD (sum)"  # the app's default selection
 # Combined scores: (rule, signals), each signal standardised by its mean and spread on the clean reference.
 COMBINED = {
     "CLUES + perplexity (sum)": ("sum", (DEFAULT, "perplexity")),
@@ -56,9 +56,9 @@ COMBINED = {
     "CLUES + IFD (sum)": ("sum", (DEFAULT, "ifd")),
     "perplexity + IFD (sum)": ("sum", ("perplexity", "ifd")),
     "perplexity + end + IFD (sum)": ("sum", ("perplexity", "end-loss", "ifd")),
-    APP_DEFAULT: ("sum", ("perplexity", "end-loss", "head-loss", "ifd")),
+    "perplexity + end + head + IFD (sum)": ("sum", ("perplexity", "end-loss", "head-loss", "ifd")),
     "perplexity + end + head + IFD (min)": ("min", ("perplexity", "end-loss", "head-loss", "ifd")),
-    "CLUES + perplexity + end + head + IFD (sum)": ("sum", (DEFAULT, "perplexity", "end-loss", "head-loss", "ifd")),
+    APP_DEFAULT: ("sum", (DEFAULT, "perplexity", "end-loss", "head-loss", "ifd")),
 }
 
 

@@ -1,7 +1,6 @@
 """What several test modules share: a small demo run that still exercises every phase."""
 
 SMALL = {
-    "selection": "clues+perplexity",  # the default needs no trace; this one runs every phase
     "demo-pool-size": 40,
     "test-size": 24,
     "trace-rounds": 1,

@@ -33,9 +33,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "clues"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 RECORDS_PER_SITE = 60
-RUN_CONFIG = (  # a selection with a trace, so every phase crosses the processes
-    "selection='clues+perplexity' trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.1 seed=0 "
-    "min-available-nodes=2 min-train-nodes=2"
+RUN_CONFIG = (
+    "trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.1 seed=0 min-available-nodes=2 min-train-nodes=2"
 )
 
 

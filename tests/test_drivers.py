@@ -146,10 +146,12 @@ def test_a_drivers_selection_is_the_apps(tmp_path):
     clients = json.loads((folder / "selection.json").read_text())["clients"]
     app_kept = [clients[str(node)]["kept"] for node in demo_nodes(2)]
     b = bench.prepare(run, 2)
-    assert b.config.selection.method == "perplexity+end-loss+head-loss+ifd"
+    assert b.config.selection.method == "clues+perplexity+end-loss+head-loss+ifd"
     assert b.config.selection.threshold_rule == "histogram"
     signals = tuple(b.config.selection.method.split("+"))
-    combined = bench.combined_scores(bench.baseline_set_scores(b, list(signals)), "sum", signals)
+    scores = bench.baseline_set_scores(b, list(signals[1:]))
+    scores["clues"] = bench.variant_scores(bench.raw_gradients(b, b.sets()), b.trajectory, b.names, b.config.score)
+    combined = bench.combined_scores(scores, "sum", signals)
     driver = bench.select(combined, b.clean, ("histogram", b.config.selection.histogram_fit), b.config.selection)
     assert list(driver["kept"].values()) == app_kept
     assert 0 < sum(app_kept) < sum(map(len, b.sites.values())), "a selection that keeps some, not all"
