@@ -15,7 +15,8 @@ preconditioning + cosine) at the first of ``--layers`` unless it varies that, an
   records outside the pools, the demo's 10 anchors and its public test split
   (run-config ``test-size``); τ, P, R and F1 as mean ± std over the draws, since few anchors make a
   noisy τ. The recall bound is the anchor-quantile guarantee 1 − k/(n + 1) of the τ used.
-- rules: the demo's 10 anchors under each rule, with the score histogram.
+- rules: each rule with the app's clean reference (the 50 validation records and the 10
+  anchors), with the score histogram.
 - checkpoints: the first k checkpoints of the one trace. Training is seeded by round and
   site, so a prefix is exactly the trajectory a k-round trace would give.
 
@@ -39,6 +40,7 @@ from clues_flwr.harness.bench import (
     driver_run_config,
     prepare,
     raw_gradients,
+    reference_scores,
     rule_label,
     select,
     separation,
@@ -58,13 +60,13 @@ def kept_share(row: dict, total: int) -> str:
     return f"{sum(row['kept'].values()) / total:.0%}"
 
 
-def recall_bound(anchors: torch.Tensor, row: dict) -> str:
-    """1 − k/(n + 1) with τ the k-th smallest of n anchor scores: the clean recall that
-    anchor-quantile guarantees; below the target when there are too few anchors."""
+def recall_bound(reference: torch.Tensor, row: dict) -> str:
+    """1 − k/(n + 1) with τ the k-th smallest of n reference scores: the clean recall that
+    anchor-quantile guarantees; below the target when there are too few of them."""
     if not row["rule"].startswith("anchor-quantile"):
         return "-"
-    k = int((anchors < row["tau"]).sum()) + 1
-    return f"{1 - k / (anchors.numel() + 1):.3f}"
+    k = int((reference < row["tau"]).sum()) + 1
+    return f"{1 - k / (reference.numel() + 1):.3f}"
 
 
 def mean_std(rows: list[dict]) -> dict:
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     setting = (
         f"{len(clean)} sites of {' / '.join(str(len(c)) for c in clean.values())} records polluted "
         f"{cfg_run.data.pollution}; {DEFAULT}, {cfg_run.selection.trace_rounds} checkpoints of "
-        f"{cfg_run.train.local_steps} steps, scoring layer {first}, the {len(bench.public['anchor'])} "
-        "demo anchors, unless varied. Positive = clean.\n\n"
+        f"{cfg_run.train.local_steps} steps, scoring layer {first}, τ from the "
+        f"{len(bench.public['validation']) + len(bench.public['anchor'])} clean reference records (validation + "
+        "anchors) unless varied. Positive = clean.\n\n"
     )
 
     # Scoring layer.
@@ -259,14 +262,14 @@ def main(argv: list[str] | None = None) -> None:
         [plot],
     )
 
-    # Threshold rule, with the demo's anchors.
+    # Threshold rule, with the app's clean reference.
     rows = [select(s, clean, rule, bench.config.selection) for rule in rules]
     table = setting + markdown_table(
         ["rule", "recall bound", "τ", "kept per client", "P", "R", "F1", "Acc"],
         [
             [
                 r["rule"],
-                recall_bound(s["anchors"], r),
+                recall_bound(reference_scores(s), r),
                 r["tau"],
                 " / ".join(map(str, r["kept"].values())),
                 *(f"{r[m]:.1f}" for m in ("precision", "recall", "f1", "accuracy")),
