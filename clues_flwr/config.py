@@ -95,13 +95,13 @@ class SelectionConfig:
 
     def __post_init__(self):
         parts = self.method.split("+")
-        if len(parts) == 1 or self.method in ("none", "oracle"):
+        if len(parts) == 1:
             one_of("selection", self.method, SELECTIONS)
-        for part in parts if len(parts) > 1 else ():
+        else:
             require(
                 "selection",
                 self.method,
-                part in SIGNALS and parts.count(part) == 1,
+                set(parts) <= set(SIGNALS) and len(set(parts)) == len(parts),
                 f"signals joined by '+', each once, from {', '.join(map(repr, SIGNALS))}",
             )
         one_of("combination", self.combination, COMBINATIONS)

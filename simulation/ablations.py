@@ -36,6 +36,7 @@ from clues_flwr.config import AppConfig
 from clues_flwr.harness.bench import (
     DEFAULT,
     VARIANTS,
+    anchors_as_reference,
     driver_arguments,
     driver_run_config,
     prepare,
@@ -92,12 +93,6 @@ def selection_cells(row: dict, total: int) -> list:
 
 
 SELECTION_HEADER = ["rule", "τ", "kept", "P", "R", "F1", "Acc"]
-
-
-def drawn(scores: dict, anchors) -> dict:
-    """The scores with ``anchors`` as the whole clean reference (no validation records), so
-    a count of drawn records is all that sets τ."""
-    return {**scores, "validation": scores["validation"][:0], "anchors": anchors}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         draws = [random.Random(seed).sample(range(len(candidates)), n) for seed in range(args.anchor_draws)]
         for rule in rules:
             picked = [
-                {**select(drawn(s, pool[idx]), clean, rule, bench.config.selection), "anchors": idx} for idx in draws
+                {**select(anchors_as_reference(s, pool[idx]), clean, rule, bench.config.selection), "anchors": idx}
+                for idx in draws
             ]
             bounds = {recall_bound(pool[r["anchors"]], r) for r in picked}
             rows.append(

@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clues_flwr.core.combine import combined, references
 from clues_flwr.harness.bench import (
     DEFAULT,
     VARIANTS,
+    anchors_as_reference,
     baseline_set_scores,
+    combined_scores,
     parse_set,
     prepare,
     raw_gradients,
@@ -67,14 +68,10 @@ RULES = (("histogram", "mixture"), ("anchor-quantile", 0.9), ("anchor-mean", Non
 
 def candidate_scores(scores: dict, signals: tuple[str, ...], rule: str, anchors_only: bool) -> dict:
     """Every set's selection score, standardised against validation + anchors (the app) or,
-    ``anchors_only``, against the anchors alone, whose scores then also stand for the
-    reference (``validation`` replaced by the anchors)."""
+    ``anchors_only``, against the anchors alone."""
     if anchors_only:
-        scores = {m: {**s, "validation": s["anchors"][:0]} for m, s in scores.items()}
-    reference = {m: torch.cat([scores[m]["validation"], scores[m]["anchors"]]) for m in signals}
-    stats = references(reference) if len(signals) > 1 else {}
-    sets = scores[signals[0]]
-    return {k: combined({m: scores[m][k] for m in signals}, stats, rule) for k in sets}
+        scores = {m: anchors_as_reference(s, s["anchors"]) for m, s in scores.items()}
+    return combined_scores(scores, rule, signals)
 
 
 def measure(run: dict, nodes: int) -> dict:

@@ -293,6 +293,13 @@ def scores(
     return total
 
 
+def left_out(record_side: torch.Tensor, sum_side: torch.Tensor) -> torch.Tensor:
+    """⟨G_t − Γ_val(v), Γ(v)⟩ for each validation record v (float64), G_t the sum of the rows
+    of ``sum_side``: its alignment with the other validation records only."""
+    r = record_side.double()
+    return r @ sum_side.sum(0).double() - (r * sum_side.double()).sum(1)
+
+
 def left_out_scores(
     model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -310,8 +317,6 @@ def left_out_scores(
             if cfg.precondition_validation
             else gammas(model, tokenizer, validation, ckpt, names, cfg, raw=True)
         )
-        g_val = sum_side.sum(0)
-        val_sums.append(g_val)
-        r, v = record_side.double(), sum_side.double()
-        own += ckpt.lr * (r @ g_val.double() - (r * v).sum(1)).cpu()
+        val_sums.append(sum_side.sum(0))
+        own += ckpt.lr * left_out(record_side, sum_side).cpu()
     return val_sums, own

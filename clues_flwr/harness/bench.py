@@ -27,7 +27,7 @@ from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.core.pollution import HIGH
-from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, gammas, scoring_names
+from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, gammas, left_out, scoring_names
 from clues_flwr.core.signals import datainf_direction, signal_scores
 from clues_flwr.core.threshold import global_threshold, histogram, keep, standard
 from clues_flwr.core.trajectory import Checkpoint
@@ -149,8 +149,8 @@ def variant_scores(raw, trajectory, names, cfg: ScoreConfig) -> dict[str, torch.
         g_val = val_side.sum(0)
         for key in total:
             gamma = gamma_from_grads(grads[key], ckpt, names, cfg).double()
-            own = (gamma * val_side).sum(1) if key == "validation" else 0.0
-            total[key] = total[key] + ckpt.lr * (gamma @ g_val - own)
+            aligned = left_out(gamma, val_side) if key == "validation" else gamma @ g_val
+            total[key] = total[key] + ckpt.lr * aligned
     return {k: v.cpu() for k, v in total.items()}
 
 
@@ -176,6 +176,12 @@ def baseline_set_scores(bench: Bench, methods: list[str]) -> dict[str, dict[str,
 def reference_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:
     """The clean reference's scores, as ``PublicRecords.reference`` orders it."""
     return torch.cat([scores["validation"], scores["anchors"]])
+
+
+def anchors_as_reference(scores: dict[str, torch.Tensor], anchors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The scores with ``anchors`` as the whole clean reference (no validation records): how
+    the app stood before the larger reference, or a drawn count of clean records alone."""
+    return {**scores, "validation": scores["validation"][:0], "anchors": anchors}
 
 
 def combined_scores(scores: dict[str, dict[str, torch.Tensor]], rule: str, signals: tuple[str, ...]) -> dict:
