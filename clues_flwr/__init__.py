@@ -2,7 +2,7 @@
 
 The public API, for a Flower project of its own::
 
-    from clues_flwr import CluesClient, CluesSelection, CluesTuning, Site, selected_records
+    from clues_flwr import CluesClient, CluesSelection, CluesTuning, Site, selected_records, train_reply
 
 Names load on first use, so ``clues_flwr.core`` (the maths) imports without Flower.
 """
@@ -10,6 +10,19 @@ Names load on first use, so ``clues_flwr.core`` (the maths) imports without Flow
 from __future__ import annotations
 
 import importlib
+import logging
+
+# bitsandbytes' noise, silenced here because every clues_flwr import runs this first, whichever
+# module then imports peft or transformers (which import bitsandbytes): on CPU it says on import,
+# once per process or Ray actor, that an optional kernel package for 4-bit matmuls is missing
+# (8-bit LoRA does not use it), and it logs on every 8-bit matmul that fp32 inputs are cast to
+# fp16 (always so on CPU), one line per layer per step.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "from kernels-community" not in record.getMessage()
+)
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+)
 
 _EXPORTS = {
     "CluesSelection": "clues_flwr.flower.selection",
@@ -22,6 +35,8 @@ _EXPORTS = {
     "CluesClient": "clues_flwr.flower.client",
     "Site": "clues_flwr.flower.client",
     "selected_records": "clues_flwr.flower.client",
+    "train_reply": "clues_flwr.flower.client",
+    "evaluate_reply": "clues_flwr.flower.client",
     "Rounds": "clues_flwr.flower.state",
     "AppConfig": "clues_flwr.config",
     "SelectionConfig": "clues_flwr.config",

@@ -33,9 +33,9 @@ from clues_flwr.core.signals import SIGNALS
 from clues_flwr.core.threshold import FITS, RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.model import ModelSpec
-from clues_flwr.partition import SCHEMES
 
 MODES = ("federated", "merge")
+SCHEMES = ("iid", "natural")  # how a simulation partitions `dataset` (partition.py)
 SELECTIONS = (*SIGNALS, "none", "oracle")  # a selection is one of these, or signals joined by "+"
 
 
@@ -111,7 +111,9 @@ class SelectionConfig:
         one_of("threshold-rule", self.threshold_rule, RULES)
         require("target-recall", self.target_recall, 0 < self.target_recall < 1, "in (0, 1)")
         require("keep-ratio", self.keep_ratio, 0 <= self.keep_ratio <= 1, "in [0, 1] (0: the anchor threshold)")
-        require("histogram-bins", self.histogram_bins, self.histogram_bins >= 2, "at least 2")
+        most = SitePolicy.max_histogram_bins  # more would be refused by every site that keeps its default
+        ok = 2 <= self.histogram_bins <= most
+        require("histogram-bins", self.histogram_bins, ok, f"from 2 to {most}, the sites' default max-histogram-bins")
         one_of("histogram-fit", self.histogram_fit, FITS)
 
 
@@ -343,13 +345,25 @@ NODE_KEYS: dict[str, str] = {
     "site-label": "opt-in: the name this site gives itself in its own console lines; sent with its score reply, "
     "it also names the site in the server's lines and report (unset: the demo uses the `data-path` file's name, "
     "else the partition)",
-    "max-histogram-bins": "the most histogram bins this site counts over; a score query asking for more is "
-    f"refused; default {SitePolicy.max_histogram_bins}",
-    "state-dir": "a folder on the site where its keep mask is also written (one safetensors file per run, with the "
-    "run and the records' fingerprint), so a SuperNode restarted mid-run keeps its selection; default none: the "
-    "mask lives in the node's memory only",
-    "dp-epsilon": "ε-differential privacy for the counts this site sends (two-sided geometric noise, half of ε "
-    f"on the histogram, half on the kept count; no confusion counts); default {SitePolicy.dp_epsilon:g}: exact counts",
+    "max-histogram-bins": "the most histogram bins this site counts over in one score query; a query asking for more "
+    f"is refused; default {SitePolicy.max_histogram_bins}",
+    "max-scorings": "the most runs in which this site scores one set of records (a resumed run is one more); past "
+    f"it every score query is refused; default {SitePolicy.max_scorings}. Within a run a site always answers one "
+    "score query and one threshold query; across runs the limit holds only with `state-dir`",
+    "state-dir": "a folder on the site for its ledger of what it released (one JSON file per node, across runs), its "
+    "keep mask (one safetensors file per node and run, so a SuperNode restarted mid-run keeps its selection) and its "
+    "own report of the selection (per record of its data file: signals, score, kept, dropped or held out; and a "
+    "plot); default none: all of it in the node's memory for one run",
+    "dp-epsilon": "ε-differential privacy for every count this site sends, per run: two-sided geometric noise, half "
+    "of ε on the score histogram, half on the kept count; weights of 1 and no timing, no label counts; default "
+    f"{SitePolicy.dp_epsilon:g}: exact counts",
+    "dp-budget": "the most ε this site spends on one set of records over all runs (needs `state-dir` to hold across "
+    f"runs); past it every score query is refused; default {SitePolicy.dp_budget:g}",
+    "min-heldout": "the fewest held-out records this site sends an evaluation loss for (fewer: loss and count 0, "
+    f"since one record's loss is that record's); default {SitePolicy.min_heldout}",
+    "allow-labels": "whether counts derived from quality labels may leave (confusion counts, clean held-out loss, "
+    "the `oracle` selection), for research runs; default true for a simulated site (`partition-id`, no "
+    "`data-path`), else false",
 }
 
 REGENERATE = "python -m clues_flwr.config > docs/configuration.md"

@@ -1,4 +1,4 @@
-"""Base model (8-bit, 4-bit or full precision, on CUDA or CPU), LoRA, adapter weights.
+"""Base model (8-bit, 4-bit or full precision, on CUDA or CPU) with a fresh LoRA adapter.
 
 Every model, the embedded demo included, loads through ``AutoModelForCausalLM``: the
 demo is a regular Hugging Face model folder shipped inside the package.
@@ -7,8 +7,6 @@ demo is a regular Hugging Face model folder shipped inside the package.
 from __future__ import annotations
 
 import json
-import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,19 +17,9 @@ from urllib.request import url2pathname
 
 import torch
 
+from clues_flwr.core.adapter import adapter_state
 from clues_flwr.core.checks import one_of, require
 
-# bitsandbytes logs on every 8-bit matmul that fp32 inputs are cast to fp16 (always
-# so on CPU): one line per layer per step would drown the run's output.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-)
-
-# On CPU, bitsandbytes says on import (once per Ray actor) that an optional kernel package
-# for 4-bit matmuls is missing; 8-bit LoRA does not use it.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "from kernels-community" not in record.getMessage()
-)
 # Deprecations inside torch/transformers/peft that this app cannot act on, repeated by every Ray actor.
 warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*is deprecated", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -200,34 +188,3 @@ def cached(spec: ModelSpec):
 def initial_adapter(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The adapter as built, whatever the cached model has been set to since."""
     return _loaded(spec)[2]
-
-
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """A copy of the LoRA weights as float32 CPU tensors (Flower's ArrayRecord has no bf16);
-    a copy, since on a float32 CPU model ``.to`` would return the live parameters."""
-    from peft import get_peft_model_state_dict
-
-    return {
-        k: v.detach().to("cpu", torch.float32, copy=True).contiguous()
-        for k, v in get_peft_model_state_dict(model).items()
-    }
-
-
-def adapter_key(name: str) -> str:
-    """The key in ``adapter_state`` of a LoRA parameter name: PEFT saves
-    ``….lora_A.<adapter>.weight`` as ``….lora_A.weight``."""
-    return re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", name)
-
-
-def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter weights; a missing, extra or misshapen tensor is an error."""
-    from peft import set_peft_model_state_dict
-
-    expected = adapter_state(model)
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ValueError(f"adapter keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"adapter tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    set_peft_model_state_dict(model, state)

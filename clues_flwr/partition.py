@@ -12,19 +12,15 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner, Partitioner
 
-from clues_flwr.core.data import NUM_ANCHORS, NUM_VALIDATION, DemoSplits, Record, demo_splits, parse_ratios
-from clues_flwr.core.pollution import KINDS, pollute
+from clues_flwr.config import SCHEMES, DataConfig
+from clues_flwr.core.data import Record, parse_ratios
+from clues_flwr.demo.dataset import DemoSplits, carve, demo_splits, pollute_partitions
 from clues_flwr.sources import load_records
 
-if TYPE_CHECKING:  # config imports this module's SCHEMES
-    from clues_flwr.config import DataConfig
-
-SCHEMES = ("iid", "natural")
 _ROW = "__row__"
 
 
@@ -78,32 +74,6 @@ def partition(
     raise ValueError(f"partition: unknown scheme {scheme!r}; expected one of {SCHEMES}")
 
 
-def pollute_partitions(
-    partitions: Sequence[Sequence[Record]],
-    ratios: Sequence[float],
-    seed: int,
-    translations: Mapping[str, Sequence[str]] | None = None,
-    kinds: Sequence[str] = (),
-) -> list[list[Record]]:
-    """Client ``i`` polluted at ``ratios[i % len(ratios)]`` with the seed rule of
-    ``data.demo_splits``, so equal chunks give the demo's pools. ``kinds`` (default: all)
-    take turns; without translations there is nothing to answer in another language, so
-    that kind is then left out of the default and refused if named."""
-    if not ratios:
-        raise ValueError("pollution ratios: need at least one")
-    kinds = tuple(kinds) or (KINDS if translations else tuple(k for k in KINDS if k != "mixed-language"))
-    return [
-        pollute(
-            records,
-            ratios[i % len(ratios)],
-            seed=seed * 1000 + i,
-            translations=translations or {},
-            kinds=kinds,
-        )
-        for i, records in enumerate(partitions)
-    ]
-
-
 def take(records: Sequence[Record], n: int, seed: int) -> list[Record]:
     """A seeded sample of ``n`` records, to cap a large set (e.g. Medical QA at 16k)."""
     if not 0 <= n <= len(records):
@@ -112,69 +82,42 @@ def take(records: Sequence[Record], n: int, seed: int) -> list[Record]:
 
 
 @lru_cache(maxsize=2)
-def federated_splits(
-    source: str,
-    num_clients: int,
-    *,
-    preset: str = "",
-    split: str = "train",
-    subset: str = "",
-    num_samples: int = 0,
-    client_samples: int = 0,
-    scheme: str = "iid",
-    by: str = "",
-    ratios: tuple[float, ...] = (0.0,),
-    kinds: tuple[str, ...] = (),
-    test_size: int = 200,
-    seed: int = 0,
-) -> DemoSplits:
-    """A simulated federation from one dataset: anchors, validation and test drawn first
-    (kept clean, as public sets are), then ``num_samples`` records (0: all the rest)
-    partitioned over the clients, each client capped at ``client_samples`` (0: no cap;
+def federated_splits(data: DataConfig, num_clients: int) -> DemoSplits:
+    """A simulated federation from ``data.dataset``: anchors, validation and test drawn first
+    (kept clean, as public sets are), then ``num-samples`` records (0: all the rest)
+    partitioned over the clients, each client capped at ``client-samples`` (0: no cap;
     the paper's 1,052 per MMedBench language) and polluted. Deterministic, so the server
     and every client derive the same splits from the run config alone."""
-    records = load_records(source, preset=preset or None, split=split, subset=subset or None, keep=(by,) if by else ())
-    public = NUM_ANCHORS + NUM_VALIDATION + test_size
-    if len(records) <= public:
-        raise ValueError(
-            f"dataset {source} has {len(records)} records; "
-            f"anchors, validation and test-size {test_size} need more than {public}"
-        )
-    shuffled = take(records, len(records), seed)
-    anchors, validation = shuffled[:NUM_ANCHORS], shuffled[NUM_ANCHORS : NUM_ANCHORS + NUM_VALIDATION]
-    test, private = shuffled[NUM_ANCHORS + NUM_VALIDATION : public], shuffled[public:]
-    if num_samples:
-        private = take(private, num_samples, seed + 1)
+    by = data.partition_by
+    records = load_records(
+        data.dataset,
+        preset=data.dataset_preset or None,
+        split=data.dataset_split,
+        subset=data.dataset_subset or None,
+        keep=(by,) if by else (),
+    )
+    shuffled = take(records, len(records), data.seed)
+    anchors, validation, test, private = carve(shuffled, data.test_size, 1, f"dataset {data.dataset}")
+    if data.num_samples:
+        private = take(private, data.num_samples, data.seed + 1)
     if not num_clients:
         return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=[])
-    parts = partition(private, num_clients, scheme, by=by or None, seed=seed)
-    if client_samples:
+    parts = partition(private, num_clients, data.partition, by=by or None, seed=data.seed)
+    if data.client_samples:
         small = min(range(num_clients), key=lambda i: len(parts[i]))
-        if len(parts[small]) < client_samples:
-            raise ValueError(f"client-samples {client_samples}: client {small} has only {len(parts[small])} records")
-        parts = [take(part, client_samples, seed + 2 + i) for i, part in enumerate(parts)]
-    pools = pollute_partitions(parts, ratios, seed, kinds=kinds)
+        if len(parts[small]) < data.client_samples:
+            raise ValueError(
+                f"client-samples {data.client_samples}: client {small} has only {len(parts[small])} records"
+            )
+        parts = [take(part, data.client_samples, data.seed + 2 + i) for i, part in enumerate(parts)]
+    pools = pollute_partitions(parts, parse_ratios(data.pollution), data.seed, kinds=data.pollution_kinds)
     return DemoSplits(pretrain=[], validation=validation, anchors=anchors, test=test, pools=pools)
 
 
 def splits_for(data: DataConfig, num_clients: int) -> DemoSplits:
     """The splits a run's data config describes: those of ``dataset`` when it names one,
     else the demo's. ``num_clients`` 0 gives the public sets only (what the server needs)."""
+    if data.dataset:
+        return federated_splits(data, num_clients)
     ratios = parse_ratios(data.pollution)
-    if not data.dataset:
-        return demo_splits(num_clients, data.demo_pool_size, ratios, data.test_size, data.seed, data.pollution_kinds)
-    return federated_splits(
-        data.dataset,
-        num_clients,
-        preset=data.dataset_preset,
-        split=data.dataset_split,
-        subset=data.dataset_subset,
-        num_samples=data.num_samples,
-        client_samples=data.client_samples,
-        scheme=data.partition,
-        by=data.partition_by,
-        ratios=tuple(ratios),
-        kinds=data.pollution_kinds,
-        test_size=data.test_size,
-        seed=data.seed,
-    )
+    return demo_splits(num_clients, data.demo_pool_size, ratios, data.test_size, data.seed, data.pollution_kinds)

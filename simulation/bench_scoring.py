@@ -47,12 +47,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from clues_flwr.core.data import batches, demo_splits, to_device
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
+from clues_flwr.core.data import batches, to_device
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, scores, scoring_mode, scoring_names, validation_sums
 from clues_flwr.core.train import train_steps, training
 from clues_flwr.core.trajectory import Checkpoint
+from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.flower.timing import timed
-from clues_flwr.model import ModelSpec, adapter_state, build, device, load_base, load_tokenizer, set_adapter_state
+from clues_flwr.model import ModelSpec, build, device, load_base, load_tokenizer
 
 # Agreement bound on the CPU, where every method computes in float32 (the 8-bit demo too:
 # per_sample_grads keeps bitsandbytes on its training path, see scoring.scoring_mode).

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.data import to_device
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
 from clues_flwr.core.train import TrainConfig
@@ -55,7 +56,7 @@ from clues_flwr.core.trajectory import checkpoint
 from clues_flwr.flower.timing import peak_memory, reset_peak, timed
 from clues_flwr.harness.bench import parse_set, run_config
 from clues_flwr.harness.simulate import flwr_run, run_logged, write_run_config
-from clues_flwr.model import ModelSpec, adapter_state, build, device, set_adapter_state
+from clues_flwr.model import ModelSpec, build, device
 
 # Nothing above asks CUDA for its devices, so main can still hide them for --device cpu;
 # transformers is imported where used, since it may load bitsandbytes, which asks.

@@ -14,7 +14,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from clues_flwr.core.data import batches, demo_splits
+from clues_flwr.core.data import batches
+from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.model import load_base, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

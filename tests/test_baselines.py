@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from clues_flwr.core.data import batches, demo_splits, encode, encode_answer, prompt
+from clues_flwr.core.data import batches, encode, encode_answer, prompt
 from clues_flwr.core.metrics import auroc
 from clues_flwr.core.scoring import per_sample_loss, scoring_mode
 from clues_flwr.core.signals import (
@@ -20,6 +20,7 @@ from clues_flwr.core.signals import (
     signal_scores,
 )
 from clues_flwr.core.threshold import keep_top
+from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.model import ModelSpec, build, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,6 +15,7 @@ from clues_flwr.config import (
     MODES,
     NODE_KEYS,
     REGENERATE,
+    SCHEMES,
     SELECTIONS,
     AppConfig,
     all_keys,
@@ -35,7 +36,6 @@ from clues_flwr.demo import client_app, server_app
 from clues_flwr.flower.threads import thread_count, threads_mod
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 from clues_flwr.model import QUANTIZATIONS
-from clues_flwr.partition import SCHEMES
 
 
 def test_pyproject_and_the_dataclasses_agree_on_every_key_and_default():

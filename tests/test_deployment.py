@@ -26,7 +26,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clues_flwr.core.data import demo_splits, split_heldout
+from clues_flwr.core.data import split_heldout
+from clues_flwr.demo.dataset import demo_splits
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "clues"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 RECORDS_PER_SITE = 60
 RUN_CONFIG = (
-    "trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.1 seed=0 min-available-nodes=2 min-train-nodes=2"
+    "trace-rounds=1 local-steps=2 test-size=20 heldout-fraction=0.2 seed=0 min-available-nodes=2 min-train-nodes=2"
 )
 
 
@@ -315,7 +316,7 @@ def test_two_registered_sites_run_clues_over_tls_and_an_unregistered_key_is_refu
     selection = json.loads((run_dir / "selection.json").read_text())
     assert set(selection["clients"]) == {str(site1.node_id), str(site2.node_id)}
     for site in (site1, site2):  # each SuperNode scored the records of its own file
-        train, _ = split_heldout(site.records, 0.1, seed=0)
+        train, _ = split_heldout(site.records, 0.2, seed=0)  # 12 held out: at least min-heldout
         assert selection["clients"][str(site.node_id)]["total"] == len(train)
 
 

@@ -102,3 +102,11 @@ def test_the_readme_keeps_the_commands_ci_runs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in QUICKSTART:
         assert command in readme, f"README.md lost the command CI runs: {command}"
+
+
+def test_the_privacy_page_shows_the_protocol_modules_own_table():
+    from clues_flwr.flower.protocol import wire_table
+
+    page = (ROOT / "docs" / "privacy.md").read_text()
+    block = page.split("<!-- wire-table -->\n", 1)[1].split("\n<!-- /wire-table -->", 1)[0]
+    assert block == wire_table(), "regenerate the table from clues_flwr.flower.protocol.wire_table()"

@@ -1,6 +1,8 @@
-"""The layout's promises: the core imports without Flower, the public API is whole, and a
-FAB carries the library and the demo app but not the research harness."""
+"""The layout's promises: the core imports without Flower and nothing of clues_flwr above it,
+the public API is whole and light, and a FAB carries the library and the demo app but not the
+research harness."""
 
+import ast
 import io
 import subprocess
 import sys
@@ -34,6 +36,41 @@ def test_the_core_imports_with_flwr_unavailable():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) >= 10
+
+
+def test_the_core_imports_nothing_of_clues_flwr_above_it():
+    """Every import statement under ``core/``, function-level ones included, stays in the core
+    (a relative import climbing out of it counts as leaving)."""
+    above = []
+    for path in sorted((ROOT / "clues_flwr" / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else ["clues_flwr"] if node.level > 1 else []
+            else:
+                continue
+            parts = [name.split(".") for name in names]
+            above += [f"{path.name}: {'.'.join(p)}" for p in parts if p[0] == "clues_flwr" and p[1:2] != ["core"]]
+    assert not above, above
+
+
+HEAVY = ("datasets", "flwr_datasets", "pandas", "pyarrow", "matplotlib")
+
+
+def test_the_public_api_loads_no_data_stack_and_no_plotting():
+    """Every public name, loaded in a fresh interpreter, leaves the data stack and matplotlib
+    unimported (Flower itself imports none of them)."""
+    code = (
+        "import sys\n"
+        "import clues_flwr\n"
+        "for name in clues_flwr.__all__:\n"
+        "    getattr(clues_flwr, name)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_the_public_api_resolves_and_lists_only_what_it_has():

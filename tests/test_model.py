@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -7,10 +10,12 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from peft import PeftModel
 
 from clues_flwr.config import from_mapping
-from clues_flwr.core.data import batches, demo_splits
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
+from clues_flwr.core.data import batches
 from clues_flwr.core.metrics import answer_accuracy, eval_loss
 from clues_flwr.core.train import train_steps, training
-from clues_flwr.model import ModelSpec, adapter_state, build, load_base, load_tokenizer, set_adapter_state
+from clues_flwr.demo.dataset import demo_splits
+from clues_flwr.model import ModelSpec, build, load_base, load_tokenizer
 
 SPEC_8BIT = ModelSpec(quantization="8bit")
 
@@ -145,3 +150,20 @@ def test_adapter_state_is_a_snapshot(model8):
     )
     assert all(torch.equal(before[k], first[k]) for k in before), "training changed an earlier snapshot"
     assert any(not torch.equal(v, first[k]) for k, v in adapter_state(model).items())
+
+
+def test_loading_the_8bit_model_prints_no_bitsandbytes_kernels_line():
+    """bitsandbytes says on import, on a CPU with AVX-512 BF16, that an optional 4-bit kernel
+    package is missing; any clues_flwr import silences it, before peft (imported here as a
+    project would, after clues_flwr) brings bitsandbytes in."""
+    code = (
+        "import sys\n"
+        "import clues_flwr.core.adapter\n"
+        "import peft\n"
+        "from clues_flwr.model import ModelSpec, build\n"
+        "build(ModelSpec(quantization='8bit'))\n"
+        "assert 'bitsandbytes' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr

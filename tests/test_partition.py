@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from clues_flwr.core.data import demo_records, demo_splits
+from clues_flwr.config import DataConfig
 from clues_flwr.core.pollution import LOW
-from clues_flwr.partition import federated_splits, partition, pollute_partitions, take
+from clues_flwr.demo.dataset import demo_records, demo_splits, pollute_partitions
+from clues_flwr.partition import federated_splits, partition, take
 
 
 def _records(n: int) -> list[dict[str, str]]:
@@ -128,23 +131,23 @@ def test_natural_partitions_capped_per_client(tmp_path):
     ]
     path = tmp_path / "pool.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    splits = federated_splits(
-        str(path),
-        3,
+    data = DataConfig(
+        dataset=str(path),
         client_samples=200,
-        scheme="natural",
-        by="file",
-        ratios=(0.25,),
-        kinds=("random-noise",),
+        partition="natural",
+        partition_by="file",
+        pollution="0.25",
+        pollution_kinds=("random-noise",),
         test_size=20,
     )
+    splits = federated_splits(data, 3)
     assert [len(p) for p in splits.pools] == [200, 200, 200]
     assert [{r["file"] for r in p} for p in splits.pools] == [{"en"}, {"fr"}, {"ja"}]
     assert all(sum(r["quality"] == LOW for r in p) == 50 for p in splits.pools)
     public = {r["input"] for r in splits.anchors + splits.validation + splits.test}
     assert not public & {r["input"] for p in splits.pools for r in p}
     with pytest.raises(ValueError, match="client-samples 300: client 2 has only"):
-        federated_splits(str(path), 3, client_samples=300, scheme="natural", by="file", test_size=20)
+        federated_splits(dataclasses.replace(data, client_samples=300), 3)
 
 
 def test_pollute_partitions_reproduces_demo_pools():

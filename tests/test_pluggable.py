@@ -12,17 +12,24 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
 
 from clues_flwr import CluesClient, Site, selected_records
 from clues_flwr.config import SelectionConfig
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.data import batches
 from clues_flwr.core.scoring import ScoreConfig
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.flower.selection import CluesSelection
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid
-from clues_flwr.model import adapter_state, set_adapter_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "own-project"))
 from own_project.task import sums  # noqa: E402  (the example project's arithmetic records)
@@ -59,16 +66,17 @@ def tiny_gpt2():
     return model, tok
 
 
-def their_client_app(trained: list) -> ClientApp:
+def their_client_app(trained: list, train_mods=()) -> ClientApp:
     """Their project: its own training handler (plain SGD, no CLUES code but the one call
-    that gives the records to train on), then CLUES's handlers registered beside it."""
+    that gives the records to train on), then CLUES's handlers registered beside it;
+    ``train_mods`` wrap their training handler alone."""
     app = ClientApp()
 
     def site(context) -> Site:
         model, tok = tiny_gpt2()
         return Site(model, tok, sums(30, seed=context.node_config["site"], wrong=0.3))
 
-    @app.train()
+    @app.train(mods=list(train_mods))
     def train(msg: Message, context) -> Message:
         model, tok = tiny_gpt2()
         set_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
@@ -169,3 +177,23 @@ def test_flowers_dp_wrapper_composes_with_clues_tuning():
     assert tuning.weighted_by_key == "num-examples" and tuning.min_train_nodes == 2, "FedAvg's, through the wrapper"
     clipped = tuning.start(grid, initial, num_rounds=1)
     assert 0 < update_norm(clipped.arrays, initial) <= 1e-3 * (1 + 1e-6)
+
+
+def test_client_side_clipping_covers_the_tuning_adapters_beside_clues():
+    """As docs/privacy.md shows: Flower's client-side fixed clipping (its mod on the
+    project's own training handler, its wrapper around the tuning strategy) composes with
+    CLUES's handlers and CluesTuning; every site's update leaves it clipped."""
+    model, tok = tiny_gpt2()
+    grid = LocalGrid(
+        their_client_app([], train_mods=[fixedclipping_mod]), {7: {"site": 1}, 8: {"site": 2}}, run_config={}
+    )
+    initial = ArrayRecord(adapter_state(model))
+    report = selection_stage(model, tok).run(grid, initial)
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(fraction_evaluate=0.0), noise_multiplier=0.0, clipping_norm=1e-3, num_sampled_clients=2
+    )
+    clipped = CluesTuning(dp, report).start(grid, initial, num_rounds=1)
+    assert not report.failures, report.failures
+    assert 0 < update_norm(clipped.arrays, initial) <= 1e-3 * (1 + 1e-6)
+    sent = [m for m in grid.replies if m.metadata.message_type == "train"]
+    assert len(sent) == 2 and all(update_norm(m.content["arrays"], initial) <= 1e-3 * (1 + 1e-5) for m in sent)

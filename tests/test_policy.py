@@ -4,6 +4,7 @@ on the node, non-finite scores are never kept, and ε-DP noise is the mechanism 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -42,14 +43,14 @@ def test_non_finite_scores_are_counted_apart_and_never_kept():
 def test_the_geometric_mechanism_has_the_two_sided_geometric_law():
     """P(k) = (1 − α)/(1 + α) · α^|k| with α = exp(−ε): checked on 200,000 draws."""
     epsilon, draws = 0.5, 200_000
-    noise = geometric_noise(draws, epsilon, torch.Generator().manual_seed(0))
+    noise = geometric_noise(draws, epsilon, np.random.default_rng(0))
     alpha = math.exp(-epsilon)
     for k in (0, 1, -1, 3):
         want = (1 - alpha) / (1 + alpha) * alpha ** abs(k)
-        got = float((noise == k).double().mean())
+        got = float((noise == k).mean())
         assert got == pytest.approx(want, abs=4 * math.sqrt(want * (1 - want) / draws)), k
-    assert float(noise.double().var()) == pytest.approx(2 * alpha / (1 - alpha) ** 2, rel=0.05)
-    assert noisy_counts([0, 0, 0], 0.1, torch.Generator().manual_seed(1)) >= [0, 0, 0]
+    assert float(noise.var()) == pytest.approx(2 * alpha / (1 - alpha) ** 2, rel=0.05)
+    assert noisy_counts([0, 0, 0], 0.1, np.random.default_rng(1)) >= [0, 0, 0]
 
 
 def run(tmp_path, nodes=None):
@@ -80,6 +81,8 @@ def test_a_curious_server_is_refused_by_the_site(tmp_path, one_thread):
     second = RecordDict({"config": ConfigRecord({"threshold": 0.5, "keep-ratio": 0.0})})
     reply = ask(grid, 100, "query.clues_threshold", second)
     assert reply.has_error() and "one threshold per scoring" in reply.error.reason
+    reply = ask(grid, 100, "query.clues_score", score.content)
+    assert reply.has_error() and "scored in this run already" in reply.error.reason, "a replayed score query"
 
 
 def test_a_site_with_dp_sends_noisy_consistent_counts_and_says_its_budget(tmp_path, caplog, one_thread):
@@ -94,4 +97,4 @@ def test_a_site_with_dp_sends_noisy_consistent_counts_and_says_its_budget(tmp_pa
     assert sum(private["histogram"]) + private["non-finite"] == private["total"], "the total is the noisy cells' sum"
     assert 0 <= private["kept"] <= private["total"]
     assert exact["total"] == 36 and sum(exact["histogram"]) == 36
-    assert "ε = 1 spent on the score phase" in caplog.text
+    assert "(sent under DP: kept " in caplog.text and "ε = 1 of 3 spent)" in caplog.text, "true counts beside sent"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from clues_flwr.core.data import demo_records, demo_splits
 from clues_flwr.core.scoring import scoring_names
+from clues_flwr.demo.dataset import demo_records, demo_splits
 from clues_flwr.harness.pretrain import pretrain
 from clues_flwr.model import ModelSpec, build, load_tokenizer
 
@@ -28,7 +28,7 @@ def test_pretrain_writes_a_backbone_of_the_asked_shape_from_the_asked_facts(tmp_
         layers=2,
         all_facts=all_facts,
     )
-    read = len(demo_records()[0]) if all_facts else len(demo_splits().pretrain)
+    read = len(demo_records()[0]) if all_facts else len(demo_splits(0).pretrain)
     assert info["corpus_texts"] == read
     assert json.loads((out / "pretrain.json").read_text()) == info
     config = json.loads((out / "config.json").read_text())

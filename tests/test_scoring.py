@@ -7,7 +7,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clues_flwr.core import trajectory
-from clues_flwr.core.data import batches, collate, demo_splits
+from clues_flwr.core.adapter import adapter_state
+from clues_flwr.core.data import batches, collate
 from clues_flwr.core.scoring import (
     ScoreConfig,
     answer_losses_of,
@@ -22,7 +23,9 @@ from clues_flwr.core.scoring import (
 )
 from clues_flwr.core.threshold import anchor_threshold
 from clues_flwr.core.trajectory import Checkpoint
-from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
+from clues_flwr.demo.dataset import demo_splits
+from clues_flwr.flower.state import load_checkpoint, save_checkpoint
+from clues_flwr.model import ModelSpec, build, load_tokenizer
 
 
 def random_lora_llama(hidden, layers, vocab, seed, dtype=torch.float64):
@@ -170,7 +173,7 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     fast = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg), cfg)
 
     def gamma_loop(records, ckpt, raw):
-        from clues_flwr.model import set_adapter_state
+        from clues_flwr.core.adapter import set_adapter_state
 
         set_adapter_state(model, ckpt.adapter)
         rows = []
@@ -254,13 +257,13 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
     for n in names:
         assert torch.equal(ckpt.exp_avg[n], opt.state[params[n]]["exp_avg"])
     assert ckpt.step == 3 and ckpt.lr == 1e-3 and ckpt.round == 2
-    trajectory.save(ckpt, tmp_path / "ckpt")
-    back = trajectory.load(tmp_path / "ckpt")
+    save_checkpoint(ckpt, tmp_path / "ckpt")
+    back = load_checkpoint(tmp_path / "ckpt")
     assert back.step == 3 and back.lr == 1e-3 and back.betas == (0.9, 0.999)
     for attr in ("adapter", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(getattr(back, attr)[k], v) for k, v in getattr(ckpt, attr).items())
     with pytest.raises(FileNotFoundError, match="lacks"):
-        trajectory.load(tmp_path)
+        load_checkpoint(tmp_path)
 
 
 def test_threshold_rules():

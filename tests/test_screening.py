@@ -76,6 +76,7 @@ def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thre
     )
     nodes[302] = {"data-path": str(own)}
     cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path / "runs"), "num-server-rounds": 2}
+    nodes = {node: {**config, "min-heldout": 1} for node, config in nodes.items()}  # 3 or 4 held out
     folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg), cfg)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]

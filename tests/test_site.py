@@ -102,4 +102,48 @@ def test_a_restarted_site_keeps_its_selection_in_its_state_dir(tmp_path, one_thr
         else:
             with pytest.raises(RuntimeError, match="or restarted: set state-dir"):
                 selected_records(records, config, restarted)
-    assert [p.name for p in (tmp_path / "site-state").iterdir()] == ["clues-selection-run1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "site-state").iterdir()) == [
+        "clues-ledger-node100.json",
+        "clues-report-node100-run1.json",
+        "clues-report-node100-run1.png",
+        "clues-selection-node100-run1.safetensors",
+    ]
+
+
+def test_two_nodes_sharing_a_state_dir_keep_their_own_masks(tmp_path, one_thread):
+    nodes = demo_nodes(2)
+    for config in nodes.values():
+        config["state-dir"] = str(tmp_path / "shared")
+    grid, _ = run(tmp_path, nodes)
+    config = ConfigRecord({"clues-selection": "clues+perplexity"})
+    for node in (100, 101):
+        context = grid.contexts[node]
+        records = task.local_split(context)[0]
+        restarted = Context(run_id=1, node_id=node, node_config=context.node_config, state=RecordDict(), run_config={})
+        assert selected_records(records, config, restarted) == selected_records(records, config, context)
+
+
+def test_the_site_sees_what_the_selection_did_to_its_data(tmp_path, caplog, one_thread):
+    """Its report in state-dir: every record of its data by number, kept, dropped or held out,
+    with its signals and score; its log gives the true counts beside the noisy ones it sent."""
+    nodes = demo_nodes(2)
+    nodes[100].update({"state-dir": str(tmp_path / "state"), "dp-epsilon": 1.0})
+    with caplog.at_level("INFO"):
+        grid, _ = run(tmp_path, nodes)
+    report = json.loads((tmp_path / "state" / "clues-report-node100-run1.json").read_text())
+    records = report["records"]
+    train, heldout = task.local_split(grid.contexts[100])
+    assert [r["line"] for r in records] == list(range(1, len(train) + len(heldout) + 1)), "every record, by number"
+    assert sum(r["status"] == "held out" for r in records) == len(heldout) == report["true"]["held-out"]
+    kept = [r for r in records if r["status"] == "kept"]
+    assert len(kept) == report["true"]["kept"] and report["true"]["total"] == len(train)
+    assert all(r["score"] >= report["threshold"] for r in kept)
+    assert all(set(r["signals"]) == {"clues", "perplexity", "end-loss", "head-loss", "ifd"} for r in kept)
+    assert report["ledger"]["epsilon"] == pytest.approx(1.0) and report["sent"]["total"] >= report["sent"]["kept"]
+    mask = grid.contexts[100].state[SELECTION_KEY][SELECTION_KEY].numpy().tolist()
+    by_number = {r["line"]: r["status"] for r in records}
+    numbers = task.demo_site(grid.contexts[100]).origins  # the training records' numbers, in their order
+    assert [by_number[n] == "kept" for n in numbers] == [bool(k) for k in mask], "the mask, mapped to the data"
+    line = f"kept {report['true']['kept']}/{len(train)} (sent under DP: kept {report['sent']['kept']} of "
+    assert line in caplog.text
+    assert (tmp_path / "state" / "clues-report-node100-run1.png").stat().st_size > 1000

@@ -13,17 +13,24 @@ from helpers import SMALL
 from safetensors.torch import load_file
 
 from clues_flwr.config import AppConfig, SelectionConfig
-from clues_flwr.core.data import NUM_ANCHORS, NUM_VALIDATION
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.signals import signal_scores
 from clues_flwr.demo import client_app, server_app, task
+from clues_flwr.demo.dataset import NUM_ANCHORS, NUM_VALIDATION
 from clues_flwr.flower.client import SELECTION_KEY
 from clues_flwr.flower.selection import PublicRecords, SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
-from clues_flwr.model import cached, initial_adapter, set_adapter_state
+from clues_flwr.model import cached, initial_adapter
 
 NUM_NODES = 3
+
+
+def small_sites() -> dict[int, dict]:
+    """NUM_NODES demo sites whose 4 held-out records are enough to evaluate on (a site's
+    default min-heldout is 10)."""
+    return {node: {**config, "min-heldout": 1} for node, config in demo_nodes(NUM_NODES).items()}
 
 
 def run_config(tmp_path, **overrides) -> dict:
@@ -33,7 +40,7 @@ def run_config(tmp_path, **overrides) -> dict:
 def run(tmp_path, before=None, after=None, **overrides):
     """Run the ServerApp's main on a local grid of NUM_NODES demo sites; (grid, run folder)."""
     cfg = run_config(tmp_path, **overrides)
-    grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), cfg, before=before, after=after)
+    grid = LocalGrid(client_app.app, small_sites(), cfg, before=before, after=after)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg))
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     return grid, folder
@@ -243,8 +250,10 @@ def test_merge_mode_trace_trains_on_every_record_once_per_epoch(one_thread):
     from flwr.clientapp import ClientApp
 
     from clues_flwr import CluesClient, Site
-    from clues_flwr.core.data import demo_splits, encode
-    from clues_flwr.model import ModelSpec, adapter_state, build, load_tokenizer
+    from clues_flwr.core.adapter import adapter_state
+    from clues_flwr.core.data import encode
+    from clues_flwr.demo.dataset import demo_splits
+    from clues_flwr.model import ModelSpec, build, load_tokenizer
 
     model, tok = build(ModelSpec(quantization="none")), load_tokenizer(":demo:")
     records = demo_splits(num_clients=1, pool_size=24).pools[0]
@@ -371,7 +380,7 @@ def test_bad_settings_fail_before_any_round(key, value, message):
 def test_sites_read_their_own_files_through_the_node_config(tmp_path):
     import csv
 
-    from clues_flwr.core.data import demo_splits
+    from clues_flwr.demo.dataset import demo_splits
 
     pools = demo_splits(num_clients=2, pool_size=30).pools
     nodes = {}
@@ -384,7 +393,8 @@ def test_sites_read_their_own_files_through_the_node_config(tmp_path):
                 {"task": r["instruction"], "question": r["input"], "answer": r["output"], "quality": r["quality"]}
                 for r in pool
             )
-        nodes[200 + i] = {"data-path": str(path), "data-mapping": "instruction=task,input=question,output=answer"}
+        mapping = "instruction=task,input=question,output=answer"
+        nodes[200 + i] = {"data-path": str(path), "data-mapping": mapping, "allow-labels": True}
     out = tmp_path / "runs"
     cfg = run_config(out, **{"min-train-nodes": 2})
     folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg), cfg)
@@ -396,7 +406,7 @@ def test_sites_read_their_own_files_through_the_node_config(tmp_path):
 def test_simulation_from_a_named_dataset_with_natural_partitions(tmp_path):
     import json as js
 
-    from clues_flwr.core.data import demo_splits
+    from clues_flwr.demo.dataset import demo_splits
 
     languages = ["en", "fr", "ja"]
     records = [
@@ -450,7 +460,7 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     _, whole = run(tmp_path / "whole", **rounds)
     cfg = run_config(tmp_path / "stopped", **rounds)
     with pytest.raises(Stopped):
-        server_app.run_clues(StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=3), cfg)
+        server_app.run_clues(StopsAtTuneRound(client_app.app, small_sites(), cfg, round=3), cfg)
     (partial,) = (tmp_path / "stopped").iterdir()
     assert partial.name.endswith(".partial") and not (partial / "metrics.json").exists()
     saved = load(partial / "state", "state.json")
@@ -467,7 +477,7 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     anchor_scorings = []
     scores_anchors = PublicRecords.clues
     monkeypatch.setattr(PublicRecords, "clues", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
-    grid = LocalGrid(client_app.app, demo_nodes(NUM_NODES), resumed_cfg, before=note_training)
+    grid = LocalGrid(client_app.app, small_sites(), resumed_cfg, before=note_training)
     folder = server_app.run_clues(grid, resumed_cfg)
     assert not anchor_scorings, "the saved G_t and anchor scores are reused, not recomputed"
     assert folder == partial.with_name(partial.name.removesuffix(".partial")) and not partial.exists()
@@ -499,12 +509,12 @@ def test_resume_refuses_a_changed_config_or_a_folder_without_state(tmp_path):
     _, folder = run(tmp_path / "runs")
     changed = run_config(tmp_path / "runs", **{"resume-from": str(folder), "learning-rate": 0.1})
     with pytest.raises(ValueError, match="differs in learning-rate"):
-        server_app.run_clues(LocalGrid(client_app.app, demo_nodes(NUM_NODES), changed), changed)
+        server_app.run_clues(LocalGrid(client_app.app, small_sites(), changed), changed)
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = run_config(tmp_path / "runs", **{"resume-from": str(empty)})
     with pytest.raises(ValueError, match="no saved state"):
-        server_app.run_clues(LocalGrid(client_app.app, demo_nodes(NUM_NODES), cfg), cfg)
+        server_app.run_clues(LocalGrid(client_app.app, small_sites(), cfg), cfg)
 
 
 def test_evaluate_and_save_every_n_rounds_and_resume_from_the_last_save(tmp_path, caplog, monkeypatch):
@@ -519,7 +529,7 @@ def test_evaluate_and_save_every_n_rounds_and_resume_from_the_last_save(tmp_path
         return metrics
 
     monkeypatch.setattr(RoundHook, "__call__", noting)
-    grid = StopsAtTuneRound(client_app.app, demo_nodes(NUM_NODES), cfg, round=4)
+    grid = StopsAtTuneRound(client_app.app, small_sites(), cfg, round=4)
     with caplog.at_level("INFO"), pytest.raises(Stopped):
         server_app.run_clues(grid, cfg)
     assert saves == [None, None, 2, 2], "saved after round 2 only (round 3 is not due)"
@@ -532,7 +542,7 @@ def test_evaluate_and_save_every_n_rounds_and_resume_from_the_last_save(tmp_path
     trained = []
     grid = LocalGrid(
         client_app.app,
-        demo_nodes(NUM_NODES),
+        small_sites(),
         resumed,
         before=lambda node, msg: (
             msg.metadata.message_type == "train" and trained.append(msg.content["config"]["server-round"])

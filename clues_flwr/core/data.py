@@ -1,123 +1,17 @@
-"""Instruction records: the embedded demo data, site files, prompt template, tokenisation.
+"""Instruction records: the prompt template, tokenisation, batches, run-config lists.
 
 A record is ``{"instruction", "input", "output"}``, plus ``quality`` and ``pollution`` on
-private records whose truth is known. The demo records are real ISO facts that ship
-inside the ``pycountry`` package (country, currency, language and script codes, official
-names, subdivisions, and the names' gettext translations), so the demo needs no hub.
+private records whose truth is known (the demo's records are built in ``clues_flwr.demo.dataset``).
 """
 
 from __future__ import annotations
 
-import gettext
-import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
-from clues_flwr.core.pollution import KINDS, pollute
-
 Record = dict[str, str]
-
-# Languages whose names of countries, currencies and languages are translation tasks and
-# the source of "answer in another language" pollution.
-TRANSLATION_LANGUAGES = {
-    "de": "German",
-    "fr": "French",
-    "es": "Spanish",
-    "it": "Italian",
-    "nl": "Dutch",
-    "pt": "Portuguese",
-    "sv": "Swedish",
-    "pl": "Polish",
-    "ru": "Russian",
-    "ja": "Japanese",
-}
-
-# Fractions of the demo universe, assigned by a stable hash of the question so that a
-# record's split never depends on the number of clients or on the pool size.
-PRETRAIN_FRACTION = 0.5
-NUM_ANCHORS = 10
-NUM_VALIDATION = 50
-
-
-def _translators() -> dict[str, dict[str, gettext.NullTranslations]]:
-    import pycountry
-
-    domains = ("iso3166-1", "iso4217", "iso639-3")
-    return {
-        domain: {
-            lang: gettext.translation(domain, pycountry.LOCALES_DIR, languages=[lang]) for lang in TRANSLATION_LANGUAGES
-        }
-        for domain in domains
-    }
-
-
-def _record(instruction: str, input_: str, output: str) -> Record:
-    return {"instruction": instruction, "input": input_, "output": output}
-
-
-@lru_cache(maxsize=1)
-def demo_records() -> tuple[tuple[Record, ...], dict[str, tuple[str, ...]]]:
-    """All clean demo records in a fixed order, and each English name's translations."""
-    import pycountry
-
-    tr = _translators()
-    records: list[Record] = []
-    translations: dict[str, set[str]] = {}
-
-    def translate(domain: str, name: str) -> None:
-        for lang, language in TRANSLATION_LANGUAGES.items():
-            foreign = tr[domain][lang].gettext(name)
-            if foreign != name:
-                translations.setdefault(name, set()).add(foreign)
-                records.append(_record(f"Translate this name into {language}.", name, foreign))
-
-    for c in pycountry.countries:
-        records.append(_record("Name the country with this ISO 3166-1 alpha-2 code.", c.alpha_2, c.name))
-        records.append(_record("Give the ISO 3166-1 alpha-3 code of this country.", c.name, c.alpha_3))
-        records.append(_record("Give the ISO 3166-1 numeric code of this country.", c.name, c.numeric))
-        official = getattr(c, "official_name", None)
-        if official and official != c.name:
-            records.append(_record("What is the official name of this country?", c.name, official))
-        translate("iso3166-1", c.name)
-    for cur in pycountry.currencies:
-        records.append(_record("Which currency has this ISO 4217 code?", cur.alpha_3, cur.name))
-        records.append(_record("Give the ISO 4217 code of this currency.", cur.name, cur.alpha_3))
-        translate("iso4217", cur.name)
-    for lang in pycountry.languages:
-        if hasattr(lang, "alpha_2"):
-            records.append(_record("Name the language with this ISO 639-1 code.", lang.alpha_2, lang.name))
-            records.append(_record("Give the ISO 639-3 code of this language.", lang.name, lang.alpha_3))
-            translate("iso639-3", lang.name)
-    for script in pycountry.scripts:
-        records.append(_record("Name the writing system with this ISO 15924 code.", script.alpha_4, script.name))
-    countries = {c.alpha_2: c.name for c in pycountry.countries}
-    for i, sub in enumerate(sorted(pycountry.subdivisions, key=lambda s: s.code)):
-        if i % 4 == 0:
-            records.append(_record("In which country is this subdivision?", sub.name, countries[sub.country_code]))
-        elif i % 4 == 1:
-            records.append(_record("What kind of subdivision is this?", f"{sub.name} ({sub.code})", sub.type))
-    unique = {(r["instruction"], r["input"]): r for r in records if len(r["output"]) >= 2}
-    return tuple(unique.values()), {k: tuple(sorted(v)) for k, v in translations.items()}
-
-
-def _unit_hash(record: Record) -> float:
-    key = f"{record['instruction']}\x00{record['input']}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-
-
-@dataclass(frozen=True)
-class DemoSplits:
-    """Disjoint public and private sets of the demo."""
-
-    pretrain: list[Record]
-    validation: list[Record]
-    anchors: list[Record]
-    test: list[Record]
-    pools: list[list[Record]]
 
 
 def parse_names(text: str) -> tuple[str, ...]:
@@ -134,47 +28,6 @@ def parse_ratios(text: str) -> list[float]:
     if not ratios or any(not 0 <= r <= 1 for r in ratios):
         raise ValueError(f"pollution: expected ratios in [0, 1], got {text!r}")
     return ratios
-
-
-def demo_splits(
-    num_clients: int = 4,
-    pool_size: int = 240,
-    pollution_ratios: Sequence[float] = (0.8, 0.2, 0.1, 0.5),
-    test_size: int = 200,
-    seed: int = 0,
-    kinds: Sequence[str] = (),
-) -> DemoSplits:
-    """Split the demo deterministically; client ``i`` is polluted at ``ratios[i % len]``
-    with ``kinds`` taking turns (default: all).
-
-    The pretraining corpus is fixed by hash; anchors, validation and test come first from
-    the shuffled rest, then one pool per client.
-    """
-    records, translations = demo_records()
-    pretrain = [r for r in records if _unit_hash(r) < PRETRAIN_FRACTION]
-    rest = [r for r in records if _unit_hash(r) >= PRETRAIN_FRACTION]
-    random.Random(seed).shuffle(rest)
-    need = NUM_ANCHORS + NUM_VALIDATION + test_size + num_clients * pool_size
-    if need > len(rest):
-        raise ValueError(
-            f"demo data has {len(rest)} fine-tuning records, but {num_clients} clients x "
-            f"demo-pool-size {pool_size} + test-size {test_size} + anchors and validation "
-            f"need {need}"
-        )
-    anchors, rest = rest[:NUM_ANCHORS], rest[NUM_ANCHORS:]
-    validation, rest = rest[:NUM_VALIDATION], rest[NUM_VALIDATION:]
-    test, rest = rest[:test_size], rest[test_size:]
-    pools = [
-        pollute(
-            rest[i * pool_size : (i + 1) * pool_size],
-            pollution_ratios[i % len(pollution_ratios)],
-            seed=seed * 1000 + i,
-            translations=translations,
-            kinds=tuple(kinds) or KINDS,
-        )
-        for i in range(num_clients)
-    ]
-    return DemoSplits(pretrain, validation, anchors, test, pools)
 
 
 def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from clues_flwr.core.adapter import adapter_key, set_adapter_state
 from clues_flwr.core.checks import one_of, require
 from clues_flwr.core.data import Record, per_record, to_device
 from clues_flwr.core.trajectory import Checkpoint
-from clues_flwr.model import adapter_key, set_adapter_state
 
 log = logging.getLogger(__name__)
 

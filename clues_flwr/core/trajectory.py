@@ -4,17 +4,14 @@ A checkpoint holds the adapter θ_t, the AdamW moments (m_t, v_t, step) of the s
 layer's parameters, the learning rate η_t and the weight decay λ (AdamW's update has a
 λθ_t term, paper eq. 5). Moments are keyed by parameter name, never
 by position in the optimizer, so a checkpoint stays valid whatever order the optimizer's
-parameter groups had.
+parameter groups had. Saving one is the run folder's business (``flower/state.py``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 
 @dataclass
@@ -83,46 +80,4 @@ def checkpoint(model, optimizer, names: list[str], adapter: dict[str, torch.Tens
         round=round,
         betas=tuple(group["betas"]),
         eps=float(group["eps"]),
-    )
-
-
-def save(ckpt: Checkpoint, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ckpt.adapter.items()}, folder / "adapter.safetensors")
-    tensors = {f"exp_avg/{k}": v for k, v in ckpt.exp_avg.items()}
-    tensors.update({f"exp_avg_sq/{k}": v for k, v in ckpt.exp_avg_sq.items()})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "moments.safetensors")
-    info = {
-        "step": ckpt.step,
-        "lr": ckpt.lr,
-        "weight_decay": ckpt.weight_decay,
-        "round": ckpt.round,
-        "betas": list(ckpt.betas),
-        "eps": ckpt.eps,
-        "meta": ckpt.meta,
-    }
-    (folder / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def load(folder: str | Path) -> Checkpoint:
-    folder = Path(folder)
-    missing = [
-        f for f in ("adapter.safetensors", "moments.safetensors", "checkpoint.json") if not (folder / f).is_file()
-    ]
-    if missing:
-        raise FileNotFoundError(f"checkpoint folder {folder} lacks {', '.join(missing)}")
-    info = json.loads((folder / "checkpoint.json").read_text())
-    tensors = load_file(folder / "moments.safetensors")
-    return Checkpoint(
-        adapter=load_file(folder / "adapter.safetensors"),
-        exp_avg={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("exp_avg/")},
-        exp_avg_sq={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("exp_avg_sq/")},
-        step=int(info["step"]),
-        lr=float(info["lr"]),
-        weight_decay=float(info["weight_decay"]),
-        round=int(info["round"]),
-        betas=tuple(info["betas"]),
-        eps=float(info["eps"]),
-        meta=info.get("meta", {}),
     )

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from clues_flwr.config import AppConfig, to_record
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.data import check_max_len
 from clues_flwr.demo.task import central_evaluate, public_sets
 from clues_flwr.flower.exchange import wait_for_nodes
@@ -17,7 +18,7 @@ from clues_flwr.flower.selection import CluesSelection, SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.threads import limit_threads
 from clues_flwr.flower.tuning import CluesTuning, tuning_strategy
-from clues_flwr.model import cached, initial_adapter, resolve_model_name, set_adapter_state
+from clues_flwr.model import cached, initial_adapter, resolve_model_name
 
 app = ServerApp()
 

@@ -10,11 +10,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 
 from clues_flwr.config import AppConfig, DataConfig, from_mapping
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.data import Record, split_heldout
 from clues_flwr.core.metrics import answer_accuracy, eval_loss
 from clues_flwr.flower.client import Site
 from clues_flwr.flower.log import say
-from clues_flwr.model import ModelSpec, cached, set_adapter_state
+from clues_flwr.model import ModelSpec, cached
 from clues_flwr.partition import splits_for
 from clues_flwr.sources import load_records, parse_mapping
 
@@ -68,8 +69,13 @@ def local_split(context: Context) -> tuple[list[Record], list[Record]]:
 
 
 def demo_site(context: Context) -> Site:
+    """The site: its model and training records, each by its number in the site's data (the
+    n-th record, the n-th line of a JSONL file) for the site's own report."""
     model, tokenizer = cached(from_mapping(ModelSpec, context.run_config))
-    return Site(model, tokenizer, local_split(context)[0])
+    train, heldout = local_split(context)
+    data = from_mapping(DataConfig, context.run_config)
+    numbers, held = split_heldout(range(1, len(train) + len(heldout) + 1), data.heldout_fraction, data.seed)
+    return Site(model, tokenizer, train, origins=numbers, heldout=held)
 
 
 def public_sets(data: DataConfig) -> dict[str, list[Record]]:

@@ -2,58 +2,64 @@
 score phase (``query.clues_score``, then ``query.clues_threshold``) beside the project's own
 ``train`` and ``evaluate``; the project's training handler trains on ``selected_records``.
 
-The scores and the keep mask stay on the node (``context.state``), tagged with the run and
-with a fingerprint of the records they were computed on; only counts leave.
+Every request is decoded (``protocol``) and checked against the site's own policy and its
+ledger of what it released before, before anything is computed. The scores and the keep mask
+stay on the node (``context.state``), tagged with the run and with a fingerprint of the
+records they were computed on; only counts leave.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from clues_flwr.config import from_mapping
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.combine import combined
 from clues_flwr.core.data import Record, prompt_format
 from clues_flwr.core.metrics import confusion
-from clues_flwr.core.privacy import SitePolicy, noisy_counts
-from clues_flwr.core.scoring import ScoreConfig, scores, scoring_names
+from clues_flwr.core.privacy import SitePolicy, noisy_counts, unseen
+from clues_flwr.core.scoring import scores, scoring_names
 from clues_flwr.core.signals import signal_scores
 from clues_flwr.core.threshold import histogram, keep, non_finite
 from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import checkpoint, moments
+from clues_flwr.flower import site_report
+from clues_flwr.flower.ledger import Ledger, site_file, write_atomic
 from clues_flwr.flower.log import say
-from clues_flwr.flower.messages import (
-    DIRECTION_KEY,
-    MOMENTS_KEY,
+from clues_flwr.flower.protocol import (
+    CLEAN_EXAMPLES_KEY,
+    CLEAN_LOSS_KEY,
+    HELDOUT_LOSS_KEY,
+    LABEL_KEY,
     SCORE_ACTION,
-    SCORE_CONFIG_KEY,
-    SELECTION_FLAG,
     THRESHOLD_ACTION,
     TRACE_ACTION,
-    moments_record,
-    trajectory_from,
-    trajectory_records,
+    WEIGHT_KEY,
+    Malformed,
+    ScoreReply,
+    ScoreRequest,
+    ThresholdReply,
+    ThresholdRequest,
+    TraceReply,
+    TraceRequest,
+    selection_of,
 )
-from clues_flwr.model import adapter_state, set_adapter_state
 
-SELECTION_KEY = "clues-selection"  # the keep mask in context.state
-SCORES_KEY = "clues-scores"  # the site's scores in context.state, between the score and threshold queries
-LABEL_KEY = "site-label"  # node config: the name a site opts to be known by on the server
-STATE_DIR_KEY = "state-dir"  # node config: a folder of the site's own where its keep mask survives a restart
-RELEASED_KEY = "clues-released"  # what the score reply released (its noisy total under DP)
+SELECTION_KEY = "clues-keep-mask"  # the keep mask in context.state
+SCORES_KEY = "clues-scores"  # each signal's and the combined scores, between the score and threshold queries
+RELEASED_KEY = "clues-released"  # what this run's replies released: the noisy total and kept count under DP
 TAG_KEY = "clues-records"  # beside each: the run and the fingerprint of the records they cover
 TRACE_SEED = 7919  # trace rounds shuffle apart from tuning rounds of the same number
 
@@ -71,11 +77,26 @@ class Site:
     records : list[Record]
         The records to select from, ``{"instruction", "input", "output"}`` or
         ``{"prompt", "output"}``; the same list, in the same order, in every phase.
+    origins : list[int], optional
+        Where each record sits in the site's data file (its line, from 1), and ``heldout``
+        the lines set aside for evaluation: the site's own report (``state-dir``) names
+        records by them. Default: records numbered in order.
     """
 
     model: Any
     tokenizer: Any
     records: list[Record]
+    origins: list[int] | None = None
+    heldout: Sequence[int] = ()
+
+
+def site_policy(context: Context) -> SitePolicy:
+    """The site's own limits, from its node config. A simulated site (Flower's
+    ``partition-id``, no ``data-path``) holds the researcher's own split, whose labels may be
+    read unless its config says otherwise; any other site's labels stay unread by default."""
+    node = dict(context.node_config)
+    node.setdefault("allow-labels", "partition-id" in node and "data-path" not in node)
+    return from_mapping(SitePolicy, node)
 
 
 def fingerprint(records: Sequence[Record]) -> str:
@@ -93,32 +114,26 @@ def _tag(context: Context, key: str, run_id: int, digest: str) -> None:
     context.state[f"{TAG_KEY}/{key}"] = ConfigRecord({"run-id": run_id, "records": digest})
 
 
-def _selection_file(context: Context) -> Path | None:
-    """Where this node keeps its keep mask on disk (``state-dir`` in its node config), one
-    file per run: a SuperNode restarted mid-run has lost ``context.state``."""
-    folder = str(context.node_config.get(STATE_DIR_KEY, ""))
-    return Path(folder) / f"clues-selection-run{int(context.run_id)}.safetensors" if folder else None
-
-
-def _keep_on_disk(context: Context, mask: torch.Tensor) -> None:
-    path = _selection_file(context)
+def _keep_on_disk(context: Context, mask: torch.Tensor, kept_sent: int) -> None:
+    """The keep mask in ``state-dir`` (one file per node and run): a SuperNode restarted
+    mid-run has lost ``context.state``."""
+    path = site_file(context, "selection", ".safetensors")
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tag = context.state[f"{TAG_KEY}/{SELECTION_KEY}"]
-    partial = path.with_suffix(".partial")
-    save_file({SELECTION_KEY: mask}, partial, metadata={"run-id": str(tag["run-id"]), "records": tag["records"]})
-    partial.replace(path)  # whole or absent, never half-written
+    metadata = {"run-id": str(tag["run-id"]), "records": tag["records"], "kept-sent": str(kept_sent)}
+    write_atomic(path, save({SELECTION_KEY: mask}, metadata=metadata))
 
 
 def _restore(context: Context) -> None:
     """The keep mask from ``state-dir`` back into ``context.state``, when this run left one."""
-    path = _selection_file(context)
+    path = site_file(context, "selection", ".safetensors")
     if path is None or not path.exists():
         return
     with safe_open(path, "pt") as f:
         tag, mask = f.metadata(), f.get_tensor(SELECTION_KEY)
     context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask})
+    context.state[RELEASED_KEY] = ConfigRecord({"kept": int(tag["kept-sent"])})
     _tag(context, SELECTION_KEY, int(tag["run-id"]), tag["records"])
 
 
@@ -127,7 +142,8 @@ def _stored(context: Context, key: str, records: Sequence[Record], what: str) ->
     if key == SELECTION_KEY and key not in context.state:
         _restore(context)
     if key not in context.state:
-        hint = "" if key != SELECTION_KEY or _selection_file(context) else f" (or restarted: set {STATE_DIR_KEY})"
+        restartable = key != SELECTION_KEY or site_file(context, "selection", "")
+        hint = "" if restartable else " (or restarted: set state-dir)"
         raise RuntimeError(f"no {what} on this node: it did not take part in the score phase{hint}")
     tag = context.state.get(f"{TAG_KEY}/{key}")
     if tag is None or int(tag["run-id"]) != int(context.run_id):
@@ -146,12 +162,15 @@ def selected_records(records: list[Record], config: ConfigRecord, context: Conte
     ``config`` is the round's train config; its ``clues-selection`` (set by ``CluesTuning``)
     says which selection: CLUES and the baselines keep the records that passed in this run's
     score phase (stored on this node, refused if computed on other records), ``oracle`` the
-    clean ones by label (benchmarks only), ``none`` or no flag at all every record.
+    clean ones by label (only where the site's ``allow-labels`` lets labels be read), ``none``
+    or no flag at all every record.
     """
-    selection = str(config.get(SELECTION_FLAG, "none"))
+    selection = selection_of(config)
     if selection == "none":
         return records
     if selection == "oracle":
+        if not site_policy(context).allow_labels:
+            raise PermissionError("selection 'oracle' refused by this site's policy: its allow-labels is false")
         if any("quality" not in r for r in records):
             raise ValueError("selection 'oracle' needs a quality label on every record")
         return [r for r in records if r["quality"] == "high"]
@@ -163,7 +182,10 @@ def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_
     """``training`` on ``records`` with the server's hyperparameters (a ``TrainConfig`` in
     ``config``); every round shuffles with its own seed, the trace apart by ``seed_offset``."""
     train = from_mapping(TrainConfig, config)
-    seed = train.seed + 1009 * int(config["server-round"]) + seed_offset
+    return _loop(site, records, train, train.seed + 1009 * int(config["server-round"]) + seed_offset)
+
+
+def _loop(site: Site, records: list[Record], train: TrainConfig, seed: int):
     return training(
         site.model,
         site.tokenizer,
@@ -176,22 +198,57 @@ def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_
     )
 
 
+def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message:
+    """A tuning round's reply: ``model``'s adapter and ``metrics``. Under the site's DP the
+    weight ``num-examples`` is not the exact count of records trained on: it is the noisy
+    kept count this run's threshold reply released already, or 1 when none was."""
+    metrics = dict(metrics)
+    if site_policy(context).dp_epsilon:
+        if SELECTION_KEY not in context.state:
+            _restore(context)
+        released = context.state.get(RELEASED_KEY)
+        metrics[WEIGHT_KEY] = int(released["kept"]) if released is not None and "kept" in released else 1
+    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, heldout: list[Record], loss: Callable[[list[Record]], float]):
+    """An evaluate reply under the site's policy: the held-out ``loss`` and count, none below
+    its ``min-heldout`` (one record's loss is that record's); under DP a weight of 1; the
+    clean records' loss and count only where labels may be read."""
+    policy = site_policy(context)
+    sent = len(heldout) >= policy.min_heldout
+    labelled = policy.labels and sent and all("quality" in r for r in heldout)
+    clean = [r for r in heldout if labelled and r["quality"] == "high"]
+    metrics = {  # the same keys from every site, whatever it sends
+        HELDOUT_LOSS_KEY: loss(heldout) if sent else 0.0,
+        WEIGHT_KEY: (1 if policy.dp_epsilon else len(heldout)) if sent else 0,
+        CLEAN_LOSS_KEY: loss(clean) if clean else 0.0,
+        CLEAN_EXAMPLES_KEY: len(clean),
+    }
+    if not sent:
+        say(
+            f"evaluate: {len(heldout)} held-out record(s), below this site's min-heldout "
+            f"{policy.min_heldout}: no loss sent"
+        )
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 class CluesClient:
     """CLUES's handlers for a ClientApp, beside the project's own: the trace rounds
     (``train.clues_trace``) and the score phase (``query.clues_score``, then
     ``query.clues_threshold``). Tuning rounds stay with the project's own ``@app.train()``,
-    which trains on ``selected_records``.
+    which trains on ``selected_records`` and replies with ``train_reply``.
 
-    The hyperparameters come in each message's config, so a project needs no run-config
-    keys of its own. The scores and the selection stay on the node (``context.state``); only
-    counts leave.
+    The hyperparameters come in each message, so a project needs no run-config keys of its
+    own. The scores and the selection stay on the node (``context.state``); only counts
+    leave, within the site's policy (its node config) and ledger.
 
     Parameters
     ----------
     site : Callable[[Context], Site]
         The site's PEFT model, tokenizer and records for a message's context; called by
         every handler, so build them once per process (as the demo's ``task.site`` does).
-
     name : Callable[[Context], str], optional
         How the site's own console names it (the name never leaves the site).
     """
@@ -205,154 +262,147 @@ class CluesClient:
         app.query(THRESHOLD_ACTION)(self.threshold)
 
     def trace(self, msg: Message, context: Context) -> Message:
-        """A federated trace round, or (merge mode) a whole local trajectory."""
-        cfg = msg.content["config"]
+        """A federated trace round, or (merge mode) a whole local trajectory. Under DP the
+        FedAvg weight is 1: the record count is not released."""
+        request = _decoded(TraceRequest, msg, "trace")
         site = self.site(context)
-        set_adapter_state(site.model, msg.content["arrays"].to_torch_state_dict())
-        score = from_mapping(ScoreConfig, cfg)
-        names = scoring_names(site.model, score.layer, score.modules)
-        if cfg["phase"] == "trace-local":
-            return self._trace_local(msg, cfg, site, names)
-        return self._trace(msg, cfg, site, names)
-
-    def _trace(self, msg: Message, cfg: ConfigRecord, site: Site, names: list[str]) -> Message:
-        """One federated trace round; the scoring layer's moments go back for averaging."""
-        losses, opt = train_steps(
-            training_loop(site, site.records, cfg, TRACE_SEED), from_mapping(TrainConfig, cfg).local_steps
-        )
-        m, v, step = moments(site.model, opt, names)
-        metrics = {"train-loss": sum(losses) / len(losses), "num-examples": len(site.records), "adam-step": step}
-        reply = train_reply(msg, site, metrics)
-        reply.content[MOMENTS_KEY] = moments_record(m, v)
-        return reply
-
-    def _trace_local(self, msg: Message, cfg: ConfigRecord, site: Site, names: list[str]) -> Message:
-        """Merge mode: one local training run of ``trace-rounds`` × ``local-steps`` steps with
-        one optimizer and one data order, checkpointed every ``local-steps`` steps."""
-        every = from_mapping(TrainConfig, cfg).local_steps
-        total = int(cfg["trace-rounds"]) * every
-        loop = training_loop(site, site.records, cfg, TRACE_SEED)
-        trajectory, losses = [], []
-        for step, (loss, opt) in enumerate(islice(loop, total), start=1):
+        set_adapter_state(site.model, request.adapter)
+        names = scoring_names(site.model, request.score.layer, request.score.modules)
+        weight = 1 if site_policy(context).dp_epsilon else len(site.records)
+        seed = request.train.seed + 1009 * request.server_round + TRACE_SEED
+        loop = _loop(site, site.records, request.train, seed)
+        every = request.train.local_steps
+        if request.phase == "trace":
+            losses, opt = train_steps(loop, every)
+            m, v, step = moments(site.model, opt, names)
+            reply = TraceReply(adapter_state(site.model), sum(losses) / len(losses), weight, step, moments=(m, v))
+            return Message(content=reply.encode(), reply_to=msg)
+        trajectory, losses = [], []  # merge mode: one optimizer, one data order, a checkpoint every local-steps
+        for step, (loss, opt) in enumerate(islice(loop, request.trace_rounds * every), start=1):
             losses.append(loss)
             if step % every == 0:
                 trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=step // every))
-        metrics = {
-            "train-loss": sum(losses) / len(losses),
-            "num-examples": len(site.records),
-            "adam-step": trajectory[-1].step,
-        }
-        reply = train_reply(msg, site, metrics)
-        for key, record in trajectory_records(trajectory).items():
-            reply.content[key] = record
-        return reply
+        reply = TraceReply(
+            adapter_state(site.model), sum(losses) / len(losses), weight, trajectory[-1].step, trajectory=trajectory
+        )
+        return Message(content=reply.encode(), reply_to=msg)
 
     def score(self, msg: Message, context: Context) -> Message:
         """Score every record; the scores stay on the node, only a histogram of them leaves
-        (over the server's edges), from which the server may set τ."""
+        (over the server's edges), from which the server may set τ. Refused past the site's
+        policy: too many bins, a second scoring this run, ``max-scorings`` runs, the ε budget."""
         begun = time.monotonic()
-        content = msg.content
-        cfg = content["config"]
-        policy = from_mapping(SitePolicy, context.node_config)
-        edges = list(cfg["histogram-edges"])
-        refused = policy.edges_problem(edges)
+        policy = site_policy(context)
+        request = _decoded(ScoreRequest, msg, "score")
+        refused = policy.edges_problem(request.edges)
         if refused:
             raise PermissionError(f"score query refused by this site's policy: {refused}")
         site = self.site(context)
-        mine, theirs = prompt_format(site.records), str(cfg.get("prompt-format", "template"))
-        mismatch = mine != theirs
-        signals = str(cfg["method"]).split("+")
-        reference = {n: tuple(cfg[f"reference-{n}"]) for n in signals if len(signals) > 1}
-        s = combined(self._signals(signals, content, site, context), reference, str(cfg["combination"]))
-        counts = [*histogram(s.tolist(), edges), non_finite(s)] if edges else [non_finite(s)]
-        if policy.dp_epsilon:  # half the budget: the histogram and the non-finite cell are one query
-            counts = noisy_counts(counts, policy.dp_epsilon / 2, _unseen())
-        total = sum(counts) if policy.dp_epsilon else len(s)
-        context.state[SCORES_KEY] = ArrayRecord({SCORES_KEY: s.double().contiguous()})
-        context.state[RELEASED_KEY] = ConfigRecord({"total": total})
-        _tag(context, SCORES_KEY, int(context.run_id), fingerprint(site.records))
-        metrics = {
-            "total": total,
-            "histogram": counts[:-1],
-            "non-finite": counts[-1],
-            "dp-epsilon": policy.dp_epsilon,
-            "prompt-mismatch": int(mismatch),
-            "seconds": time.monotonic() - begun,
-        }
+        digest, run = fingerprint(site.records), int(context.run_id)
+        ledger = Ledger.of(context)
+        ledger.may_score(digest, run, policy)
+        mine = prompt_format(site.records)
+        mismatch = mine != request.prompt_format
+        signals = self._signals(request, site, context)
+        s = combined(signals, request.references, request.combination)
+        exact = (
+            [*histogram(s.tolist(), request.edges), non_finite(s)]
+            if request.edges
+            else [len(s) - non_finite(s), non_finite(s)]
+        )
+        counts = noisy_counts(exact, policy.dp_epsilon / 2, unseen()) if policy.dp_epsilon else exact
+        ledger.release(context, digest, "score", policy.dp_epsilon / 2, max(len(request.edges) - 1, 0))
+        context.state[SCORES_KEY] = ArrayRecord(
+            {
+                SCORES_KEY: s.double().contiguous(),
+                **{f"signal/{n}": v.double().contiguous() for n, v in signals.items()},
+            }
+        )
+        context.state[RELEASED_KEY] = ConfigRecord({"total": sum(counts)})
+        _tag(context, SCORES_KEY, run, digest)
+        reply = ScoreReply(
+            total=sum(counts),
+            histogram=counts[:-1] if request.edges else [],
+            non_finite=counts[-1],
+            dp_epsilon=policy.dp_epsilon,
+            prompt_mismatch=mismatch,
+            seconds=None if policy.dp_epsilon else time.monotonic() - begun,
+            label=str(context.node_config.get(LABEL_KEY, "")) or None,  # opt-in: how the server names this site
+        )
         if mismatch:
             say(
-                f"site {self.name(context)}: warning: its records' prompts ({mine}) differ from the server's ({theirs})"
+                f"site {self.name(context)}: warning: its records' prompts ({mine}) differ from the server's "
+                f"({request.prompt_format})"
             )
-        content = RecordDict({"metrics": MetricRecord(metrics)})
-        if context.node_config.get(LABEL_KEY):  # opt-in: how the server's lines and report name this site
-            content[LABEL_KEY] = ConfigRecord({LABEL_KEY: str(context.node_config[LABEL_KEY])})
-        return Message(content=content, reply_to=msg)
+        return Message(content=reply.encode(), reply_to=msg)
 
     def threshold(self, msg: Message, context: Context) -> Message:
-        """Keep S(z) ≥ τ (or the top ``keep-ratio``) of the scores the score query left on the
-        node; reply with counts."""
-        cfg = msg.content["config"]
+        """Keep S(z) ≥ τ (or the top ``keep-ratio``) of the scores this run's score query left
+        on the node; reply with counts, and write the site's own report (``state-dir``)."""
+        request = _decoded(ThresholdRequest, msg, "threshold")
         site = self.site(context)
-        if SCORES_KEY not in context.state and SELECTION_KEY in context.state:
-            raise PermissionError(
-                "threshold query refused by this site's policy: one threshold per scoring, and this "
-                "scoring's threshold was applied already (a second τ would reveal more of the scores)"
-            )
+        policy = site_policy(context)
+        digest = fingerprint(site.records)
+        ledger = Ledger.of(context)
+        ledger.may_threshold(digest, int(context.run_id))
         s = _stored(context, SCORES_KEY, site.records, "scores")
-        policy = from_mapping(SitePolicy, context.node_config)
-        tau = cfg.get("threshold")
-        mask = keep(s, None if tau is None else float(tau), float(cfg["keep-ratio"]))
+        stored = context.state[SCORES_KEY].to_torch_state_dict()
+        signals = {k.removeprefix("signal/"): v for k, v in stored.items() if k.startswith("signal/")}
+        mask = keep(s, request.threshold, request.keep_ratio)
+        kept, total = int(mask.sum()), int(context.state[RELEASED_KEY]["total"])
+        sent = min(noisy_counts([kept], policy.dp_epsilon / 2, unseen())[0], total) if policy.dp_epsilon else kept
+        ledger.release(context, digest, "threshold", policy.dp_epsilon / 2)
         context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
-        _tag(context, SELECTION_KEY, int(context.run_id), fingerprint(site.records))
-        _keep_on_disk(context, mask.to(torch.int8))
-        total = int(context.state[RELEASED_KEY]["total"])
-        for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}", RELEASED_KEY):
+        _tag(context, SELECTION_KEY, int(context.run_id), digest)
+        _keep_on_disk(context, mask.to(torch.int8), sent)
+        for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}"):
             del context.state[key]  # applied once: the scores go, only the mask stays
-        kept = mask.tolist()
-        metrics = {"kept": sum(kept), "total": total}
-        if policy.dp_epsilon:  # the other half of the budget; no confusion counts under DP
-            metrics["kept"] = min(noisy_counts([sum(kept)], policy.dp_epsilon / 2, _unseen())[0], total)
-            say(f"site {self.name(context)}: ε = {policy.dp_epsilon:g} spent on the score phase (geometric mechanism)")
-        elif site.records and all("quality" in r for r in site.records):
-            metrics.update(confusion(kept, [r["quality"] == "high" for r in site.records]))
-        say(f"site {self.name(context)} (node {context.node_id}): kept {metrics['kept']}/{metrics['total']}")
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        context.state[RELEASED_KEY] = ConfigRecord({"total": total, "kept": sent})
+        labels = [r.get("quality") == "high" for r in site.records]
+        reply = ThresholdReply(sent, total)
+        if policy.labels and site.records and all("quality" in r for r in site.records):
+            reply.confusion = confusion(mask.tolist(), labels)
+        what = f"kept {kept}/{len(site.records)}"
+        if policy.dp_epsilon:
+            spent = ledger.entry(digest)["epsilon"]
+            what += f" (sent under DP: kept {sent} of {total}; ε = {spent:g} of {policy.dp_budget:g} spent)"
+        say(f"site {self.name(context)}: {what}")
+        report = site_file(context, "report", ".json")
+        if report is not None:
+            sent_counts = {"kept": sent, "total": total}
+            site_report.write(report, site, s, signals, mask, request, ledger.entry(digest), sent_counts)
+        return Message(content=reply.encode(), reply_to=msg)
 
     @staticmethod
-    def _signals(names: list[str], content: RecordDict, site: Site, context: Context) -> dict[str, torch.Tensor]:
+    def _signals(request: ScoreRequest, site: Site, context: Context) -> dict[str, torch.Tensor]:
         """Each signal's scores of every record: CLUES along the trajectory, the others at
-        the adapter the message carries (the loss signals from one forward pass)."""
-        cfg = content["config"]
+        the adapter the request carries (the loss signals from one forward pass)."""
         out = {}
-        if "clues" in names:
-            trajectory, val_sums = trajectory_from(content)
-            score = from_mapping(ScoreConfig, content[SCORE_CONFIG_KEY])
-            out["clues"] = scores(site.model, site.tokenizer, site.records, trajectory, val_sums, score)
-        others = [n for n in names if n != "clues"]
+        if "clues" in request.signals:
+            out["clues"] = scores(
+                site.model, site.tokenizer, site.records, request.trajectory, request.val_sums, request.score
+            )
+        others = [n for n in request.signals if n != "clues"]
         if others:
-            set_adapter_state(site.model, content["arrays"].to_torch_state_dict())
-            direction = content[DIRECTION_KEY].to_torch_state_dict()["u"] if DIRECTION_KEY in content else None
+            set_adapter_state(site.model, request.adapter)
             out.update(
                 signal_scores(
                     others,
                     site.model,
                     site.tokenizer,
                     site.records,
-                    batch_size=int(cfg["batch-size"]),
-                    max_len=int(cfg["max-seq-len"]),
-                    seed=int(cfg["seed"]) + context.node_id,
-                    direction=direction,
+                    batch_size=request.score.batch_size,
+                    max_len=request.score.max_len,
+                    seed=request.seed + context.node_id,
+                    direction=request.direction,
                 )
             )
-        return {n: out[n] for n in names}
+        return {n: out[n] for n in request.signals}
 
 
-def _unseen() -> torch.Generator:
-    """A generator the server cannot predict: DP noise must not be reproducible from outside."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-
-
-def train_reply(msg: Message, site: Site, metrics: dict) -> Message:
-    """A train reply: the site's adapter and ``metrics``."""
-    content = RecordDict({"arrays": ArrayRecord(adapter_state(site.model)), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+def _decoded(cls, msg: Message, what: str):
+    """A request decoded, or one error naming what is wrong with it (before any work)."""
+    try:
+        return cls.decode(msg.content)
+    except Malformed as err:
+        raise ValueError(f"{what} query refused: malformed request: {err}") from err

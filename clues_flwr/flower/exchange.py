@@ -1,28 +1,28 @@
 """Which replies a phase can use, and a record of every one it cannot.
 
-A reply is usable when it carries no error, its metrics and, where an adapter is expected,
-a finite adapter with the reference adapter's keys and shapes. Every rejection, and every
-node that was sent a message and did not answer before the round's timeout, is logged and
-kept in ``failures``, which the run folder reports. ``exchange`` is one query phase (send,
+A reply is usable when it carries no error and the phase's decoder (``protocol``) reads it:
+whatever else it holds is that site's failure, never the run's end. Every rejection, and
+every node that was sent a message and did not answer before the round's timeout, is logged
+and kept in ``failures``, which the run folder reports. ``exchange`` is one query phase (send,
 screen, enough replies?); the strategies screen the replies Flower's loop hands them with
 ``usable`` and the messages they sent.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
-from clues_flwr.core.aggregation import check_state
 from clues_flwr.flower.log import say
+from clues_flwr.flower.protocol import Malformed
 
-# A phase's own check of a reply's content: why it cannot be used, or None.
-Check = Callable[[int, RecordDict], str | None]
+# A phase's decoder of a reply's content: what it carries, checked, or ``Malformed``.
+Decode = Callable[[int, RecordDict], Any]
 
 
 class Failures(list):
@@ -39,40 +39,13 @@ class Failures(list):
         self.append({"where": where, "node": node, "reason": reason})
 
 
-def adapter_check(reference: dict, weighted_by_key: str) -> Check:
-    """A reply must carry an adapter fit to aggregate with ``reference`` and its weight."""
-
-    def check(node: int, content: RecordDict) -> str | None:
-        if "arrays" not in content:
-            return "reply without an adapter"
-        problem = check_state(content["arrays"].to_torch_state_dict(), reference)
-        if problem:
-            return f"adapter rejected: {problem}"
-        if weighted_by_key not in content["metrics"]:
-            return f"reply without {weighted_by_key}"
-        return None
-
-    return check
-
-
-def weighted(weighted_by_key: str) -> Check:
-    """A reply must carry its weight, a finite number of at least 0."""
-
-    def check(node: int, content: RecordDict) -> str | None:
-        weight = content["metrics"].get(weighted_by_key)
-        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
-            return f"reply without a usable {weighted_by_key} ({weight!r})"
-        return None
-
-    return check
-
-
 def usable(
-    replies: Iterable[Message], sent: list[Message], where: str, failures: Failures, check: Check | None = None
-) -> list[tuple[int, Message]]:
-    """(node, reply) of every usable reply to ``sent``. A reply the SuperLink writes itself
-    (node unavailable, message expired) comes from SUPERLINK_NODE_ID and names its node only
-    by the message it replies to, whose ID the grid set as it pushed it."""
+    replies: Iterable[Message], sent: list[Message], where: str, failures: Failures, decode: Decode | None = None
+) -> list[tuple[int, Message, Any]]:
+    """(node, reply, what ``decode`` read of it) of every usable reply to ``sent``. A reply
+    the SuperLink writes itself (node unavailable, message expired) comes from
+    SUPERLINK_NODE_ID and names its node only by the message it replies to, whose ID the grid
+    set as it pushed it."""
     destinations = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
     ok, answered = [], set()
     for msg in replies:
@@ -80,23 +53,32 @@ def usable(
         if node == SUPERLINK_NODE_ID:
             node = destinations.get(msg.metadata.reply_to_message_id, node)
         answered.add(msg.metadata.reply_to_message_id)
-        problem = _problem(node, msg, check)
-        if problem:
-            failures.add(where, node, problem)
-        else:
-            ok.append((node, msg))
+        if msg.has_error():
+            failures.add(where, node, f"error reply: {msg.error.reason}")
+            continue
+        try:
+            ok.append((node, msg, decode(node, msg.content) if decode else None))
+        except Malformed as err:
+            failures.add(where, node, f"malformed reply: {err}")
+        except Exception as err:  # noqa: BLE001 - whatever a reply holds, it never ends the run
+            failures.add(where, node, f"undecodable reply: {err!r}")
     for message_id, node in destinations.items():
         if message_id not in answered:
             failures.add(where, node, "no reply before the round's timeout")
     return ok
 
 
-def _problem(node: int, msg: Message, check: Check | None) -> str | None:
-    if msg.has_error():
-        return f"error reply: {msg.error.reason}"
-    if "metrics" not in msg.content:
-        return "reply without metrics"
-    return check(node, msg.content) if check else None
+def uniform(ok: list[tuple[int, Message, Any]], where: str, failures: Failures) -> list[tuple[int, Message, Any]]:
+    """The replies whose metric keys are those most replies carry; each other one is its
+    site's failure (Flower's aggregation refuses replies whose keys differ)."""
+    keys = [frozenset(msg.content["metrics"].keys()) for _, msg, _ in ok]
+    if not keys:
+        return ok
+    common = max(set(keys), key=lambda k: (keys.count(k), -keys.index(k)))
+    for (node, _, _), own in zip(ok, keys):
+        if own != common:
+            failures.add(where, node, f"metric keys {sorted(own)} differ from the other sites' {sorted(common)}")
+    return [row for row, own in zip(ok, keys) if own == common]
 
 
 def wait_for_nodes(grid: Grid, least: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -116,19 +98,16 @@ def wait_for_nodes(grid: Grid, least: int, timeout: float, poll: float = 1.0) ->
 
 
 def exchange(
-    grid: Grid,
-    messages: list[Message],
-    where: str,
-    failures: Failures,
-    *,
-    timeout: float,
-    least: int,
-    check: Check | None = None,
-) -> dict[int, RecordDict]:
-    """One query phase: send ``messages``, keep the usable replies' contents by node, and
-    stop the stage when fewer than ``least`` remain."""
+    grid: Grid, messages: list[Message], where: str, failures: Failures, decode: Decode, *, timeout: float, least: int
+) -> dict[int, Any]:
+    """One query phase: send ``messages``, keep each usable reply as ``decode`` read it, by
+    node, and stop the stage when fewer than ``least`` remain, naming why the others failed."""
     replies = grid.send_and_receive(messages, timeout=timeout)
-    contents = {node: msg.content for node, msg in usable(replies, messages, where, failures, check)}
-    if len(contents) < least:
-        raise RuntimeError(f"{where}: {len(contents)} site(s) replied usably, min-train-nodes is {least}")
-    return contents
+    decoded = {node: value for node, _, value in usable(replies, messages, where, failures, decode)}
+    if len(decoded) < least:
+        reasons = sorted({f["reason"] for f in failures if f["where"] == where})
+        raise RuntimeError(
+            f"{where}: {len(decoded)} site(s) replied usably, min-train-nodes is {least}"
+            + (f"; the others: {'; '.join(reasons)}" if reasons else "")
+        )
+    return decoded

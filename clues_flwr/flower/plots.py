@@ -1,13 +1,13 @@
-"""The run folder's figures: the sites' score histograms against τ, and the loss per round."""
+"""The run folder's figures: the sites' score histograms against τ, and the loss per round.
+
+matplotlib is imported when a figure is drawn, not with the library: a user's server that
+never plots neither pays for it nor has its backend chosen for it.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 SCORE_NAMES = {
     "clues": "CLUES score S(z)",
@@ -16,6 +16,18 @@ SCORE_NAMES = {
     "datainf": "DataInf score",
     "random": "random score",
 }
+
+
+def _pyplot():
+    """pyplot, on the file-only Agg backend (a server has no display) unless the process
+    imported pyplot already, whose backend is then the process's own choice."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def score_name(method: str) -> str:
@@ -42,6 +54,7 @@ def plot_selection(selection: dict, path: Path) -> None:
     (the edges come from the anchors before any site's score exists, so heavily polluted
     sites have much of their mass below them).
     """
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     inner = 0.0  # the tallest bin within the edges: the axis is scaled to it, not to the pile below
     for node, row in selection["clients"].items():
@@ -78,6 +91,7 @@ def plot_selection(selection: dict, path: Path) -> None:
 
 def plot_rounds(table: list[dict], path: Path) -> None:
     """Train, test and held-out loss per tuning round (each where it was measured)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for key, label in (("train-loss", "train"), ("test-loss", "test"), ("heldout-loss", "held-out (sites)")):
         points = [(row["round"], row[key]) for row in table if key in row]

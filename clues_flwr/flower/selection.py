@@ -27,12 +27,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from clues_flwr.config import FederationConfig, SelectionConfig, TuneConfig, to_record
+from clues_flwr.config import FederationConfig, SelectionConfig, TuneConfig
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.aggregation import fedavg
 from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record, check_max_len, prompt_format
@@ -40,25 +40,24 @@ from clues_flwr.core.metrics import selection_scores
 from clues_flwr.core.scoring import ScoreConfig, left_out_scores
 from clues_flwr.core.scoring import scores as clues_scores
 from clues_flwr.core.signals import datainf_direction, signal_scores
-from clues_flwr.core.threshold import Standard, counts_problem, global_threshold, guards, histogram_problem, standard
+from clues_flwr.core.threshold import Standard, global_threshold, guards, standard
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
-from clues_flwr.flower.client import LABEL_KEY
-from clues_flwr.flower.exchange import Failures, adapter_check, exchange, usable, wait_for_nodes
+from clues_flwr.flower.exchange import Failures, exchange, usable, wait_for_nodes
 from clues_flwr.flower.log import say, without_final_results
-from clues_flwr.flower.messages import (
-    DIRECTION_KEY,
-    MOMENTS_KEY,
-    SCORE_CONFIG_KEY,
+from clues_flwr.flower.protocol import (
+    CONFUSION,
     SCORE_MESSAGE,
     THRESHOLD_MESSAGE,
     TRACE_MESSAGE,
-    moments_from,
-    trajectory_from,
-    trajectory_records,
+    ScoreReply,
+    ScoreRequest,
+    ThresholdReply,
+    ThresholdRequest,
+    TraceReply,
+    TraceRequest,
 )
 from clues_flwr.flower.state import RunFolder
-from clues_flwr.model import set_adapter_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +158,12 @@ class SelectionReport:
 
     @property
     def counts(self) -> dict[str, int] | None:
-        """Confusion counts summed over the sites, when every site's records are labelled."""
-        if not self.clients or not all("tp" in r for r in self.clients.values()):
+        """Confusion counts summed over the sites that sent them (labelled records, labels
+        allowed to be read, exact counts); None when none did."""
+        labelled = [r for r in self.clients.values() if "tp" in r]
+        if not labelled:
             return None
-        return {k: sum(r[k] for r in self.clients.values()) for k in ("tp", "fp", "fn", "tn")}
+        return {k: sum(r[k] for r in labelled) for k in CONFUSION}
 
     def to_state(self) -> dict[str, Any]:
         """All of it as JSON, for the run state and ``metrics.json``; ``selection`` is
@@ -196,7 +197,8 @@ class SelectionReport:
             "warnings": self.warnings,
         }
         if self.counts:
-            out.update(counts=self.counts, **selection_scores(self.counts))
+            labelled = [r["site"] for r in self.clients.values() if "tp" in r]
+            out.update(counts=self.counts, **selection_scores(self.counts), **{"labelled-sites": labelled})
         return out
 
 
@@ -242,27 +244,26 @@ class TraceStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         where = f"trace round {server_round}"
-        check = adapter_check(self._global, self.weighted_by_key)
-        valid = [m.content for _, m in usable(replies, self._sent, where, self.failures, check)]
-        if len(valid) < self.min_train_nodes:
-            self.failures.add(where, None, f"only {len(valid)} usable replies, {self.min_train_nodes} needed")
+        ok = usable(replies, self._sent, where, self.failures, lambda node, c: TraceReply.decode(c, self._global))
+        if len(ok) < self.min_train_nodes:
+            self.failures.add(where, None, f"only {len(ok)} usable replies, {self.min_train_nodes} needed")
             return None, None
-        weights = [float(c["metrics"][self.weighted_by_key]) for c in valid]
-        adapter = fedavg([c["arrays"].to_torch_state_dict() for c in valid], weights)
-        ms, vs = zip(*(moments_from(c[MOMENTS_KEY]) for c in valid))
-        steps = {int(c["metrics"]["adam-step"]) for c in valid}
+        traced = [reply for _, _, reply in ok]
+        weights = [float(r.num_examples) for r in traced]
+        adapter = fedavg([r.adapter for r in traced], weights)
+        ms, vs = zip(*(r.moments for r in traced))
         self.trajectory.append(
             Checkpoint(
                 adapter=adapter,
                 exp_avg=fedavg(ms, weights),
                 exp_avg_sq=fedavg(vs, weights),
-                step=max(steps),
+                step=max(r.adam_step for r in traced),
                 lr=self.train.learning_rate,
                 weight_decay=self.train.weight_decay,
                 round=server_round,
             )
         )
-        return ArrayRecord(adapter), self.train_metrics_aggr_fn(valid, self.weighted_by_key)
+        return ArrayRecord(adapter), self.train_metrics_aggr_fn([m.content for _, m, _ in ok], self.weighted_by_key)
 
 
 class CluesSelection:
@@ -356,9 +357,6 @@ class CluesSelection:
 
     # ---- trace ------------------------------------------------------------------------
 
-    def _base(self) -> dict:
-        return {**to_record(self.train), "score-layer": self.score.layer, "score-modules": list(self.score.modules)}
-
     def trace(
         self, grid: Grid, initial_arrays: ArrayRecord, report: SelectionReport | None = None
     ) -> dict[int | None, list[Checkpoint]]:
@@ -376,7 +374,8 @@ class CluesSelection:
                 min_train_nodes=fed.min_train_nodes,
                 min_available_nodes=fed.min_available_nodes,
             )
-            config = ConfigRecord({**self._base(), "phase": "trace"})
+            initial = initial_arrays.to_torch_state_dict()
+            config = TraceRequest(initial, self.train, self.score, "trace", 0).encode()["config"]
             with without_final_results():
                 result = strategy.start(grid, initial_arrays, rounds, fed.round_timeout, config)
             report.trace = {r: dict(m) for r, m in result.train_metrics_clientapp.items()}
@@ -384,12 +383,12 @@ class CluesSelection:
                 raise RuntimeError("trace: no round aggregated, so there is no trajectory to score on")
             return {None: strategy.trajectory}
         say(f"trace: every client traces {rounds} checkpoint(s) alone (merge mode)")
-        config = ConfigRecord({**self._base(), "phase": "trace-local", "trace-rounds": rounds, "server-round": 0})
-        content = RecordDict({"arrays": initial_arrays, "config": config})
+        initial = initial_arrays.to_torch_state_dict()
+        content = TraceRequest(initial, self.train, self.score, "trace-local", 0, rounds).encode()
         messages = [Message(content, dst_node_id=n, message_type=TRACE_MESSAGE) for n in self._nodes(grid)]
-        check = adapter_check(initial_arrays.to_torch_state_dict(), "num-examples")
-        replies = exchange(grid, messages, "trace", report.failures, **self._phase(), check=check)
-        return {node: trajectory_from(content)[0] for node, content in replies.items()}
+        decode = lambda node, c: TraceReply.decode(c, initial, local=True)  # noqa: E731
+        replies = exchange(grid, messages, "trace", report.failures, decode, **self._phase())
+        return {node: reply.trajectory for node, reply in replies.items()}
 
     # ---- score ------------------------------------------------------------------------
 
@@ -417,67 +416,54 @@ class CluesSelection:
         anchors = reference[self.public.anchor_slice]
         return standard(anchors, reference, self._rule(), sel.target_recall, sel.histogram_bins)
 
-    def _content(self, initial_arrays: ArrayRecord, side: Anchors) -> RecordDict:
+    def _request(self, initial: dict[str, torch.Tensor], side: Anchors) -> ScoreRequest:
         """What a site is sent to score with: per signal what it scores with, the histogram
         edges and, for a combination, each signal's reference mean and spread (its scale)."""
-        content, config = RecordDict(), {}
-        for name in self.signals:
-            if name == "clues":
-                for key, record in trajectory_records(side.trajectory, side.val_sums).items():
-                    content[key] = record
-                content[SCORE_CONFIG_KEY] = ConfigRecord(to_record(self.score))
-                continue
-            content["arrays"] = initial_arrays
-            if side.direction is not None:
-                content[DIRECTION_KEY] = ArrayRecord({"u": side.direction.float().contiguous()})
-            config.update(
-                {"batch-size": self.score.batch_size, "max-seq-len": self.score.max_len}, seed=self.train.seed
-            )
-        if len(self.signals) > 1:
-            config.update({f"reference-{n}": list(stats) for n, stats in side.stats.items()})
-        config.update(
-            {
-                "method": self.selection.method,
-                "combination": self.selection.combination,
-                "histogram-edges": side.standard.edges,
-                "prompt-format": prompt_format(self.public.anchors),
-            }
+        clues, others = "clues" in self.signals, any(n != "clues" for n in self.signals)
+        return ScoreRequest(
+            self.signals,
+            self.selection.combination,
+            side.standard.edges,
+            prompt_format(self.public.anchors),
+            self.score,
+            side.stats if len(self.signals) > 1 else {},
+            trajectory=side.trajectory if clues else None,
+            val_sums=side.val_sums if clues else None,
+            adapter=initial if others else None,
+            direction=side.direction,
+            seed=self.train.seed,
         )
-        content["config"] = ConfigRecord(config)
-        return content
 
     def _score(
         self, grid: Grid, initial_arrays: ArrayRecord, sides: dict[int | None, Anchors], report: SelectionReport
     ) -> None:
         """Two queries: every site scores its records and sends a histogram; the server sets
         τ (by the anchors, or from the pooled histograms), then every site keeps S(z) ≥ τ (or
-        its top ``keep-ratio``) and sends counts."""
+        its top ``keep-ratio``) and sends counts. Every reply is decoded, and one that does not
+        decode is that site's failure."""
         shared = None in sides
 
         def side_of(node: int) -> int | None:
             return None if shared else node
 
         nodes = self._nodes(grid) if shared else list(sides)
-        contents = {key: self._content(initial_arrays, side) for key, side in sides.items()}
+        initial = initial_arrays.to_torch_state_dict()
+        contents = {key: self._request(initial, side).encode() for key, side in sides.items()}
         messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
         say(f"score: {self.selection.method} on {len(nodes)} site(s)")
         sel = self.selection
         rule = self._rule()
         bins = sel.histogram_bins if rule == "histogram" else 0
-
-        def histogram_reply(node: int, content: RecordDict) -> str | None:
-            m = content["metrics"]
-            return histogram_problem(m.get("histogram"), m.get("total"), m.get("non-finite"), bins)
-
-        scored = exchange(grid, messages, "score", report.failures, **self._phase(), check=histogram_reply)
-        for node, content in scored.items():
-            if LABEL_KEY in content:
-                report.failures.names[node] = f"site {content[LABEL_KEY][LABEL_KEY]}"
+        decode = lambda node, content: ScoreReply.decode(content, bins)  # noqa: E731
+        scored: dict[int, ScoreReply] = exchange(grid, messages, "score", report.failures, decode, **self._phase())
+        for node, reply in scored.items():
+            if reply.label:
+                report.failures.names[node] = f"site {reply.label}"
         taus, applied = {}, {}
         for key, side in sides.items():
             fitted = [n for n in scored if side_of(n) == key]
             if fitted:
-                histograms = [list(scored[n]["metrics"]["histogram"]) for n in fitted]
+                histograms = [scored[n].histogram for n in fitted]
                 tau, used, note = global_threshold(
                     side.standard, histograms, rule, sel.histogram_fit, sel.target_recall
                 )
@@ -493,35 +479,28 @@ class CluesSelection:
             else f"score: threshold τ = {', '.join(f'{t:.4g}' for t in shown)} ({', '.join(used)}); "
             "every site applies it"
         )
-
-        def threshold_config(node: int) -> ConfigRecord:
-            tau = taus[side_of(node)]
-            return ConfigRecord({"keep-ratio": sel.keep_ratio, **({} if tau is None else {"threshold": tau})})
-
         messages = [
-            Message(RecordDict({"config": threshold_config(n)}), dst_node_id=n, message_type=THRESHOLD_MESSAGE)
+            Message(
+                ThresholdRequest(taus[side_of(n)], sel.keep_ratio).encode(),
+                dst_node_id=n,
+                message_type=THRESHOLD_MESSAGE,
+            )
             for n in scored
         ]
-        totals = {n: scored[n]["metrics"]["total"] for n in scored}
-
-        def counts_reply(node: int, content: RecordDict) -> str | None:
-            return counts_problem(content["metrics"], totals[node])
-
-        kept = exchange(grid, messages, "threshold", report.failures, **self._phase(), check=counts_reply)
-        for node, content in kept.items():
-            m, score_metrics = content["metrics"], scored[node]["metrics"]
+        decode = lambda node, content: ThresholdReply.decode(content, scored[node].total)  # noqa: E731
+        kept: dict[int, ThresholdReply] = exchange(
+            grid, messages, "threshold", report.failures, decode, **self._phase()
+        )
+        for node, reply in kept.items():
+            score = scored[node]
             name = report.failures.names[node]
-            row = {"site": name, "kept": int(m["kept"]), "total": int(m["total"])}
-            row["histogram"] = list(score_metrics["histogram"])
-            row["non-finite"] = int(score_metrics["non-finite"])
-            row["dp-epsilon"] = float(score_metrics["dp-epsilon"])
-            if "tp" in m:
-                row.update({k: int(m[k]) for k in ("tp", "fp", "fn", "tn")})
+            row = {"site": name, "kept": reply.kept, "total": reply.total, "histogram": score.histogram}
+            row.update({"non-finite": score.non_finite, "dp-epsilon": score.dp_epsilon, **(reply.confusion or {})})
             row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)], **applied[side_of(node)])
             report.clients[node] = row
-            seconds = float(score_metrics["seconds"])
-            say(f"  {name}: scored {row['total']} records in {seconds:.1f} s, kept {row['kept']}")
-            if score_metrics["prompt-mismatch"]:
+            took = f" in {score.seconds:.1f} s" if score.seconds is not None else ""
+            say(f"  {name}: scored {row['total']} records{took}, kept {row['kept']}")
+            if score.prompt_mismatch:
                 report.warnings.append(
                     f"{name}: its records' prompts are formatted otherwise than the server's public records' "
                     f"({prompt_format(self.public.anchors)} here): its scores and τ are not on one scale"
@@ -531,9 +510,14 @@ class CluesSelection:
             say(f"warning: {warning}")
         summary = report.to_json()
         if "f1" in summary:
+            over = (
+                ""
+                if len(summary["labelled-sites"]) == len(report.clients)
+                else (f" over the labelled sites {', '.join(summary['labelled-sites'])}")
+            )
             say(
-                "selection (positive = clean): precision {precision:.1f}, recall {recall:.1f}, "
-                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(**summary)
+                "selection (positive = clean){over}: precision {precision:.1f}, recall {recall:.1f}, "
+                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(over=over, **summary)
             )
 
     # ---- helpers ----------------------------------------------------------------------
@@ -546,5 +530,4 @@ class CluesSelection:
         return {"timeout": self.federation.round_timeout, "least": self.federation.min_train_nodes}
 
     def _nodes(self, grid: Grid) -> list[int]:
-        nodes, _ = sample_nodes(grid, self.federation.min_available_nodes, len(list(grid.get_node_ids())))
-        return list(nodes)
+        return wait_for_nodes(grid, self.federation.min_available_nodes, self.federation.round_timeout)

@@ -31,7 +31,6 @@ from flwr.app import ArrayRecord, MetricRecord
 from safetensors.torch import load_file, save_file
 
 from clues_flwr.config import AppConfig, key_of, sections
-from clues_flwr.core import trajectory as traj
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.log import say
 from clues_flwr.flower.plots import plot_rounds, plot_selection
@@ -49,6 +48,48 @@ def _replace(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt: Checkpoint, folder: Path) -> None:
+    """A checkpoint as safetensors (adapter, moments) and JSON (the rest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ckpt.adapter.items()}, folder / "adapter.safetensors")
+    tensors = {f"exp_avg/{k}": v for k, v in ckpt.exp_avg.items()}
+    tensors.update({f"exp_avg_sq/{k}": v for k, v in ckpt.exp_avg_sq.items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "moments.safetensors")
+    info = {
+        "step": ckpt.step,
+        "lr": ckpt.lr,
+        "weight_decay": ckpt.weight_decay,
+        "round": ckpt.round,
+        "betas": list(ckpt.betas),
+        "eps": ckpt.eps,
+        "meta": ckpt.meta,
+    }
+    (folder / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint ``save_checkpoint`` wrote; a missing file is named."""
+    missing = [
+        f for f in ("adapter.safetensors", "moments.safetensors", "checkpoint.json") if not (folder / f).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"checkpoint folder {folder} lacks {', '.join(missing)}")
+    info = json.loads((folder / "checkpoint.json").read_text())
+    tensors = load_file(folder / "moments.safetensors")
+    return Checkpoint(
+        adapter=load_file(folder / "adapter.safetensors"),
+        exp_avg={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("exp_avg/")},
+        exp_avg_sq={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("exp_avg_sq/")},
+        step=int(info["step"]),
+        lr=float(info["lr"]),
+        weight_decay=float(info["weight_decay"]),
+        round=int(info["round"]),
+        betas=tuple(info["betas"]),
+        eps=float(info["eps"]),
+        meta=info.get("meta", {}),
+    )
 
 
 @dataclass
@@ -197,7 +238,7 @@ class RunFolder:
         staging = final.with_name("trajectory.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         for t, ckpt in enumerate(trajectory):
-            traj.save(ckpt, staging / f"checkpoint-{t}")
+            save_checkpoint(ckpt, staging / f"checkpoint-{t}")
         save_file(
             {f"checkpoint-{t}": g.contiguous().cpu() for t, g in enumerate(val_sums)},
             staging / "validation-sums.safetensors",
@@ -212,7 +253,7 @@ class RunFolder:
             raise FileNotFoundError(f"{folder} is missing: the saved state names a trajectory that is not there")
         sums = load_file(folder / "validation-sums.safetensors")
         count = len(sums)
-        trajectory = [traj.load(folder / f"checkpoint-{t}") for t in range(count)]
+        trajectory = [load_checkpoint(folder / f"checkpoint-{t}") for t in range(count)]
         return trajectory, [sums[f"checkpoint-{t}"] for t in range(count)]
 
     def finish(self, model, rounds: Rounds, report: dict) -> Path:

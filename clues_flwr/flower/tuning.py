@@ -26,9 +26,16 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from clues_flwr.config import FederationConfig, OutputConfig, TuneConfig
 from clues_flwr.core.aggregation import aggregate
-from clues_flwr.flower.exchange import adapter_check, usable, weighted
+from clues_flwr.flower.exchange import uniform, usable
 from clues_flwr.flower.log import say
-from clues_flwr.flower.messages import CLEAN_EXAMPLES_KEY, CLEAN_LOSS_KEY, SELECTION_FLAG
+from clues_flwr.flower.protocol import (
+    CLEAN_EXAMPLES_KEY,
+    CLEAN_LOSS_KEY,
+    MAX_RECORDS,
+    decode_evaluate_reply,
+    decode_train_reply,
+    tuning_config,
+)
 from clues_flwr.flower.selection import SelectionReport
 from clues_flwr.flower.state import EVALUATE, TRAIN, Rounds
 from clues_flwr.flower.timing import span
@@ -126,6 +133,7 @@ class CluesTuning(Strategy):
         self._sent: list[Message] = []
         self._sent_evaluate: list[Message] = []
         self._aggregated, self._configured = 0, 0
+        self._unweighted: set[int] = set()  # sites that sent no held-out loss, noted once
 
     def summary(self) -> None:
         first = self.rounds.first
@@ -155,7 +163,7 @@ class CluesTuning(Strategy):
         true_round = self.rounds.true(server_round)
         with span("server configure"):
             self._global = arrays.to_torch_state_dict()
-            config = ConfigRecord({**config, SELECTION_FLAG: self.report.method})
+            config = tuning_config(config, self.report.method)
             messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
@@ -168,13 +176,9 @@ class CluesTuning(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         true_round = self.rounds.true(server_round)
         where = f"tune round {true_round}"
-        check = adapter_check(self._global, self.weighted_by_key)
         with span("server screen"):
-            usable_replies = [
-                m
-                for _, m in usable(replies, self._sent, where, self.report.failures, check)
-                if float(m.content["metrics"][self.weighted_by_key]) > 0  # kept nothing: no weight
-            ]
+            ok = usable(replies, self._sent, where, self.report.failures, self._train_decoder())
+            usable_replies = [m for _, m, weight in uniform(ok, where, self.report.failures) if weight > 0]
         if len(usable_replies) < self.min_train_nodes:
             self.report.failures.add(
                 where,
@@ -187,6 +191,15 @@ class CluesTuning(Strategy):
         self.rounds.record(TRAIN, true_round, metrics)
         self._aggregated += arrays is not None
         return arrays, metrics
+
+    def _train_decoder(self):
+        """A tuning reply's weight, checked: at most the records the site said it scored."""
+
+        def decode(node: int, content) -> int:
+            most = int(self.report.clients.get(node, {}).get("total", MAX_RECORDS))
+            return decode_train_reply(content, self._global, self.weighted_by_key, most)
+
+        return decode
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         true_round = self.rounds.true(server_round)
@@ -202,13 +215,19 @@ class CluesTuning(Strategy):
         each site's clean held-out records, so weighted by their count."""
         true_round = self.rounds.true(server_round)
         where = f"evaluate round {true_round}"
-        rows = [
-            m
-            for _, m in usable(
-                replies, self._sent_evaluate, where, self.report.failures, weighted(self.weighted_by_key)
-            )
-            if float(m.content["metrics"][self.weighted_by_key]) > 0
-        ]
+        decode = lambda node, content: decode_evaluate_reply(content, self.weighted_by_key)  # noqa: E731
+        ok = uniform(
+            usable(replies, self._sent_evaluate, where, self.report.failures, decode), where, self.report.failures
+        )
+        for node, _, weight in ok:
+            if not weight and node not in self._unweighted:
+                self._unweighted.add(node)
+                name = self.report.failures.names.get(node, f"node {node}")
+                self.report.warnings.append(
+                    f"{name} sends no held-out loss (too few held-out records): not in the mean"
+                )
+                say(f"{where}: note: {self.report.warnings[-1]}")
+        rows = [m for _, m, weight in ok if weight > 0]
         if not rows:
             return None
         metrics = self.strategy.aggregate_evaluate(true_round, rows)

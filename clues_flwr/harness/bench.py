@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from clues_flwr.config import AppConfig, SelectionConfig
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import auroc, best_f1, confusion, selection_scores
@@ -36,7 +37,7 @@ from clues_flwr.demo.server_app import run_clues
 from clues_flwr.demo.task import local_split, public_sets
 from clues_flwr.flower.selection import CluesSelection
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
-from clues_flwr.model import cached, initial_adapter, set_adapter_state
+from clues_flwr.model import cached, initial_adapter
 
 DEFAULT = "CLUES paper + cosine (default)"
 VARIANTS = {

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from clues_flwr.core.data import collate, demo_records, demo_splits, pretrain_text, prompt, to_device
+from clues_flwr.core.data import collate, pretrain_text, prompt, to_device
+from clues_flwr.demo.dataset import demo_records, demo_splits
 from clues_flwr.model import DEMO_DIR
 from clues_flwr.sources import load_records
 
@@ -103,7 +104,7 @@ def pretrain(
     # that does not know the facts it is fine-tuned on. A ``corpus`` replaces the demo's
     # facts: read the same way, plain text with a share in the template.
     rng = random.Random(seed)
-    pretraining = demo_splits().pretrain if corpus is None else load_records(str(corpus))
+    pretraining = demo_splits(0).pretrain if corpus is None else load_records(str(corpus))
     texts = [prompt(r) + r["output"] if rng.random() < template_share else pretrain_text(r) for r in pretraining]
     if corpus is None and all_facts:
         seen = {(r["instruction"], r["input"]) for r in pretraining}
