@@ -7,6 +7,8 @@ demo is a regular Hugging Face model folder shipped inside the package.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -110,9 +112,36 @@ class ModelSpec:
             require("model-name", self.name, Path(self.name).expanduser().is_dir(), "an existing model folder")
 
 
+def reachable(name: str) -> None:
+    """Refuse at once a hub model this machine can neither find nor fetch: the hub client
+    would otherwise retry for most of a minute on an offline machine before failing."""
+    resolved = resolve_model_name(name)
+    if Path(resolved).expanduser().is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+        return  # cached: loads offline
+    why = ""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        why = "HF_HUB_OFFLINE is set"
+    elif not any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        hub = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)), 5).close()
+        except OSError as err:
+            why = f"the hub ({hub.netloc}) cannot be reached: {err}"
+    if why:
+        raise ValueError(
+            f"model-name {name!r} is not a model folder here nor in the Hugging Face cache, and {why}: "
+            "give a model folder, or download the model first"
+        )
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    reachable(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_name(name))
     except OSError as err:
@@ -129,6 +158,7 @@ def load_base(name: str, quantization: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
+    reachable(name)
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per process and model
     dev = device()
     compute = torch.bfloat16 if dev.type == "cuda" else torch.float32

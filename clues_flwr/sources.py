@@ -238,6 +238,18 @@ def _load_dataset(failure: str, *args, **kwargs) -> Iterable[Mapping]:
         raise ValueError(f"{failure}: {err}") from err
 
 
+def _unreadable(folder: Path) -> str:
+    """The first data file of ``folder`` that does not read, named, for the error that
+    ``datasets`` would give without its name."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS):
+        try:
+            for _ in _file_rows(path, "auto"):
+                pass
+        except Exception as err:  # noqa: BLE001 - any reader's failure names the file
+            return f" (its file {path} does not read: {err})"
+    return ""
+
+
 def _looks_like_path(source: str) -> bool:
     """Hub names are ``owner/name``; a data suffix, a leading ``.``, ``/`` or ``~``, a
     deeper path or one under an existing folder mean a local path."""
@@ -322,7 +334,10 @@ def load_records(
         files = _folder_files(path, split, subset)
         if files is None:
             name = f"folder {path} (split {split})"
-            rows = _load_dataset(f"cannot load {name}", str(path), split=split)
+            try:
+                rows = _load_dataset(f"cannot load {name}", str(path), split=split)
+            except ValueError as err:
+                raise ValueError(f"{err}{_unreadable(path)}") from err
         else:
             what = f"split {split}" + (f", subset {subset}" if subset else "")
             name = f"folder {path} ({what}, {len(files)} files)"

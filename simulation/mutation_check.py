@@ -1,5 +1,6 @@
 """Do the selection tests catch broken selection code? Each mutant below is a small, plausible
-bug in the core (the ones an audit found passing the old tests among them). The script copies
+bug in the core or in what guards a site (the protocol's decoders, the site's ledger), the
+ones an audit found passing the old tests among them. The script copies
 the project into a temporary folder, applies one mutant there, runs the tests meant to catch it
 with that copy first on the path, and prints whether they failed (the mutant is *killed*) or
 passed (it *survived*, a hole in the tests). Exits non-zero when any mutant survives.
@@ -69,23 +70,51 @@ MUTANTS = [
     Mutant(
         "pass-rate guard never fires",
         "clues_flwr/core/threshold.py",
-        "if kept_low > anchors_high:",
+        "if kept_low > clean_high:",
         "if False:",
         "tests/test_guards.py",
     ),
     Mutant(
         "pass-rate guard compares raw rates (fires without pollution under anchor-mean)",
         "clues_flwr/core/threshold.py",
-        "if kept_low > anchors_high:",
-        "if kept / total > sum(anchors) / len(anchors):",
+        "if kept_low > clean_high:",
+        "if kept / total > sum(clean) / len(clean):",
         "tests/test_guards.py",
     ),
     Mutant(
-        "server accepts any histogram reply",
-        "clues_flwr/core/threshold.py",
-        'if not (_count(total) and _count(nonfinite)):\n        return f"total',
-        'if True:\n        return None\n    if not (_count(total) and _count(nonfinite)):\n        return f"total',
+        "server accepts a histogram that does not add up to its total",
+        "clues_flwr/flower/protocol.py",
+        "if bins and sum(histogram) + non_finite != total:",
+        "if False:",
         "tests/test_screening.py",
+    ),
+    Mutant(
+        "bound off: a kept count above the site's total is accepted",
+        "clues_flwr/flower/protocol.py",
+        'reply = cls(_count(metrics["kept"], "kept", total), total)',
+        'reply = cls(_count(metrics["kept"], "kept"), total)',
+        "tests/test_screening.py",
+    ),
+    Mutant(
+        "decoders accept NaN and infinities",
+        "clues_flwr/flower/protocol.py",
+        "if not math.isfinite(value) or not low <= value <= high:",
+        "if math.isfinite(value) and not low <= value <= high:",
+        "tests/test_protocol.py",
+    ),
+    Mutant(
+        "ledger off: a second score query in a run is answered",
+        "clues_flwr/flower/ledger.py",
+        'if run in entry["scorings"]:',
+        "if False:",
+        "tests/test_adversary.py",
+    ),
+    Mutant(
+        "ε budget off: a site spends past its dp-budget",
+        "clues_flwr/flower/ledger.py",
+        'if policy.dp_epsilon and entry["epsilon"] + policy.dp_epsilon > policy.dp_budget + 1e-12:',
+        "if False:",
+        "tests/test_adversary.py",
     ),
     Mutant(
         "site counts over unsorted edges",

@@ -31,7 +31,7 @@ def test_too_few_sites_stop_within_the_round_timeout_naming_the_setting(tmp_path
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("model-name", "no-such-model", "model-name 'no-such-model' is neither a model folder here nor"),
+        ("model-name", "no-such-model", "model-name 'no-such-model' is not a model folder here nor in the"),
         ("max-seq-len", 4, "max-seq-len 4 is too short for a prompt and an answer"),
     ],
 )

@@ -167,3 +167,17 @@ def test_loading_the_8bit_model_prints_no_bitsandbytes_kernels_line():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr
+
+
+def test_a_hub_model_the_machine_cannot_fetch_is_refused_at_once(monkeypatch):
+    """Offline, the hub client retries for most of a minute; the check answers in one
+    connection attempt, naming the setting (a closed local port stands in for the hub)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match=r"model-name 'someone/no-such-model' .* cannot be reached"):
+        load_tokenizer("someone/no-such-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        load_base("someone/no-such-model", "none")

@@ -2,29 +2,47 @@
 that site, and the run goes on while enough sites remain."""
 
 import json
+import math
+import re
 
 import pytest
+from flwr.app import MetricRecord, RecordDict
 from helpers import SMALL as BASE
 
-from clues_flwr.core.threshold import counts_problem, histogram_problem
 from clues_flwr.demo import client_app, server_app
-from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
+from clues_flwr.flower.protocol import Malformed, ScoreReply, ThresholdReply
+from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes, wire
 
 SMALL = {**BASE, "num-server-rounds": 1, "fraction-evaluate": 1.0}
 
 
 def test_histogram_and_counts_are_checked_against_what_the_site_reported():
-    assert histogram_problem([1, 2, 3, 0], 7, 1, bins=2) is None, "6 scored in bins, 1 non-finite"
-    assert "expected 4" in histogram_problem([1, 2, 3], 6, 0, bins=2)
-    assert "whole numbers" in histogram_problem([1, -2, 7, 0], 6, 0, bins=2)
-    assert "add up to 7" in histogram_problem([1, 2, 4, 0], 6, 0, bins=2)
-    assert "not a count" in histogram_problem([1, 2, 3, 0], None, 0, bins=2)
-    assert histogram_problem([], 6, 0, bins=0) is None, "an anchor rule needs no histogram"
-    assert "expected 0" in histogram_problem([1, 5], 6, 0, bins=0), "and gets none"
-    assert counts_problem({"kept": 3, "total": 6}, 6) is None
-    assert "not a share" in counts_problem({"kept": 10**6, "total": 54}, 54)
-    assert "differs" in counts_problem({"kept": 3, "total": 7}, 6)
-    assert "confusion" in counts_problem({"kept": 3, "total": 6, "tp": 3, "fp": 1, "fn": 1, "tn": 1}, 6)
+    def score(histogram, total, non_finite, bins):
+        reply = ScoreReply(0, [], 0, 0.0, False).encode()
+        reply["metrics"] = MetricRecord(
+            {"total": total, "histogram": histogram, "non-finite": non_finite, "dp-epsilon": 0.0, "prompt-mismatch": 0}
+        )
+        return ScoreReply.decode(wire(reply), bins)
+
+    def kept(metrics, scored):
+        return ThresholdReply.decode(wire(RecordDict({"metrics": MetricRecord(metrics)})), scored)
+
+    assert score([1, 2, 3, 0], 7, 1, bins=2).total == 7, "6 scored in bins, 1 non-finite"
+    assert score([], 6, 0, bins=0).histogram == [], "an anchor rule needs no histogram"
+    assert kept({"kept": 3, "total": 6}, 6).kept == 3
+    refused = [
+        (lambda: score([1, 2, 3], 6, 0, bins=2), "expected 4"),
+        (lambda: score([1, -2, 7, 0], 6, 0, bins=2), "histogram = -2"),
+        (lambda: score([1, 2, 4, 0], 6, 0, bins=2), "add up to 7"),
+        (lambda: score([1, 5], 6, 0, bins=0), "expected 0"),
+        (lambda: score([0, 0, 0, 0], 10**12, 0, bins=2), "not a finite number in [0, 1e+09]"),
+        (lambda: kept({"kept": 10**6, "total": 54}, 54), "in [0, 54]"),
+        (lambda: kept({"kept": 3, "total": 7}, 6), "differs"),
+        (lambda: kept({"kept": 3, "total": 6, "tp": 3, "fp": 1, "fn": 1, "tn": 1}, 6), "confusion"),
+    ]
+    for decode, why in refused:
+        with pytest.raises(Malformed, match=re.escape(why)):
+            decode()
 
 
 def breaks(kind):
@@ -85,5 +103,45 @@ def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thre
     selection = json.loads((folder / "selection.json").read_text())
     clients = selection["clients"]
     assert "tp" not in clients["300"] and "tp" in clients["100"], "labels are sent only where records carry them"
+    assert "f1" in selection and selection["labelled-sites"] == ["site 1", "site 2"], "F1 over the labelled sites"
     mismatched = [w for w in selection["warnings"] if "prompts are formatted otherwise" in w]
     assert len(mismatched) == 1 and mismatched[0].startswith("site 5"), selection["warnings"]
+
+
+def corrupts(how):
+    """A hook that spoils every reply node 101 sends, one way."""
+
+    def spoil(value):
+        if how == "negative" and isinstance(value, int):
+            return -5
+        if how == "nan" and isinstance(value, float):
+            return math.nan
+        return value
+
+    def after(node, reply):
+        if node != 101 or reply.has_error():
+            return
+        for record in reply.content.metric_records.values():
+            if how == "dropped":
+                del record[sorted(record)[0]]
+                continue
+            for key, value in list(record.items()):
+                record[key] = [spoil(v) for v in value] if isinstance(value, list) else spoil(value)
+
+    return after
+
+
+@pytest.mark.parametrize("how", ["dropped", "negative", "nan"])
+def test_a_site_whose_every_reply_is_corrupted_fails_alone_and_the_run_finishes(tmp_path, how, one_thread):
+    """A metric key dropped, counts set to −5, or floats set to NaN, in every reply of one
+    site (trace, score, evaluate): each reply is that site's failure, and the run ends as usual."""
+    cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path), "num-server-rounds": 2}
+    nodes = {node: {**config, "min-heldout": 1} for node, config in demo_nodes(3).items()}
+    folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg, after=corrupts(how)), cfg)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    failures = metrics["failures"]
+    assert {f["node"] for f in failures} == {101}, failures
+    assert {f["where"].split()[0] for f in failures} >= {"trace", "score", "evaluate"}, failures
+    assert sorted(json.loads((folder / "selection.json").read_text())["clients"]) == ["100", "102"]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all(math.isfinite(r["heldout-loss"]) and "train-loss" in r for r in metrics["rounds"][1:])

@@ -436,3 +436,10 @@ def test_keep_carries_extra_columns(tmp_path):
     ]
     with pytest.raises(ValueError, match="no column 'lang'; its columns are instruction, output, language"):
         load_records(str(path), keep=("lang",))
+
+
+def test_a_folder_with_one_bad_file_names_that_file(tmp_path, hf_cache):
+    (tmp_path / "good.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"its file .*bad\.jsonl does not read: .*bad\.jsonl:2: not valid JSON"):
+        load_records(str(tmp_path))

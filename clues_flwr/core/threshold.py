@@ -103,46 +103,6 @@ def non_finite(values: Sequence[float] | torch.Tensor) -> int:
 FITS = ("mixture", "valley")
 
 
-def _count(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
-
-
-def histogram_problem(counts, total, nonfinite, bins: int) -> str | None:
-    """Why a site's score reply cannot be used (None when it can): ``bins`` + 2 counts (the
-    under- and overflow bins included; none when ``bins`` is 0), each a whole number of at
-    least 0, adding up with the non-finite count to the ``total`` the site reports. One bad
-    reply would move τ for every site."""
-    if not (_count(total) and _count(nonfinite)):
-        return f"total {total!r} or non-finite count {nonfinite!r} is not a count"
-    want = bins + 2 if bins else 0
-    if not isinstance(counts, list | tuple) or len(counts) != want:
-        size = len(counts) if isinstance(counts, list | tuple) else type(counts).__name__
-        return f"histogram of {size} counts, expected {want}" + (
-            f" ({bins} bins and the two open ends)" if bins else ""
-        )
-    if not all(_count(c) for c in counts):
-        return "histogram counts must be whole numbers of at least 0"
-    if bins and sum(counts) + nonfinite != total:
-        return f"histogram counts add up to {sum(counts) + nonfinite:g}, not to the reported total {total:g}"
-    return None
-
-
-def counts_problem(metrics, scored_total) -> str | None:
-    """Why a site's kept counts cannot be reported (None when they can): ``kept`` of
-    ``total`` records, ``total`` as the site scored, and confusion counts (when sent) that
-    add up to both."""
-    kept, total = metrics.get("kept"), metrics.get("total")
-    if not (_count(kept) and _count(total)) or kept > total:
-        return f"kept {kept!r} of {total!r} is not a share of the records"
-    if total != scored_total:
-        return f"total {total:g} differs from the {scored_total:g} records the site scored"
-    if "tp" in metrics:
-        c = [metrics.get(k) for k in ("tp", "fp", "fn", "tn")]
-        if not all(_count(x) for x in c) or c[0] + c[1] != kept or sum(c) != total:
-            return "confusion counts do not add up to kept and total"
-    return None
-
-
 def pooled(histograms: Sequence[Sequence[int]]) -> np.ndarray:
     """The sites' counts summed bin by bin (every site's histogram has the same edges)."""
     widths = {len(h) for h in histograms}

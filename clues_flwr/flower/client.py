@@ -201,13 +201,14 @@ def _loop(site: Site, records: list[Record], train: TrainConfig, seed: int):
 def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message:
     """A tuning round's reply: ``model``'s adapter and ``metrics``. Under the site's DP the
     weight ``num-examples`` is not the exact count of records trained on: it is the noisy
-    kept count this run's threshold reply released already, or 1 when none was."""
+    kept count this run's threshold reply released already (post-processing), at least 1
+    (a noisy 0 would drop a site that trained, and whether it trained is not released)."""
     metrics = dict(metrics)
     if site_policy(context).dp_epsilon:
         if SELECTION_KEY not in context.state:
             _restore(context)
         released = context.state.get(RELEASED_KEY)
-        metrics[WEIGHT_KEY] = int(released["kept"]) if released is not None and "kept" in released else 1
+        metrics[WEIGHT_KEY] = max(int(released["kept"]) if released is not None and "kept" in released else 1, 1)
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -581,7 +581,7 @@ WIRE: dict[str, tuple[str, str]] = {  # reply: (when, what), field by field
     "train": (
         "a tuning round (the project's own handler)",
         f"the trained adapter; `train-loss`; `{WEIGHT_KEY}` (records trained on; under DP the noisy kept count "
-        "already sent, or 1)",
+        "already sent, at least 1)",
     ),
     "evaluate": (
         "an evaluate round (the project's own handler)",
