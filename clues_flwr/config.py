@@ -22,15 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from clues_flwr.core.aggregation import METHODS
+from clues_flwr.core.aggregation import AGGREGATIONS
 from clues_flwr.core.checks import at_least, one_of, require
-from clues_flwr.core.combine import RULES as COMBINATIONS
+from clues_flwr.core.combine import COMBINATIONS
 from clues_flwr.core.data import parse_names, parse_ratios
+from clues_flwr.core.fit import FITS
 from clues_flwr.core.pollution import KINDS
 from clues_flwr.core.privacy import SitePolicy
 from clues_flwr.core.scoring import ScoreConfig
 from clues_flwr.core.signals import SIGNALS
-from clues_flwr.core.threshold import FITS, RULES
+from clues_flwr.core.threshold import RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.model import ModelSpec
 
@@ -139,7 +140,7 @@ class TuneConfig:
     def __post_init__(self):
         require("num-server-rounds", self.num_server_rounds, self.num_server_rounds >= 1, "at least 1")
         one_of("mode", self.mode, MODES)
-        one_of("aggregation", self.aggregation, METHODS)
+        one_of("aggregation", self.aggregation, AGGREGATIONS)
         require("ties-density", self.ties_density, 0 < self.ties_density <= 1, "in (0, 1]")
         if self.aggregation == "task-arithmetic" and self.mode == "federated":
             raise ValueError(
@@ -406,18 +407,20 @@ def reference() -> str:
         "value is checked when the ServerApp starts, before a run folder exists; a bad one stops the run with one "
         "error that names the key, the value and what is allowed. A misspelt key is refused by Flower itself "
         "(`Invalid run configuration.`), which names it only in the SuperLink's log. Lists of names are one "
-        "comma-separated string. A key that appears in more than one section takes one value for all of them.",
+        "comma-separated string. A key that appears in more than one section takes one value for all of them. "
+        "Beside each key is its field in Python: a project of its own writes `local-steps` as "
+        "`TrainConfig(local_steps=...)`.",
     ]
     for name, section in sections().items():
         lines += ["", f"### {name} (`{section.__name__}`)", "", _plain(section.__doc__ or ""), ""]
-        lines += ["| key | default | meaning |", "| --- | --- | --- |"]
+        lines += ["| key | field | default | meaning |", "| --- | --- | --- | --- |"]
         for f in dataclasses.fields(section):
             key = key_of(f)
             meaning = _plain(f.metadata.get("help", ""))
             others = [other for other in readers[key] if other != name]
             if others:
                 meaning += f"; the same key as in {', '.join(others)}"
-            lines.append(f"| `{key}` | `{toml_value(f.default)}` | {meaning} |")
+            lines.append(f"| `{key}` | `{section.__name__}.{f.name}` | `{toml_value(f.default)}` | {meaning} |")
     lines += [
         "",
         "## Node config",

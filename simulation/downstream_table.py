@@ -26,7 +26,7 @@ SETUPS = {
     "merge": {"mode": "merge", "aggregation": "ties"},
 }
 DEFAULT = SelectionConfig.method
-METHODS = ["none", "oracle", "perplexity", "ifd", "ira", "datainf", "clues", "clues+perplexity", DEFAULT]
+SELECTIONS = ["none", "oracle", "perplexity", "ifd", "ira", "datainf", "clues", "clues+perplexity", DEFAULT]
 NAMES = {
     "none": "mixed data",
     "oracle": "oracle",
@@ -43,7 +43,7 @@ NAMES = {
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--methods", nargs="+", choices=SELECTIONS, default=SELECTIONS)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     p.add_argument("--out", type=Path, default=Path("results"))

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.repeats if epsilon else 1):  # without noise every run is the same
             nodes = {n: {**c, "dp-epsilon": epsilon} for n, c in demo_nodes(args.nodes).items()}
             grid = LocalGrid(client_app.app, nodes, run)
-            stage = CluesSelection.from_public(
+            stage = CluesSelection.from_records(
                 model, tokenizer, public["validation"], public["anchor"], federation=cfg.federation, **sections
             )
             row = next(iter(stage.run(grid, initial).clients.values()))  # τ and the rule are global

@@ -63,7 +63,7 @@ CANDIDATES = {  # label: signals summed after standardisation (one signal: as it
     "perplexity + end + peak + head + IFD": ("perplexity", "end-loss", "peak-loss", "head-loss", "ifd"),
     "CLUES + perplexity + end + head + IFD": ("clues", "perplexity", "end-loss", "head-loss", "ifd"),
 }
-RULES = (("histogram", "mixture"), ("anchor-quantile", 0.9), ("anchor-mean", None))
+CANDIDATE_RULES = (("histogram", "mixture"), ("anchor-quantile", 0.9), ("anchor-mean", None))
 
 
 def candidate_scores(scores: dict, signals: tuple[str, ...], rule: str, anchors_only: bool) -> dict:
@@ -89,7 +89,7 @@ def measure(run: dict, nodes: int) -> dict:
             s = candidate_scores(scores, signals, rule, reference == "anchors")
             sep = separation(s, bench)
             row[reference] = {"auroc": sep["pooled"], "best_f1": sep["best_f1"], "by_kind": sep["by_kind"]}
-            for r in RULES:
+            for r in CANDIDATE_RULES:
                 picked = select(s, clean, r, bench.config.selection)
                 gap = [100 * (picked["kept"][k] - sum(c)) / len(c) for k, c in clean.items()]
                 row[reference][picked["rule"]] = {"f1": picked["f1"], "tau": picked["tau"], "share_gap": gap}

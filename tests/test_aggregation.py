@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clues_flwr.core.aggregation import (
-    METHODS,
+    AGGREGATIONS,
     aggregate,
     check_state,
     exact_delta,
@@ -244,7 +244,7 @@ def test_aggregate_dispatches():
     base = {A: torch.randn(2, 5), B: torch.randn(4, 2)}
     states = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
     weights = [1, 2, 3]
-    assert METHODS == ("fedavg", "ties", "task-arithmetic", "exact")
+    assert AGGREGATIONS == ("fedavg", "ties", "task-arithmetic", "exact")
     for method, want in (
         ("fedavg", fedavg(states, weights)),
         ("task-arithmetic", task_arithmetic(states, weights)),

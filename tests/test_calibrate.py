@@ -7,20 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from clues_flwr.core.threshold import (
+from clues_flwr.core.fit import (
     FITS,
     Mixture,
     fit_mixture,
-    global_threshold,
-    histogram,
-    histogram_edges,
     histogram_threshold,
     mixture_threshold,
     pooled,
-    standard,
     unusable,
     valley_threshold,
 )
+from clues_flwr.core.threshold import global_threshold, histogram, histogram_edges, standard
 
 
 def best_f1_threshold(scores: np.ndarray, clean: np.ndarray) -> float:

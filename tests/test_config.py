@@ -26,11 +26,12 @@ from clues_flwr.config import (
     to_record,
     toml_value,
 )
-from clues_flwr.core.aggregation import METHODS
+from clues_flwr.core.aggregation import AGGREGATIONS
+from clues_flwr.core.fit import FITS
 from clues_flwr.core.pollution import KINDS
 from clues_flwr.core.privacy import SitePolicy
 from clues_flwr.core.scoring import PRECONDITIONERS, ScoreConfig
-from clues_flwr.core.threshold import FITS, RULES
+from clues_flwr.core.threshold import RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.demo import client_app, server_app
 from clues_flwr.flower.threads import thread_count, threads_mod
@@ -83,7 +84,7 @@ def test_every_field_says_what_it_means():
         ("threshold-rule", RULES),
         ("histogram-fit", FITS),
         ("mode", MODES),
-        ("aggregation", METHODS),
+        ("aggregation", AGGREGATIONS),
         ("partition", SCHEMES),
         ("quantization", QUANTIZATIONS),
         ("precondition", PRECONDITIONERS),

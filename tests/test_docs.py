@@ -3,16 +3,21 @@ repository paths and `clues_flwr.…` names; the commands CI copies from the REA
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from pathlib import Path
 
 import pytest
 
+import clues_flwr
+from clues_flwr.config import key_of, sections
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Named by the migration notes as gone: they must stay gone.
-GONE = {"clues_flwr.client_app", "clues_flwr.selection", "clues_flwr.strategy"}
+# Named by the migration note as moved: they must stay gone.
+GONE = set(clues_flwr._MOVED)
+MIGRATION = (ROOT / "docs" / "integration.md").read_text(encoding="utf-8").split("## Migrating", 1)[1]
 # CI runs these two commands as the README writes them.
 QUICKSTART = [
     "pip install torch==2.13.0 -e . && FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . --stream "
@@ -96,6 +101,25 @@ def test_what_the_migration_notes_call_gone_is_gone():
     for name in GONE:
         relative = Path(*name.split("."))
         assert not (ROOT / f"{relative}.py").exists() and not (ROOT / relative).is_dir(), name
+
+
+def test_the_migration_note_lists_every_moved_module_and_every_key_unlike_its_field():
+    """A user who knows only the old path, or only the run-config key, finds the new name."""
+    unlisted = [old for old in GONE if f"`{old}`" not in MIGRATION]
+    for section in sections().values():
+        for f in dataclasses.fields(section):
+            if key_of(f) != f.name.replace("_", "-"):
+                unlisted += [t for t in (f"`{key_of(f)}`", f"{section.__name__}({f.name}=") if t not in MIGRATION]
+    assert not unlisted, f"the migration note in docs/integration.md misses {unlisted}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_python_fields_named_beside_keys_exist(page):
+    """Every ``Section(field=...)`` a page writes is a field of that config section."""
+    fields = {s.__name__: {f.name for f in dataclasses.fields(s)} for s in sections().values()}
+    named = re.findall(r"\b(\w+)\((\w+)=", page.read_text(encoding="utf-8"))
+    wrong = [f"{cls}({field}=" for cls, field in named if cls in fields and field not in fields[cls]]
+    assert not wrong, f"{page.name} names fields that do not exist: {wrong}"
 
 
 def test_the_readme_keeps_the_commands_ci_runs():

@@ -10,10 +10,10 @@ import string
 
 import pytest
 
-from clues_flwr.core.threshold import guards, pass_rate_bounds
 from clues_flwr.demo import client_app
 from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.demo.server_app import run_clues
+from clues_flwr.flower.report import guards, pass_rate_bounds
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults
 
 DEMO_SITES = 3
@@ -56,8 +56,8 @@ def test_the_default_selection_drops_junk_sites(tmp_path, caplog):
     clients = json.loads((folder / "selection.json").read_text())["clients"]
     for junk in ("200", "201"):
         assert clients[junk]["kept"] <= 0.05 * clients[junk]["total"], (junk, clients[junk])
-    assert f"site noise: kept {clients['200']['kept']}/" in caplog.text, "named by its file"
-    assert "site partition 1: kept" in caplog.text
+    assert f"noise: kept {clients['200']['kept']}/" in caplog.text, "named by its file"
+    assert "partition 1: kept" in caplog.text
     demo_kept = sum(clients[str(n)]["kept"] for n in range(100, 100 + DEMO_SITES))
     demo_clean = sum(clients[str(n)]["tp"] + clients[str(n)]["fn"] for n in range(100, 100 + DEMO_SITES))
     assert demo_kept >= 0.8 * demo_clean, "the clean demo records still pass"

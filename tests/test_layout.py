@@ -1,14 +1,17 @@
 """The layout's promises: the core imports without Flower and nothing of clues_flwr above it,
-the public API is whole and light, and a FAB carries the library and the demo app but not the
-research harness."""
+the public API is whole and light, a moved module names its new place, and a FAB carries the
+library and the demo app but not the research harness."""
 
 import ast
+import importlib
+import importlib.util
 import io
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from flwr.cli.build import build_fab_from_disk
 
 import clues_flwr
@@ -76,7 +79,21 @@ def test_the_public_api_loads_no_data_stack_and_no_plotting():
 def test_the_public_api_resolves_and_lists_only_what_it_has():
     for name in clues_flwr.__all__:
         assert getattr(clues_flwr, name) is not None
-    assert {"CluesSelection", "CluesTuning", "CluesClient", "Site", "selected_records"} <= set(clues_flwr.__all__)
+    client = {"CluesClient", "Site", "selected_records", "train_reply", "evaluate_reply"}
+    assert client | {"CluesSelection", "CluesTuning", "adapter_arrays"} <= set(clues_flwr.__all__)
+
+
+def test_a_moved_module_fails_naming_its_new_place():
+    for old, new in clues_flwr._MOVED.items():
+        assert importlib.util.find_spec(new) is not None, f"{old} is said to be at {new}, which does not exist"
+        with pytest.raises(ModuleNotFoundError, match=f"{old} has moved to {new}"):
+            importlib.import_module(old)
+    with pytest.raises(ModuleNotFoundError, match="moved to clues_flwr.core.scoring"):
+        from clues_flwr import scoring  # noqa: F401
+    with pytest.raises(ModuleNotFoundError, match="moved to clues_flwr.flower.protocol"):
+        from clues_flwr.flower import messages  # noqa: F401
+    with pytest.raises(ModuleNotFoundError, match="No module named 'clues_flwr.nowhere'"):
+        importlib.import_module("clues_flwr.nowhere")
 
 
 def test_a_fab_carries_the_app_but_not_the_harness():

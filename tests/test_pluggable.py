@@ -99,7 +99,7 @@ def their_client_app(trained: list, train_mods=()) -> ClientApp:
 
 def selection_stage(model, tok) -> CluesSelection:
     cfg = ScoreConfig(modules=("c_attn",), batch_size=8, max_len=48)
-    return CluesSelection.from_public(
+    return CluesSelection.from_records(
         model,
         tok,
         sums(12, seed=90),

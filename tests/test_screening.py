@@ -140,7 +140,7 @@ def test_a_site_whose_every_reply_is_corrupted_fails_alone_and_the_run_finishes(
     folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg, after=corrupts(how)), cfg)
     metrics = json.loads((folder / "metrics.json").read_text())
     failures = metrics["failures"]
-    assert {f["node"] for f in failures} == {101}, failures
+    assert {(f["node"], f["site"]) for f in failures} == {(101, "site 2")}, "named as in every other line"
     assert {f["where"].split()[0] for f in failures} >= {"trace", "score", "evaluate"}, failures
     assert sorted(json.loads((folder / "selection.json").read_text())["clients"]) == ["100", "102"]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]

@@ -79,8 +79,8 @@ def test_sites_are_numbered_unless_they_choose_a_label(tmp_path, caplog, one_thr
     with caplog.at_level("INFO"):
         _, folder = run(tmp_path, nodes)
     clients = json.loads((folder / "selection.json").read_text())["clients"]
-    assert clients["100"]["site"] == "site 1" and clients["101"]["site"] == "site riverside"
-    assert "site 1: scored 36 records" in caplog.text and "site riverside: scored 36 records" in caplog.text
+    assert clients["100"]["site"] == "site 1" and clients["101"]["site"] == "riverside"
+    assert "site 1: scored 36 records" in caplog.text and "riverside: scored 36 records" in caplog.text
     assert "partition 0" not in json.dumps(clients), "the site's own console name stays on the site"
     assert (folder / "rounds.png").stat().st_size > 1000
 

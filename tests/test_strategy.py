@@ -18,7 +18,8 @@ from clues_flwr.core.signals import signal_scores
 from clues_flwr.demo import client_app, server_app, task
 from clues_flwr.demo.dataset import NUM_ANCHORS, NUM_VALIDATION
 from clues_flwr.flower.client import SELECTION_KEY
-from clues_flwr.flower.selection import PublicRecords, SelectionReport
+from clues_flwr.flower.reference import Reference
+from clues_flwr.flower.report import SelectionReport
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
@@ -475,8 +476,8 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
             trained.add((msg.metadata.message_type, msg.content["config"]["server-round"]))
 
     anchor_scorings = []
-    scores_anchors = PublicRecords.clues
-    monkeypatch.setattr(PublicRecords, "clues", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
+    scores_anchors = Reference.clues
+    monkeypatch.setattr(Reference, "clues", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
     grid = LocalGrid(client_app.app, small_sites(), resumed_cfg, before=note_training)
     folder = server_app.run_clues(grid, resumed_cfg)
     assert not anchor_scorings, "the saved G_t and anchor scores are reused, not recomputed"

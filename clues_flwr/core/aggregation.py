@@ -14,7 +14,7 @@ import torch
 
 State = dict[str, torch.Tensor]
 
-METHODS = ("fedavg", "ties", "task-arithmetic", "exact")
+AGGREGATIONS = ("fedavg", "ties", "task-arithmetic", "exact")
 
 
 def _weights(states: Sequence[State], weights: Sequence[float], name: str) -> list[float]:
@@ -187,7 +187,7 @@ def aggregate(
     density: float | None = None,
     rank: int | None = None,
 ) -> State:
-    """The new global adapter from the clients' adapters by ``method`` (one of ``METHODS``).
+    """The new global adapter from the clients' adapters by ``method`` (one of ``AGGREGATIONS``).
 
     ``ties`` merges updates, so it needs ``base`` (the global adapter the clients started from):
     it returns base + ties(state - base). ``density`` is used only by ties, ``rank`` only by exact.
@@ -207,7 +207,7 @@ def aggregate(
         deltas = [{k: s[k].double() - base[k].double() for k in base} for s in states]
         delta = _ties64(deltas, weights, density)
         return {k: (base[k].double() + delta[k]).float() for k in base}
-    raise ValueError(f"unknown aggregation method {method!r}: use one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown aggregation method {method!r}: use one of {', '.join(AGGREGATIONS)}")
 
 
 def check_state(state: State, reference: State) -> str | None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-RULES = ("sum", "min")
+COMBINATIONS = ("sum", "min")
 
 SPREAD_FLOOR = 1e-9  # relative to the reference scores' magnitude: below it their spread is rounding noise
 
@@ -58,8 +58,8 @@ def standardise(scores: torch.Tensor, mean: float, spread: float) -> torch.Tenso
 
 def combine(standardised: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
     """One score per record from the standardised signals."""
-    if rule not in RULES:
-        raise ValueError(f"combination rule must be one of {RULES}, got {rule!r}")
+    if rule not in COMBINATIONS:
+        raise ValueError(f"combination rule must be one of {COMBINATIONS}, got {rule!r}")
     stacked = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in standardised])
     return stacked.sum(0) if rule == "sum" else stacked.min(0).values
 

@@ -14,7 +14,8 @@ from clues_flwr.core.data import check_max_len
 from clues_flwr.demo.task import central_evaluate, public_sets
 from clues_flwr.flower.exchange import wait_for_nodes
 from clues_flwr.flower.log import say
-from clues_flwr.flower.selection import CluesSelection, SelectionReport
+from clues_flwr.flower.report import SelectionReport
+from clues_flwr.flower.selection import CluesSelection
 from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.threads import limit_threads
 from clues_flwr.flower.tuning import CluesTuning, tuning_strategy
@@ -41,18 +42,18 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     rounds = folder.rounds(cfg)
     initial = ArrayRecord(initial_adapter(cfg.model))
     report = SelectionReport.of(cfg.selection, folder.saved.report if folder.saved else None)
-    saved_public = folder.saved.public if folder.saved else None
+    saved = folder.saved.reference if folder.saved else None
     sections = {"score": cfg.score, "selection": cfg.selection, "train": cfg.train, "tune": cfg.tune}
     if cfg.selection.method not in ("none", "oracle") and rounds.first <= rounds.last:
-        stage = CluesSelection.from_public(
+        stage = CluesSelection.from_records(
             model, tokenizer, public["validation"], public["anchor"], federation=cfg.federation, **sections
         )
         report = stage.run(grid, initial, folder if cfg.tune.mode == "federated" else None)
-        saved_public = stage.anchors.public() if stage.anchors else None
+        saved = stage.reference_scores.state() if stage.reference_scores else None
 
     strategy = CluesTuning(tuning_strategy(cfg.tune, cfg.federation), report, rounds)
     evaluate = functools.partial(central_evaluate, model, tokenizer, public["test"], cfg)
-    hook = RoundHook(folder, rounds, evaluate, lambda: (saved_public, report.to_state()))
+    hook = RoundHook(folder, rounds, evaluate, lambda: (saved, report.to_state()))
     arrays = ArrayRecord(folder.saved.adapter) if rounds.first > 1 else initial
     count = max(rounds.last - rounds.first + 1, 0)
     config = ConfigRecord({**to_record(cfg.train), "mode": cfg.tune.mode})
@@ -65,7 +66,7 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     if report.failures:
         say(
             f"{len(report.failures)} failure(s): "
-            + "; ".join(f"{f['where']} node {f['node']}: {f['reason']}" for f in report.failures)
+            + "; ".join(f"{f['where']} {f.get('site', f['node'])}: {f['reason']}" for f in report.failures)
         )
     say(f"run folder: {run_dir}")
     return run_dir

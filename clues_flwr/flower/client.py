@@ -36,6 +36,7 @@ from clues_flwr.core.threshold import histogram, keep, non_finite
 from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import checkpoint, moments
 from clues_flwr.flower import site_report
+from clues_flwr.flower.adapter import adapter_arrays
 from clues_flwr.flower.ledger import Ledger, site_file, write_atomic
 from clues_flwr.flower.log import say
 from clues_flwr.flower.protocol import (
@@ -209,7 +210,7 @@ def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message
             _restore(context)
         released = context.state.get(RELEASED_KEY)
         metrics[WEIGHT_KEY] = max(int(released["kept"]) if released is not None and "kept" in released else 1, 1)
-    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": adapter_arrays(model), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -254,7 +255,7 @@ class CluesClient:
         How the site's own console names it (the name never leaves the site).
     """
 
-    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "(unnamed)"):
+    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "this site"):
         self.site, self.name = site, name
 
     def register(self, app: ClientApp) -> None:
@@ -332,7 +333,7 @@ class CluesClient:
         )
         if mismatch:
             say(
-                f"site {self.name(context)}: warning: its records' prompts ({mine}) differ from the server's "
+                f"{self.name(context)}: warning: its records' prompts ({mine}) differ from the server's "
                 f"({request.prompt_format})"
             )
         return Message(content=reply.encode(), reply_to=msg)
@@ -367,7 +368,7 @@ class CluesClient:
         if policy.dp_epsilon:
             spent = ledger.entry(digest)["epsilon"]
             what += f" (sent under DP: kept {sent} of {total}; ε = {spent:g} of {policy.dp_budget:g} spent)"
-        say(f"site {self.name(context)}: {what}")
+        say(f"{self.name(context)}: {what}")
         report = site_file(context, "report", ".json")
         if report is not None:
             sent_counts = {"kept": sent, "total": total}

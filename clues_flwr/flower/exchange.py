@@ -26,8 +26,8 @@ Decode = Callable[[int, RecordDict], Any]
 
 
 class Failures(list):
-    """Every reply a phase could not use: ``{"where", "node", "reason"}`` rows, said as they
-    come, each site by its name in ``names`` (``site 3``, or the label it chose)."""
+    """Every reply a phase could not use: ``{"where", "node", "site", "reason"}`` rows, said
+    as they come, each site by its name in ``names`` (``site 3``, or the label it chose)."""
 
     def __init__(self, rows=()):
         super().__init__(rows)
@@ -36,7 +36,7 @@ class Failures(list):
     def add(self, where: str, node: int | None, reason: str) -> None:
         who = "server" if node is None else self.names.get(node, f"node {node}")
         say(f"{where}: {who}: {reason}")
-        self.append({"where": where, "node": node, "reason": reason})
+        self.append({"where": where, "node": node, "site": who, "reason": reason})
 
 
 def usable(

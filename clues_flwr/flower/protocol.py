@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from clues_flwr.config import from_mapping, to_record
 from clues_flwr.core.adapter import adapter_key
 from clues_flwr.core.aggregation import check_state
-from clues_flwr.core.combine import RULES as COMBINATIONS
+from clues_flwr.core.combine import COMBINATIONS
 from clues_flwr.core.scoring import ScoreConfig
 from clues_flwr.core.signals import SIGNALS
 from clues_flwr.core.train import TrainConfig

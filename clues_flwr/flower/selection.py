@@ -22,31 +22,23 @@ any Flower strategy that then tunes on the selected records (``tuning.CluesTunin
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from clues_flwr.config import FederationConfig, SelectionConfig, TuneConfig
-from clues_flwr.core.adapter import set_adapter_state
-from clues_flwr.core.aggregation import fedavg
+from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record, check_max_len, prompt_format
-from clues_flwr.core.metrics import selection_scores
-from clues_flwr.core.scoring import ScoreConfig, left_out_scores
-from clues_flwr.core.scoring import scores as clues_scores
-from clues_flwr.core.signals import datainf_direction, signal_scores
-from clues_flwr.core.threshold import Standard, global_threshold, guards, standard
+from clues_flwr.core.scoring import ScoreConfig
+from clues_flwr.core.threshold import Standard, global_threshold, standard
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
-from clues_flwr.flower.exchange import Failures, exchange, usable, wait_for_nodes
+from clues_flwr.flower.exchange import exchange, wait_for_nodes
 from clues_flwr.flower.log import say, without_final_results
 from clues_flwr.flower.protocol import (
-    CONFUSION,
     SCORE_MESSAGE,
     THRESHOLD_MESSAGE,
     TRACE_MESSAGE,
@@ -57,213 +49,10 @@ from clues_flwr.flower.protocol import (
     TraceReply,
     TraceRequest,
 )
+from clues_flwr.flower.reference import Reference, ReferenceScores
+from clues_flwr.flower.report import SelectionReport, guards
 from clues_flwr.flower.state import RunFolder
-
-
-@dataclasses.dataclass(frozen=True)
-class PublicRecords:
-    """What the server holds to score the public records itself: a PEFT model, its
-    tokenizer, the public validation set (G_t, DataInf's direction), the anchors, and any
-    more clean records a user adds (``clean``). All of them are the clean reference every
-    signal is standardised against and every fallback τ is set from."""
-
-    model: Any
-    tokenizer: Any
-    validation: list[Record]
-    anchors: list[Record]
-    clean: list[Record] = dataclasses.field(default_factory=list)
-
-    @property
-    def reference(self) -> list[Record]:
-        """The clean reference: validation, anchors, then the added records, in that order."""
-        return [*self.validation, *self.anchors, *self.clean]
-
-    @property
-    def anchor_slice(self) -> slice:
-        return slice(len(self.validation), len(self.validation) + len(self.anchors))
-
-    def clues(self, trajectory: list[Checkpoint], score: ScoreConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """G_t per checkpoint and the reference's CLUES scores along ``trajectory`` (each
-        validation record with itself left out of G_t)."""
-        val_sums, own = left_out_scores(self.model, self.tokenizer, self.validation, trajectory, score)
-        others = clues_scores(self.model, self.tokenizer, [*self.anchors, *self.clean], trajectory, val_sums, score)
-        return val_sums, torch.cat([own, others])
-
-    def baseline(self, methods: list[str], adapter: dict, score: ScoreConfig, seed: int):
-        """The reference's scores by each baseline signal at ``adapter``, and DataInf's
-        direction (else None)."""
-        set_adapter_state(self.model, adapter)
-        sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
-        direction = (
-            datainf_direction(self.model, self.tokenizer, self.validation, **sizes) if "datainf" in methods else None
-        )
-        scored = signal_scores(
-            methods, self.model, self.tokenizer, self.reference, seed=seed, direction=direction, **sizes
-        )
-        return scored, direction
-
-
-@dataclasses.dataclass
-class Anchors:
-    """The server's side of one trajectory (or of the initial adapter, for baselines): per
-    signal the reference's scores and their (mean, spread), and the standard fixed from them."""
-
-    trajectory: list[Checkpoint] | None
-    val_sums: list[torch.Tensor] | None
-    scores: dict[str, torch.Tensor]  # per signal, over the reference records
-    direction: torch.Tensor | None
-    standard: Standard
-
-    @property
-    def stats(self) -> dict[str, tuple[float, float]]:
-        """Each signal's reference mean and spread: all a site is sent to standardise by."""
-        return references(self.scores)
-
-    def public(self) -> dict:
-        """As the run state keeps it: what a resumed run needs not to score the reference again."""
-        return {"reference-scores": {n: s.tolist() for n, s in self.scores.items()}, "standard": self.standard.row()}
-
-
-@dataclasses.dataclass
-class SelectionReport:
-    """What the selection stage learned: never a record or a per-record score.
-
-    Parameters
-    ----------
-    method, threshold_rule : str
-        The scorer (``clues``, ``clues+perplexity``, a baseline) and the threshold rule.
-    target_recall, keep_ratio : float
-        The anchor-quantile target (also the histogram rule's fallback) and the fixed share
-        (0: the threshold).
-    clients : dict[int, dict]
-        Per node: ``site`` (its number, 1…n), ``kept``, ``total``, the score histogram, τ, the
-        histogram edges, the anchor scores and, for labelled records, ``tp fp fn tn``.
-    trace : dict[int, dict]
-        The trace rounds' aggregated metrics.
-    failures : Failures
-        Every reply a phase could not use (``where``, ``node``, ``reason``).
-    warnings : list[str]
-        Sites that kept nothing or everything, records passing τ more often than the anchors,
-        a histogram rule that fell back to the anchors.
-    """
-
-    method: str
-    threshold_rule: str
-    target_recall: float
-    keep_ratio: float
-    clients: dict[int, dict] = dataclasses.field(default_factory=dict)
-    trace: dict[int, dict] = dataclasses.field(default_factory=dict)
-    failures: Failures = dataclasses.field(default_factory=Failures)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def counts(self) -> dict[str, int] | None:
-        """Confusion counts summed over the sites that sent them (labelled records, labels
-        allowed to be read, exact counts); None when none did."""
-        labelled = [r for r in self.clients.values() if "tp" in r]
-        if not labelled:
-            return None
-        return {k: sum(r[k] for r in labelled) for k in CONFUSION}
-
-    def to_state(self) -> dict[str, Any]:
-        """All of it as JSON, for the run state and ``metrics.json``; ``selection`` is
-        empty when no score phase ran (``none``, ``oracle``)."""
-        return {
-            "selection": self.to_json() if self.clients else {},
-            "trace": {str(r): dict(m) for r, m in self.trace.items()},
-            "failures": list(self.failures),
-        }
-
-    @classmethod
-    def of(cls, selection: SelectionConfig, state: dict[str, Any] | None = None) -> "SelectionReport":
-        """The report for ``selection``: empty, or as a run state saved it."""
-        report = cls(selection.method, selection.threshold_rule, selection.target_recall, selection.keep_ratio)
-        if state:
-            report.clients = {int(n): row for n, row in state["selection"].get("clients", {}).items()}
-            report.trace = {int(r): m for r, m in state["trace"].items()}
-            report.failures.extend(state["failures"])
-            report.failures.names.update({n: row["site"] for n, row in report.clients.items() if "site" in row})
-            report.warnings = list(state["selection"].get("warnings", []))
-        return report
-
-    def to_json(self) -> dict[str, Any]:
-        """``selection.json``: the rule, the sites, and precision/recall/F1 when labelled."""
-        out = {
-            "method": self.method,
-            "threshold-rule": self.threshold_rule,
-            "target-recall": self.target_recall,
-            "keep-ratio": self.keep_ratio,
-            "clients": {str(n): r for n, r in self.clients.items()},
-            "warnings": self.warnings,
-        }
-        if self.counts:
-            labelled = [r["site"] for r in self.clients.values() if "tp" in r]
-            out.update(counts=self.counts, **selection_scores(self.counts), **{"labelled-sites": labelled})
-        return out
-
-
-class TraceStrategy(FedAvg):
-    """FedAvg on all records whose rounds make the global trajectory; run by Flower's
-    ``start``. Clients answer ``train.clues_trace`` with their adapter and the scoring
-    layer's moments; each round's aggregate and the example-weighted mean of the moments
-    are a checkpoint.
-
-    Parameters
-    ----------
-    failures : Failures
-        Where unusable replies are reported.
-    train : TrainConfig
-        The trace rounds' hyperparameters (the checkpoints' learning rate and weight decay).
-    **fedavg_kwargs
-        FedAvg's own (sampling, minimum nodes).
-    """
-
-    def __init__(self, failures: Failures, train: TrainConfig, **fedavg_kwargs: Any):
-        super().__init__(**fedavg_kwargs)
-        self.failures, self.train = failures, train
-        self.trajectory: list[Checkpoint] = []
-        self._global: dict[str, torch.Tensor] = {}
-        self._sent: list[Message] = []
-
-    def summary(self) -> None:
-        say(f"trace: FedAvg on every record, {self.train.local_steps} local step(s) a round")
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return []  # a trace round only trains: the trajectory is what it is for
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        return None
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        self._global = arrays.to_torch_state_dict()
-        messages = super().configure_train(server_round, arrays, config, grid)
-        self._sent = [
-            Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=TRACE_MESSAGE) for m in messages
-        ]
-        return self._sent
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        where = f"trace round {server_round}"
-        ok = usable(replies, self._sent, where, self.failures, lambda node, c: TraceReply.decode(c, self._global))
-        if len(ok) < self.min_train_nodes:
-            self.failures.add(where, None, f"only {len(ok)} usable replies, {self.min_train_nodes} needed")
-            return None, None
-        traced = [reply for _, _, reply in ok]
-        weights = [float(r.num_examples) for r in traced]
-        adapter = fedavg([r.adapter for r in traced], weights)
-        ms, vs = zip(*(r.moments for r in traced))
-        self.trajectory.append(
-            Checkpoint(
-                adapter=adapter,
-                exp_avg=fedavg(ms, weights),
-                exp_avg_sq=fedavg(vs, weights),
-                step=max(r.adam_step for r in traced),
-                lr=self.train.learning_rate,
-                weight_decay=self.train.weight_decay,
-                round=server_round,
-            )
-        )
-        return ArrayRecord(adapter), self.train_metrics_aggr_fn([m.content for _, m, _ in ok], self.weighted_by_key)
+from clues_flwr.flower.trace import TraceStrategy
 
 
 class CluesSelection:
@@ -273,8 +62,9 @@ class CluesSelection:
 
     Parameters
     ----------
-    public : PublicRecords
-        The server's model and public records, with which it scores the anchors.
+    reference : Reference
+        The server's model and clean public records, which it scores itself. ``run`` leaves
+        the model's adapter as it found it.
     score, selection, train, tune, federation
         The run's config sections: how to score, what to select and by which rule, the
         sites' local training in the trace rounds, the trace's layout (``tune.mode``), and
@@ -283,7 +73,7 @@ class CluesSelection:
 
     def __init__(
         self,
-        public: PublicRecords,
+        reference: Reference,
         *,
         score: ScoreConfig = ScoreConfig(),
         selection: SelectionConfig = SelectionConfig(),
@@ -298,8 +88,8 @@ class CluesSelection:
                 f"max-seq-len differs between scoring ({score.max_len}) and training ({train.max_seq_len}): "
                 "records would be scored on other tokens than they were traced and tuned on"
             )
-        check_max_len(public.validation, public.tokenizer, train.max_seq_len)
-        self.public = public
+        check_max_len(reference.validation, reference.tokenizer, train.max_seq_len)
+        self.reference = reference
         self.score, self.selection, self.train, self.mode, self.federation = (
             score,
             selection,
@@ -308,10 +98,10 @@ class CluesSelection:
             federation,
         )
         self.signals = selection.method.split("+")
-        self.anchors: Anchors | None = None  # a federated trajectory's public side, for the run state
+        self.reference_scores: ReferenceScores | None = None  # a federated trajectory's, for the run state
 
     @classmethod
-    def from_public(
+    def from_records(
         cls,
         model,
         tokenizer,
@@ -323,13 +113,20 @@ class CluesSelection:
         """The stage for a server that holds ``model`` (a PEFT model), the public
         ``validation`` and ``anchors`` records and, optionally, more public ``clean`` ones
         for the reference; ``sections`` are the config sections."""
-        return cls(PublicRecords(model, tokenizer, list(validation), list(anchors), list(clean)), **sections)
+        return cls(Reference(model, tokenizer, list(validation), list(anchors), list(clean)), **sections)
 
     def run(self, grid: Grid, initial_arrays: ArrayRecord, folder: RunFolder | None = None) -> SelectionReport:
-        """Select on every site. With ``folder``, a federated trajectory and its public side
-        are saved before the score phase, and a saved one is scored again (a site's
+        """Select on every site. With ``folder``, a federated trajectory and its reference
+        scores are saved before the score phase, and a saved one is scored again (a site's
         selection lives on the node for one run only) without tracing or scoring the
-        anchors anew."""
+        reference anew. The reference model's adapter is restored when it returns."""
+        adapter = adapter_state(self.reference.model)
+        try:
+            return self._run(grid, initial_arrays, folder)
+        finally:
+            set_adapter_state(self.reference.model, adapter)
+
+    def _run(self, grid: Grid, initial_arrays: ArrayRecord, folder: RunFolder | None) -> SelectionReport:
         saved = folder.saved if folder else None
         report = SelectionReport.of(self.selection, saved.report if saved else None)
         report.clients, report.warnings = {}, []
@@ -338,20 +135,18 @@ class CluesSelection:
         initial = initial_arrays.to_torch_state_dict()
         if "clues" not in self.signals:
             say(f"score: {self.selection.method} at the initial adapter (no trace)")
-            sides = {None: self._anchors(initial, None)}
-        elif saved and saved.public:
-            say("resume: scoring again on the saved trajectory and anchor scores")
-            trajectory, val_sums = folder.trajectory()
-            scores = {n: torch.tensor(s, dtype=torch.float64) for n, s in saved.public["reference-scores"].items()}
-            sides = {None: Anchors(trajectory, val_sums, scores, None, Standard.from_row(saved.public["standard"]))}
+            sides = {None: self._reference_scores(initial, None)}
+        elif saved and saved.reference:
+            say("resume: scoring again on the saved trajectory and reference scores")
+            sides = {None: ReferenceScores.from_state(saved.reference, *folder.trajectory())}
         else:
             traced = self.trace(grid, initial_arrays, report)
-            sides = {key: self._anchors(initial, trajectory) for key, trajectory in traced.items()}
+            sides = {key: self._reference_scores(initial, trajectory) for key, trajectory in traced.items()}
             if folder and None in sides:
                 side = sides[None]
                 folder.save_trajectory(side.trajectory, side.val_sums)
-                folder.save(0, side.public(), report.to_state())
-        self.anchors = sides.get(None)
+                folder.save(0, side.state(), report.to_state())
+        self.reference_scores = sides.get(None)
         self._score(grid, initial_arrays, sides, report)
         return report
 
@@ -392,7 +187,9 @@ class CluesSelection:
 
     # ---- score ------------------------------------------------------------------------
 
-    def _anchors(self, initial: dict[str, torch.Tensor], trajectory: list[Checkpoint] | None) -> Anchors:
+    def _reference_scores(
+        self, initial: dict[str, torch.Tensor], trajectory: list[Checkpoint] | None
+    ) -> ReferenceScores:
         """The reference's scores by every signal, and the standard fixed from them. CLUES
         scores along ``trajectory``; the other signals at the adapter every site starts from,
         as the paper applies the baselines before any training (DataInf's direction comes
@@ -400,23 +197,23 @@ class CluesSelection:
         val_sums, scores = None, {}
         others = [n for n in self.signals if n != "clues"]
         baseline, direction = (
-            self.public.baseline(others, initial, self.score, self.train.seed) if others else ({}, None)
+            self.reference.baseline(others, initial, self.score, self.train.seed) if others else ({}, None)
         )
         for name in self.signals:
             if name == "clues":
-                val_sums, scores[name] = self.public.clues(trajectory, self.score)
+                val_sums, scores[name] = self.reference.clues(trajectory, self.score)
             else:
                 scores[name] = baseline[name]
-        return Anchors(trajectory, val_sums, scores, direction, self._standard(scores))
+        return ReferenceScores(trajectory, val_sums, scores, direction, self._standard(scores))
 
     def _standard(self, scores: dict[str, torch.Tensor]) -> Standard:
         sel = self.selection
         stats = references(scores) if len(scores) > 1 else {}
         reference = combined(scores, stats, sel.combination)
-        anchors = reference[self.public.anchor_slice]
+        anchors = reference[self.reference.anchor_slice]
         return standard(anchors, reference, self._rule(), sel.target_recall, sel.histogram_bins)
 
-    def _request(self, initial: dict[str, torch.Tensor], side: Anchors) -> ScoreRequest:
+    def _request(self, initial: dict[str, torch.Tensor], side: ReferenceScores) -> ScoreRequest:
         """What a site is sent to score with: per signal what it scores with, the histogram
         edges and, for a combination, each signal's reference mean and spread (its scale)."""
         clues, others = "clues" in self.signals, any(n != "clues" for n in self.signals)
@@ -424,7 +221,7 @@ class CluesSelection:
             self.signals,
             self.selection.combination,
             side.standard.edges,
-            prompt_format(self.public.anchors),
+            prompt_format(self.reference.anchors),
             self.score,
             side.stats if len(self.signals) > 1 else {},
             trajectory=side.trajectory if clues else None,
@@ -435,7 +232,7 @@ class CluesSelection:
         )
 
     def _score(
-        self, grid: Grid, initial_arrays: ArrayRecord, sides: dict[int | None, Anchors], report: SelectionReport
+        self, grid: Grid, initial_arrays: ArrayRecord, sides: dict[int | None, ReferenceScores], report: SelectionReport
     ) -> None:
         """Two queries: every site scores its records and sends a histogram; the server sets
         τ (by the anchors, or from the pooled histograms), then every site keeps S(z) ≥ τ (or
@@ -458,7 +255,7 @@ class CluesSelection:
         scored: dict[int, ScoreReply] = exchange(grid, messages, "score", report.failures, decode, **self._phase())
         for node, reply in scored.items():
             if reply.label:
-                report.failures.names[node] = f"site {reply.label}"
+                report.failures.names[node] = reply.label
         taus, applied = {}, {}
         for key, side in sides.items():
             fitted = [n for n in scored if side_of(n) == key]
@@ -503,7 +300,7 @@ class CluesSelection:
             if score.prompt_mismatch:
                 report.warnings.append(
                     f"{name}: its records' prompts are formatted otherwise than the server's public records' "
-                    f"({prompt_format(self.public.anchors)} here): its scores and τ are not on one scale"
+                    f"({prompt_format(self.reference.anchors)} here): its scores and τ are not on one scale"
                 )
         report.warnings += guards(report.clients, sel.keep_ratio)
         for warning in report.warnings:

@@ -2,7 +2,7 @@
 
 A run folder is named ``NAME.partial`` until the run completes, so a crash never leaves a
 folder that looks finished; meanwhile ``state/`` lets ``resume-from`` continue it. After the
-score phase it holds the federated trajectory, its validation sums G_t and the public side
+score phase it holds the federated trajectory, its validation sums G_t and the reference scores
 of the selection (each signal's anchor scores, the standard); after every ``save-every``
 tuning rounds the global adapter, the round, the history and the report so far. Every file
 is written under a temporary name and renamed into place, and ``state.json`` is renamed
@@ -102,8 +102,8 @@ class Saved:
         The last tuning round saved (0: saved after the score phase, before any tuning).
     adapter : dict or None
         The global adapter after ``round`` (None before the first tuning round).
-    public : dict or None
-        The selection's public side: each signal's anchor scores and the standard.
+    reference : dict or None
+        The selection's reference scores by signal and the standard (``ReferenceScores.state``).
     report : dict
         The selection report so far (``SelectionReport.to_state``).
     history : dict
@@ -112,7 +112,7 @@ class Saved:
 
     round: int
     adapter: dict[str, torch.Tensor] | None
-    public: dict | None
+    reference: dict | None
     report: dict
     history: dict[str, dict[int, dict]]
 
@@ -216,13 +216,18 @@ class RunFolder:
         return rounds
 
     def save(
-        self, round: int, public: dict | None, report: dict, rounds: Rounds | None = None, adapter: dict | None = None
+        self,
+        round: int,
+        reference: dict | None,
+        report: dict,
+        rounds: Rounds | None = None,
+        adapter: dict | None = None,
     ) -> None:
         """The state after ``round`` and, when given, the adapter it belongs to."""
         self.state.mkdir(parents=True, exist_ok=True)
         parts = rounds.history if rounds else {}
         history = {part: {str(r): dict(m) for r, m in per.items()} for part, per in parts.items()}
-        state = {"round": round, "public": public, "report": report, "history": history, "adapter": None}
+        state = {"round": round, "reference": reference, "report": report, "history": history, "adapter": None}
         if adapter is not None:
             name = f"adapter-round-{round:05d}.safetensors"
             tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
@@ -286,7 +291,7 @@ def _read(folder: Path) -> Saved | None:
         raise ValueError(f"{path} is not valid JSON ({err}): the run state is damaged") from err
     adapter = load_file(folder / state["adapter"]) if state.get("adapter") else None
     history = {part: {int(r): m for r, m in per.items()} for part, per in state.get("history", {}).items()}
-    return Saved(state["round"], adapter, state.get("public"), state["report"], history)
+    return Saved(state["round"], adapter, state.get("reference"), state["report"], history)
 
 
 def _resume_problem(folder: Path, cfg: AppConfig) -> str | None:
@@ -326,7 +331,7 @@ class RoundHook:
     evaluate : Callable[[int, ArrayRecord], MetricRecord]
         The central evaluation of the global adapter at a true round.
     state : Callable[[], tuple[dict | None, dict]]
-        What else a resume needs, as JSON: the selection's public side and the report.
+        What else a resume needs, as JSON: the selection's reference scores and the report.
     """
 
     def __init__(
@@ -351,8 +356,8 @@ class RoundHook:
         metrics = self.evaluate(0 if flower_round == 0 else true_round, arrays) if due else None
         rounds.record(SERVER, 0 if flower_round == 0 else true_round, metrics)
         if flower_round > 0 and rounds.due(true_round, rounds.save_every):
-            public, report = self.state()
-            self.folder.save(true_round, public, report, rounds, arrays.to_torch_state_dict())
+            reference, report = self.state()
+            self.folder.save(true_round, reference, report, rounds, arrays.to_torch_state_dict())
         now = time.monotonic()
         if flower_round > 0:
             self.seconds.append(now - self._clock)

@@ -36,13 +36,13 @@ from clues_flwr.flower.protocol import (
     decode_train_reply,
     tuning_config,
 )
-from clues_flwr.flower.selection import SelectionReport
+from clues_flwr.flower.report import SelectionReport
 from clues_flwr.flower.state import EVALUATE, TRAIN, Rounds
 from clues_flwr.flower.timing import span
 
 
 class _Merged(FedAvg):
-    """FedAvg whose arrays are merged by one of ``aggregation.METHODS``."""
+    """FedAvg whose arrays are merged by one of ``aggregation.AGGREGATIONS``."""
 
     method = "fedavg"
 

@@ -114,7 +114,7 @@ def prepare(run: dict, nodes: int) -> Bench:
     grid = LocalGrid(client_app.app, demo_nodes(nodes), run)
     sites = {f"client{i}": local_split(ctx)[0] for i, ctx in enumerate(grid.contexts.values())}
     initial = initial_adapter(cfg.model)
-    stage = CluesSelection.from_public(
+    stage = CluesSelection.from_records(
         model,
         tokenizer,
         public["validation"],
@@ -175,7 +175,7 @@ def baseline_set_scores(bench: Bench, methods: list[str]) -> dict[str, dict[str,
 
 
 def reference_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The clean reference's scores, as ``PublicRecords.reference`` orders it."""
+    """The clean reference's scores, as ``Reference.records`` orders it."""
     return torch.cat([scores["validation"], scores["anchors"]])
 
 

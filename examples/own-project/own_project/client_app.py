@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from functools import cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import set_peft_model_state_dict
 
-from clues_flwr import CluesClient, Site, selected_records
+from clues_flwr import CluesClient, Site, selected_records, train_reply
 from own_project.task import load_model, sums, train
 
 app = ClientApp()
@@ -29,7 +29,8 @@ def site_records(context: Context) -> list[dict]:
 
 @app.train()
 def tune(msg: Message, context: Context) -> Message:
-    """Their own round: their loop, optimizer, template and FedProx term, on what CLUES kept."""
+    """Their own round: their loop, optimizer, template and FedProx term, on what CLUES kept;
+    the reply through ``train_reply``, which keeps the site's own privacy policy."""
     config = msg.content["config"]
     model, tokenizer = loaded()
     set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
@@ -47,9 +48,7 @@ def tune(msg: Message, context: Context) -> Message:
             mu,
             int(config["server-round"]),
         )
-    arrays = ArrayRecord({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
-    metrics = MetricRecord({"train-loss": loss, "num-examples": len(records)})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return train_reply(msg, context, model, {"train-loss": loss, "num-examples": len(records)})
 
 
 CluesClient(lambda context: Site(*loaded(), site_records(context))).register(app)

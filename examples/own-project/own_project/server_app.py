@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
-from peft import get_peft_model_state_dict
 
-from clues_flwr import CluesSelection, CluesTuning, ScoreConfig, SelectionConfig, TrainConfig
+from clues_flwr import CluesSelection, CluesTuning, ScoreConfig, SelectionConfig, TrainConfig, adapter_arrays
 from own_project.task import load_model, sums
 
 app = ServerApp()
@@ -21,9 +20,9 @@ def main(grid: Grid, context: Context):
     run = context.run_config
     model, tokenizer = load_model()
     validation, anchors = sums(30, seed=1000), sums(10, seed=1001)  # public and clean
-    initial = ArrayRecord({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
+    initial = adapter_arrays(model)
     max_len = 48  # their records are short: trace, score and tune on the same tokens
-    selection = CluesSelection.from_public(
+    selection = CluesSelection.from_records(
         model,
         tokenizer,
         validation,
