@@ -4,7 +4,7 @@ demo model, for ``--nodes`` sites and ``--rounds`` tuning rounds of ``--local-st
     python simulation/bench_rounds.py --nodes 20 --rounds 300 --local-steps 1    # the orchestration floor
     python simulation/bench_rounds.py --nodes 20 --rounds 30 --local-steps 10    # the paper's local work
 
-The app notes its own spans when ``CLUES_TIMING`` names a file (``clues_flwr.flower.timing``):
+The app notes its own spans when ``CLUES_TIMING`` names a file (``clues_flwr.demo.timing``):
 every ClientApp handler (a ClientApp mod), the server's configure, reply screening and
 aggregation, and the per-round hook (central evaluation and run state). A tuning round's
 wall time runs from the end of one round hook to the end of the next. Its *app time* is the
@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from clues_flwr.flower.timing import TIMING_ENV
+from clues_flwr.demo.timing import TIMING_ENV
 from clues_flwr.harness.bench import parse_set
 from clues_flwr.harness.simulate import flwr_run, write_run_config
 

@@ -53,7 +53,7 @@ from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, scores, scori
 from clues_flwr.core.train import train_steps, training
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo.dataset import demo_splits
-from clues_flwr.flower.timing import timed
+from clues_flwr.harness.measure import timed
 from clues_flwr.model import ModelSpec, build, device, load_base, load_tokenizer
 
 # Agreement bound on the CPU, where every method computes in float32 (the 8-bit demo too:

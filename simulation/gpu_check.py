@@ -53,8 +53,8 @@ from clues_flwr.core.data import to_device
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import checkpoint
-from clues_flwr.flower.timing import peak_memory, reset_peak, timed
 from clues_flwr.harness.bench import parse_set, run_config
+from clues_flwr.harness.measure import peak_memory, reset_peak, timed
 from clues_flwr.harness.simulate import flwr_run, run_logged, write_run_config
 from clues_flwr.model import ModelSpec, build, device
 

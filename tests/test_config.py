@@ -34,7 +34,7 @@ from clues_flwr.core.scoring import PRECONDITIONERS, ScoreConfig
 from clues_flwr.core.threshold import RULES
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.demo import client_app, server_app
-from clues_flwr.flower.threads import thread_count, threads_mod
+from clues_flwr.demo.threads import thread_count, threads_mod
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 from clues_flwr.model import QUANTIZATIONS
 

@@ -122,7 +122,7 @@ def test_another_project_selects_with_clues_and_tunes_with_its_own_fedprox(caplo
         fedprox = FedProx(proximal_mu=0.1, fraction_evaluate=0.0)
         result = CluesTuning(fedprox, report).start(grid, initial, num_rounds=2)
 
-    trajectory = selection.anchors.trajectory
+    trajectory = selection.reference_scores.trajectory
     assert len(trajectory) == 2 and all(c.lr == 1e-2 and c.step == 3 for c in trajectory)
     assert all(".h.0." in n for n in trajectory[0].exp_avg), "first-layer moments of GPT-2"
     assert sorted(report.clients) == [7, 8] and sum(c["total"] for c in report.clients.values()) == 60
@@ -145,8 +145,11 @@ class RecordingFedAdam(FedAdam):
 def test_fedadam_after_clues_selection_aggregates_with_fedadam():
     model, tok = tiny_gpt2()
     grid = LocalGrid(their_client_app([]), {7: {"site": 1}, 8: {"site": 2}}, run_config={})
+    before = adapter_state(model)  # the stage sets the trajectory's adapters on it while it scores
     initial = ArrayRecord(adapter_state(model))
     report = selection_stage(model, tok).run(grid, initial)
+    after = adapter_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "the stage leaves the caller's model as it was"
     fedadam = RecordingFedAdam(fraction_evaluate=0.0, eta=0.05)
     result = CluesTuning(fedadam, report).start(grid, initial, num_rounds=1)
     assert fedadam.m_t is not None and fedadam.v_t is not None, "FedAdam's server moments were updated"

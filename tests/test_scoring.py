@@ -24,7 +24,7 @@ from clues_flwr.core.scoring import (
 from clues_flwr.core.threshold import anchor_threshold
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo.dataset import demo_splits
-from clues_flwr.flower.state import load_checkpoint, save_checkpoint
+from clues_flwr.demo.state import load_checkpoint, save_checkpoint
 from clues_flwr.model import ModelSpec, build, load_tokenizer
 
 

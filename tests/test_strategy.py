@@ -17,10 +17,10 @@ from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.signals import signal_scores
 from clues_flwr.demo import client_app, server_app, task
 from clues_flwr.demo.dataset import NUM_ANCHORS, NUM_VALIDATION
+from clues_flwr.demo.state import RoundHook, RunFolder
 from clues_flwr.flower.client import SELECTION_KEY
 from clues_flwr.flower.reference import Reference
 from clues_flwr.flower.report import SelectionReport
-from clues_flwr.flower.state import RoundHook, RunFolder
 from clues_flwr.flower.tuning import CluesTuning
 from clues_flwr.harness.local_grid import LocalGrid, Lost, app_defaults, demo_nodes
 from clues_flwr.model import cached, initial_adapter
@@ -171,7 +171,7 @@ def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monk
     _, folder = run(tmp_path, before=dies_in_round_2, **{"round-timeout": 90.0})
     metrics = load(folder, "metrics.json")
     assert metrics["failures"] == [
-        {"where": "tune round 2", "node": 101, "reason": "no reply before the round's timeout"}
+        {"where": "tune round 2", "node": 101, "site": "site 2", "reason": "no reply before the round's timeout"}
     ]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and "train-loss" in metrics["rounds"][2]
     assert timeouts and set(timeouts) == {90.0}, "every phase waits round-timeout seconds"
@@ -485,7 +485,7 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
     assert trained == {("train", 3)}, "no trace round and no earlier tuning round runs again"
     got, want = load(folder, "metrics.json")["rounds"], load(whole, "metrics.json")["rounds"]
     assert [r["round"] for r in got] == [0, 1, 2, 3]
-    history = saved["history"]["evaluate_metrics_serverapp"]
+    history = saved["history"]["server"]
     assert [r["test-loss"] for r in got[:3]] == [history[str(r)]["test-loss"] for r in range(3)], (
         "the saved rounds, as saved"
     )

@@ -4,7 +4,7 @@ A checkpoint holds the adapter θ_t, the AdamW moments (m_t, v_t, step) of the s
 layer's parameters, the learning rate η_t and the weight decay λ (AdamW's update has a
 λθ_t term, paper eq. 5). Moments are keyed by parameter name, never
 by position in the optimizer, so a checkpoint stays valid whatever order the optimizer's
-parameter groups had. Saving one is the run folder's business (``flower/state.py``).
+parameter groups had. Saving one is the run folder's business (``demo/state.py``).
 """
 
 from __future__ import annotations

@@ -11,14 +11,15 @@ from flwr.serverapp import Grid, ServerApp
 from clues_flwr.config import AppConfig, to_record
 from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.data import check_max_len
+from clues_flwr.demo.state import RoundHook, RunFolder
 from clues_flwr.demo.task import central_evaluate, public_sets
+from clues_flwr.demo.threads import limit_threads
+from clues_flwr.demo.timing import TimedTuning
 from clues_flwr.flower.exchange import wait_for_nodes
 from clues_flwr.flower.log import say
 from clues_flwr.flower.report import SelectionReport
 from clues_flwr.flower.selection import CluesSelection
-from clues_flwr.flower.state import RoundHook, RunFolder
-from clues_flwr.flower.threads import limit_threads
-from clues_flwr.flower.tuning import CluesTuning, tuning_strategy
+from clues_flwr.flower.tuning import tuning_strategy
 from clues_flwr.model import cached, initial_adapter, resolve_model_name
 
 app = ServerApp()
@@ -48,10 +49,20 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
         stage = CluesSelection.from_records(
             model, tokenizer, public["validation"], public["anchor"], federation=cfg.federation, **sections
         )
-        report = stage.run(grid, initial, folder if cfg.tune.mode == "federated" else None)
+        federated = cfg.tune.mode == "federated"  # merge mode's trajectories are each site's own
+        resume = folder.reference_scores() if federated else None
+        report = stage.run(
+            grid, initial, report=report, resume=resume, on_trace=folder.keep_trace if federated else None
+        )
         saved = stage.reference_scores.state() if stage.reference_scores else None
 
-    strategy = CluesTuning(tuning_strategy(cfg.tune, cfg.federation), report, rounds)
+    strategy = TimedTuning(
+        tuning_strategy(cfg.tune, cfg.federation),
+        report,
+        first_round=rounds.first,
+        evaluate_due=lambda true_round: rounds.due(true_round, rounds.evaluate_every),
+        on_metrics=rounds.record,
+    )
     evaluate = functools.partial(central_evaluate, model, tokenizer, public["test"], cfg)
     hook = RoundHook(folder, rounds, evaluate, lambda: (saved, report.to_state()))
     arrays = ArrayRecord(folder.saved.adapter) if rounds.first > 1 else initial

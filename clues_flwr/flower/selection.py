@@ -22,6 +22,7 @@ any Flower strategy that then tunes on the selected records (``tuning.CluesTunin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,7 +52,6 @@ from clues_flwr.flower.protocol import (
 )
 from clues_flwr.flower.reference import Reference, ReferenceScores
 from clues_flwr.flower.report import SelectionReport, guards
-from clues_flwr.flower.state import RunFolder
 from clues_flwr.flower.trace import TraceStrategy
 
 
@@ -115,20 +115,28 @@ class CluesSelection:
         for the reference; ``sections`` are the config sections."""
         return cls(Reference(model, tokenizer, list(validation), list(anchors), list(clean)), **sections)
 
-    def run(self, grid: Grid, initial_arrays: ArrayRecord, folder: RunFolder | None = None) -> SelectionReport:
-        """Select on every site. With ``folder``, a federated trajectory and its reference
-        scores are saved before the score phase, and a saved one is scored again (a site's
-        selection lives on the node for one run only) without tracing or scoring the
-        reference anew. The reference model's adapter is restored when it returns."""
+    def run(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        *,
+        report: SelectionReport | None = None,
+        resume: ReferenceScores | None = None,
+        on_trace: Callable[[ReferenceScores, SelectionReport], None] | None = None,
+    ) -> SelectionReport:
+        """Select on every site, and return the report (``report`` continued when given: an
+        earlier run's trace metrics and failures). ``on_trace`` gets a federated trajectory's
+        reference scores before the score phase, so that a crashed run can be resumed; a run
+        given them back as ``resume`` scores again on them (a site's selection lives on the
+        node for one run only) without tracing or scoring the reference anew. The reference
+        model's adapter is restored when it returns."""
         adapter = adapter_state(self.reference.model)
         try:
-            return self._run(grid, initial_arrays, folder)
+            return self._run(grid, initial_arrays, report or SelectionReport.of(self.selection), resume, on_trace)
         finally:
             set_adapter_state(self.reference.model, adapter)
 
-    def _run(self, grid: Grid, initial_arrays: ArrayRecord, folder: RunFolder | None) -> SelectionReport:
-        saved = folder.saved if folder else None
-        report = SelectionReport.of(self.selection, saved.report if saved else None)
+    def _run(self, grid, initial_arrays, report, resume, on_trace) -> SelectionReport:
         report.clients, report.warnings = {}, []
         nodes = wait_for_nodes(grid, self.federation.min_available_nodes, self.federation.round_timeout)
         report.failures.names.update({node: f"site {i}" for i, node in enumerate(nodes, start=1)})
@@ -136,16 +144,14 @@ class CluesSelection:
         if "clues" not in self.signals:
             say(f"score: {self.selection.method} at the initial adapter (no trace)")
             sides = {None: self._reference_scores(initial, None)}
-        elif saved and saved.reference:
+        elif resume is not None:
             say("resume: scoring again on the saved trajectory and reference scores")
-            sides = {None: ReferenceScores.from_state(saved.reference, *folder.trajectory())}
+            sides = {None: resume}
         else:
             traced = self.trace(grid, initial_arrays, report)
             sides = {key: self._reference_scores(initial, trajectory) for key, trajectory in traced.items()}
-            if folder and None in sides:
-                side = sides[None]
-                folder.save_trajectory(side.trajectory, side.val_sums)
-                folder.save(0, side.state(), report.to_state())
+            if on_trace and None in sides:
+                on_trace(sides[None], report)
         self.reference_scores = sides.get(None)
         self._score(grid, initial_arrays, sides, report)
         return report

@@ -16,7 +16,7 @@ any Flower project on their own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from clues_flwr.config import FederationConfig, OutputConfig, TuneConfig
+from clues_flwr.config import FederationConfig, TuneConfig
 from clues_flwr.core.aggregation import aggregate
 from clues_flwr.flower.exchange import uniform, usable
 from clues_flwr.flower.log import say
@@ -37,8 +37,6 @@ from clues_flwr.flower.protocol import (
     tuning_config,
 )
 from clues_flwr.flower.report import SelectionReport
-from clues_flwr.flower.state import EVALUATE, TRAIN, Rounds
-from clues_flwr.flower.timing import span
 
 
 class _Merged(FedAvg):
@@ -117,16 +115,27 @@ class CluesTuning(Strategy):
         hold a selection (others are left out of tuning), and where failures are reported.
         ``SelectionReport.of(SelectionConfig(method="none"))`` (or ``"oracle"``) tunes every
         site without a score phase.
-    rounds : Rounds, optional
-        The run's true rounds: where a resumed run continues (the wrapped strategy and the
-        sites see the true round numbers), when the sites evaluate, and the history every
-        round's metrics go into. Without it, Flower's rounds are the true ones and every
-        round evaluates.
+    first_round : int, optional
+        The true number of Flower's first round: a resumed run continues where it stopped, and
+        the wrapped strategy and the sites see the true round numbers.
+    evaluate_due : Callable[[int], bool], optional
+        Whether the sites evaluate after a (true) round; every round without it.
+    on_metrics : Callable[[str, int, MetricRecord | None], None], optional
+        Called with ``"train"`` or ``"evaluate"``, the true round and its aggregated metrics:
+        where a run keeps its history.
     """
 
-    def __init__(self, strategy: Strategy, report: SelectionReport, rounds: Rounds | None = None):
+    def __init__(
+        self,
+        strategy: Strategy,
+        report: SelectionReport,
+        *,
+        first_round: int = 1,
+        evaluate_due: Callable[[int], bool] | None = None,
+        on_metrics: Callable[[str, int, MetricRecord | None], None] | None = None,
+    ):
         self.strategy, self.report = strategy, report
-        self.rounds = rounds or Rounds(1, None, OutputConfig.evaluate_every, OutputConfig.save_every)
+        self.first_round, self.evaluate_due, self.on_metrics = first_round, evaluate_due, on_metrics
         self.weighted_by_key = _setting(strategy, "weighted_by_key", "num-examples")
         self.min_train_nodes = _setting(strategy, "min_train_nodes", 1)
         self._global: dict[str, torch.Tensor] = {}
@@ -136,7 +145,7 @@ class CluesTuning(Strategy):
         self._unweighted: set[int] = set()  # sites that sent no held-out loss, noted once
 
     def summary(self) -> None:
-        first = self.rounds.first
+        first = self.first_round
         say(
             f"tune: {self.report.method} selection, then {type(self.strategy).__name__}"
             + (f", from round {first}" if first > 1 else "")
@@ -160,11 +169,10 @@ class CluesTuning(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._configured += 1
-        true_round = self.rounds.true(server_round)
-        with span("server configure"):
-            self._global = arrays.to_torch_state_dict()
-            config = tuning_config(config, self.report.method)
-            messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
+        true_round = self._true(server_round)
+        self._global = arrays.to_torch_state_dict()
+        config = tuning_config(config, self.report.method)
+        messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
             if dropped:
@@ -174,11 +182,10 @@ class CluesTuning(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        true_round = self.rounds.true(server_round)
+        true_round = self._true(server_round)
         where = f"tune round {true_round}"
-        with span("server screen"):
-            ok = usable(replies, self._sent, where, self.report.failures, self._train_decoder())
-            usable_replies = [m for _, m, weight in uniform(ok, where, self.report.failures) if weight > 0]
+        ok = usable(replies, self._sent, where, self.report.failures, self._train_decoder())
+        usable_replies = [m for _, m, weight in uniform(ok, where, self.report.failures) if weight > 0]
         if len(usable_replies) < self.min_train_nodes:
             self.report.failures.add(
                 where,
@@ -186,11 +193,14 @@ class CluesTuning(Strategy):
                 f"only {len(usable_replies)} usable replies, {self.min_train_nodes} needed: round not aggregated",
             )
             return None, None
-        with span("server aggregate"):
-            arrays, metrics = self.strategy.aggregate_train(true_round, usable_replies)
-        self.rounds.record(TRAIN, true_round, metrics)
+        arrays, metrics = self.strategy.aggregate_train(true_round, usable_replies)
+        if self.on_metrics:
+            self.on_metrics("train", true_round, metrics)
         self._aggregated += arrays is not None
         return arrays, metrics
+
+    def _true(self, flower_round: int) -> int:
+        return flower_round + self.first_round - 1
 
     def _train_decoder(self):
         """A tuning reply's weight, checked: at most the records the site said it scored."""
@@ -202,8 +212,8 @@ class CluesTuning(Strategy):
         return decode
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        true_round = self.rounds.true(server_round)
-        if not self.rounds.due(true_round, self.rounds.evaluate_every):
+        true_round = self._true(server_round)
+        if self.evaluate_due and not self.evaluate_due(true_round):
             self._sent_evaluate = []  # Flower still calls aggregate_evaluate: nobody was asked, nobody is missing
             return []
         self._sent_evaluate = list(self.strategy.configure_evaluate(true_round, arrays, config, grid))
@@ -213,7 +223,7 @@ class CluesTuning(Strategy):
         """The wrapped strategy's over the usable replies (an error or a site without held-out
         records is left out, the error reported), except the clean held-out loss: a mean over
         each site's clean held-out records, so weighted by their count."""
-        true_round = self.rounds.true(server_round)
+        true_round = self._true(server_round)
         where = f"evaluate round {true_round}"
         decode = lambda node, content: decode_evaluate_reply(content, self.weighted_by_key)  # noqa: E731
         ok = uniform(
@@ -241,7 +251,8 @@ class CluesTuning(Strategy):
                 )
             else:
                 del metrics[CLEAN_LOSS_KEY]
-        self.rounds.record(EVALUATE, true_round, metrics)
+        if self.on_metrics:
+            self.on_metrics("evaluate", true_round, metrics)
         return metrics
 
 

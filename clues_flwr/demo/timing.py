@@ -1,6 +1,5 @@
-"""Wall time and peak memory of a piece of work, the same way on a GPU and on a CPU, for
-the benchmarks under ``simulation/``; and the app's own spans (client handlers, server
-aggregation and evaluation), written only when a benchmark sets ``CLUES_TIMING``."""
+"""The demo app's own spans (client handlers, server screening and aggregation, the round
+hook), written only when a benchmark (``simulation/bench_rounds.py``) sets ``CLUES_TIMING``."""
 
 from __future__ import annotations
 
@@ -10,36 +9,7 @@ import resource
 import time
 from contextlib import contextmanager
 
-import torch
-
-
-def sync() -> None:
-    """Wait for the GPU's queued work, so a timer measures it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *args):
-    """(result, seconds) with the GPU's queued work included."""
-    sync()
-    start = time.perf_counter()
-    out = fn(*args)
-    sync()
-    return out, time.perf_counter() - start
-
-
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> int:
-    """Bytes: the GPU allocator's peak since ``reset_peak``, or on a CPU the process's peak
-    resident set, which cannot be reset (Linux reports it in KiB)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
+from clues_flwr.flower.tuning import CluesTuning
 
 # Where the app appends one JSON line per timed span when a benchmark asks for it.
 TIMING_ENV = "CLUES_TIMING"
@@ -78,3 +48,16 @@ def timing_mod(msg, context, call_next):
     """A ClientApp mod that notes every handler's span (``CLUES_TIMING`` only)."""
     with span(f"client {msg.metadata.message_type}"):
         return call_next(msg, context)
+
+
+class TimedTuning(CluesTuning):
+    """``CluesTuning`` whose server work each round is noted as spans, for the benchmark's
+    app-time share (``CLUES_TIMING`` only)."""
+
+    def configure_train(self, *args):
+        with span("server configure"):
+            return super().configure_train(*args)
+
+    def aggregate_train(self, *args):
+        with span("server aggregate"):
+            return super().aggregate_train(*args)

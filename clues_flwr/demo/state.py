@@ -32,16 +32,18 @@ from safetensors.torch import load_file, save_file
 
 from clues_flwr.config import AppConfig, key_of, sections
 from clues_flwr.core.trajectory import Checkpoint
+from clues_flwr.demo.plots import plot_rounds, plot_selection
+from clues_flwr.demo.timing import note, timing_enabled
 from clues_flwr.flower.log import say
-from clues_flwr.flower.plots import plot_rounds, plot_selection
-from clues_flwr.flower.timing import note, timing_enabled
+from clues_flwr.flower.reference import ReferenceScores
+from clues_flwr.flower.report import SelectionReport
 
 STATE = "state.json"
 PARTIAL = ".partial"
 # Keys a resumed run may change: how far to go, and where the run folder was looked up.
 RESUME_FREE = ("num-server-rounds", "resume-from", "output-dir")
-# The history's parts, named as Flower's ``Result`` names them.
-TRAIN, EVALUATE, SERVER = "train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"
+# The history's parts: the sites' training and evaluation (as ``CluesTuning`` names them) and the server's.
+TRAIN, EVALUATE, SERVER = "train", "evaluate", "server"
 
 
 def _replace(path: Path, write) -> None:
@@ -250,6 +252,17 @@ class RunFolder:
         )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+
+    def keep_trace(self, scores: ReferenceScores, report: SelectionReport) -> None:
+        """A federated trace, saved before the score phase so a crashed run resumes after it."""
+        self.save_trajectory(scores.trajectory, scores.val_sums)
+        self.save(0, scores.state(), report.to_state())
+
+    def reference_scores(self) -> ReferenceScores | None:
+        """The saved trace's reference scores on its trajectory, when this run saved one."""
+        if self.saved is None or not self.saved.reference:
+            return None
+        return ReferenceScores.from_state(self.saved.reference, *self.trajectory())
 
     def trajectory(self) -> tuple[list[Checkpoint], list[torch.Tensor]]:
         """The saved trajectory and its validation sums G_t."""
