@@ -167,3 +167,15 @@ def test_replayed_messages_after_the_run_change_nothing_on_the_site(played):
     assert (context.state[SELECTION_KEY][SELECTION_KEY].numpy() == mask).all(), "the keep mask stands"
     (entry,) = Ledger.of(context).entries.values()
     assert entry["scorings"] == [1] and entry["thresholds"] == [1]
+
+
+def test_under_an_anchor_rule_a_dp_site_sends_a_noisy_total_of_all_its_records(tmp_path, one_thread):
+    """With no histogram asked for, the noisy cells are the finite and the non-finite count:
+    the total is about the site's records, not a noisy count of its non-finite scores."""
+    nodes = demo_nodes(3)
+    nodes[101]["dp-epsilon"] = 1.0
+    _, folder, _ = run(tmp_path, nodes, **{"threshold-rule": "anchor-quantile"})
+    clients = json.loads((folder / "selection.json").read_text())["clients"]
+    private = clients["101"]
+    assert private["histogram"] == [] and abs(private["total"] - clients["100"]["total"]) <= 20, private
+    assert 0 <= private["kept"] <= private["total"]

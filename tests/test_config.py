@@ -136,6 +136,7 @@ def test_sections_travel_as_records_and_back():
         ("score-batch-size", 0, "score-batch-size must be at least 1, got 0"),
         ("model-name", "./no/such/folder", "model-name must be an existing model folder, got './no/such/folder'"),
         ("no-such-key", 1, "unknown run-config key\\(s\\): no-such-key"),
+        ("histogram-bins", 100_000, "histogram-bins must be from 2 to 100, the sites' default max-histogram-bins"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_key(key, value, message):

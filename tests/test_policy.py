@@ -98,3 +98,12 @@ def test_a_site_with_dp_sends_noisy_consistent_counts_and_says_its_budget(tmp_pa
     assert 0 <= private["kept"] <= private["total"]
     assert exact["total"] == 36 and sum(exact["histogram"]) == 36
     assert "(sent under DP: kept " in caplog.text and "ε = 1 of 3 spent)" in caplog.text, "true counts beside sent"
+
+
+def test_a_tiny_epsilon_drowns_the_counts_in_noise_rather_than_zeroing_them():
+    """1 − exp(−ε) is 0 in floating point below ε ≈ 1e-16, which released every count as 0;
+    −expm1(−ε) keeps the noise's scale 1/ε."""
+    noise = geometric_noise(2000, 1e-12, np.random.default_rng(0))
+    assert (noise != 0).all() and float(np.median(np.abs(noise))) > 1e10
+    with pytest.raises(ValueError, match="dp-epsilon must be 0 \\(off\\) or an ε of at least 1e-6"):
+        SitePolicy(dp_epsilon=1e-9)

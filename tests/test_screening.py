@@ -104,6 +104,7 @@ def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thre
     clients = selection["clients"]
     assert "tp" not in clients["300"] and "tp" in clients["100"], "labels are sent only where records carry them"
     assert "f1" in selection and selection["labelled-sites"] == ["site 1", "site 2"], "F1 over the labelled sites"
+    assert any(w.startswith("site 4 sends no held-out loss") for w in selection["warnings"]), "the one-record site"
     mismatched = [w for w in selection["warnings"] if "prompts are formatted otherwise" in w]
     assert len(mismatched) == 1 and mismatched[0].startswith("site 5"), selection["warnings"]
 
@@ -145,3 +146,17 @@ def test_a_site_whose_every_reply_is_corrupted_fails_alone_and_the_run_finishes(
     assert sorted(json.loads((folder / "selection.json").read_text())["clients"]) == ["100", "102"]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert all(math.isfinite(r["heldout-loss"]) and "train-loss" in r for r in metrics["rounds"][1:])
+
+
+def test_a_tuning_weight_above_the_records_a_site_scored_is_its_failure(tmp_path, one_thread):
+    """One site claiming 10^15 records would take over FedAvg."""
+
+    def inflate(node, reply):
+        if node == 101 and reply.metadata.message_type == "train" and not reply.has_error():
+            reply.content["metrics"]["num-examples"] = 10**15
+
+    cfg = {**app_defaults(), **SMALL, "output-dir": str(tmp_path)}
+    folder = server_app.run_clues(LocalGrid(client_app.app, demo_nodes(3), cfg, after=inflate), cfg)
+    failures = json.loads((folder / "metrics.json").read_text())["failures"]
+    assert [(f["where"], f["node"]) for f in failures] == [("tune round 1", 101)], failures
+    assert "num-examples" in failures[0]["reason"] and "in [0, 36]" in failures[0]["reason"]
