@@ -203,7 +203,7 @@ def gamma_one(model, tok, record, ckpt, names, cfg, raw=False) -> torch.Tensor:
 def official(model, tok, train, val, traj, cfg):
     """Batch of one; per checkpoint the validation Γ are cached as a list, then each
     training Γ is dotted with every cached vector."""
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     raw_val = not cfg.precondition_validation
     out = torch.zeros(len(train), dtype=torch.float64)
     for ckpt in traj:
@@ -218,7 +218,7 @@ def official(model, tok, train, val, traj, cfg):
 def algorithm1(model, tok, train, val, traj, cfg):
     """The appendix's loop: sample, then checkpoint, then every validation sample's
     gradient recomputed where it is used."""
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     raw_val = not cfg.precondition_validation
     out = torch.zeros(len(train), dtype=torch.float64)
     for i, z in enumerate(train):
@@ -295,7 +295,7 @@ def bench(model, tok, train, val, args) -> dict:
     """All three scorers on one model, each after a small warm-up, then the check and
     the training yardstick."""
     cfg = ScoreConfig.paper(batch_size=args.batch_size, max_len=args.max_len)
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     traj = random_trajectory(model, names, args.checkpoints, args.seed + 1)
     n, t, sub = len(train), len(traj), train[: args.alg1_samples]
 
@@ -343,7 +343,7 @@ def bench_llama7b(tok, train, val, args) -> dict:
     """Batched scoring throughput and peak GPU memory on a 7B-shaped 8-bit base."""
     model = llama7b_model(args.seed)
     cfg = ScoreConfig.paper(batch_size=args.batch_size, max_len=args.max_len)
-    traj = random_trajectory(model, scoring_names(model, cfg.layer, cfg.modules), args.checkpoints, args.seed + 1)
+    traj = random_trajectory(model, scoring_names(model, cfg), args.checkpoints, args.seed + 1)
     batched(model, tok, train[: args.batch_size], val[:2], traj[:1], cfg)
     torch.cuda.reset_peak_memory_stats()
     _, seconds = timed(batched, model, tok, train, val, traj, cfg)

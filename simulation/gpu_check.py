@@ -154,7 +154,7 @@ def synthetic_batches(n: int, args, gen) -> list[dict]:
 def train(model, args, gen) -> tuple[dict, list]:
     """AdamW steps as ``clues_flwr.core.train.training`` takes them (the app's learning rate
     and weight decay); a checkpoint after each timed step makes the scoring trajectory."""
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=TrainConfig.learning_rate, weight_decay=TrainConfig.weight_decay)
     model.train()
@@ -241,7 +241,7 @@ def score(model, trajectory, args, gen) -> dict:
     included. ``rel_err`` (RMS difference over the official scores' spread) shows the two
     compute the same scores."""
     cfg = ScoreConfig(batch_size=args.batch, max_len=args.seq_len)
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     train_b, val_b = synthetic_batches(args.score_samples, args, gen), synthetic_batches(args.score_val, args, gen)
     batched_scores(model, train_b[:1], val_b[:1], trajectory[:1], names, cfg)
     reset_peak()

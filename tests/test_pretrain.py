@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clues_flwr.core.scoring import scoring_names
+from clues_flwr.core.scoring import ScoreConfig, scoring_names
 from clues_flwr.demo.dataset import demo_records, demo_splits
 from clues_flwr.harness.pretrain import pretrain
 from clues_flwr.model import ModelSpec, build, load_tokenizer
@@ -35,7 +35,7 @@ def test_pretrain_writes_a_backbone_of_the_asked_shape_from_the_asked_facts(tmp_
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 2)
     model = build(ModelSpec(name=str(out), quantization="none", seed=0))
     tok = load_tokenizer(str(out))
-    assert len(scoring_names(model, 1)) == 4
+    assert len(scoring_names(model, ScoreConfig(layer=1))) == 4
     ids = tok("Translate this name into German.", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert not list(tmp_path.glob("tmp*")), "no staging folder is left behind"

@@ -82,7 +82,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("hidden,layers", [(32, 2), (64, 12)])
 def test_batched_per_sample_grads_match_a_float64_loop(hidden, layers):
     model = random_lora_llama(hidden, layers, vocab=97, seed=hidden)
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     assert len(names) == 4 and all(".layers.0." in n for n in names)
     batch = random_batch(97, [5, 17, 11, 23, 8], seed=1)
     batched = per_sample_grads(model, batch, names)
@@ -95,11 +95,11 @@ def test_batched_per_sample_grads_match_a_float64_loop(hidden, layers):
 
 def test_layer_zero_is_matched_exactly_and_other_layers_selectable():
     model = random_lora_llama(16, 12, vocab=50, seed=0)
-    assert not any(".layers.10." in n or ".layers.11." in n for n in scoring_names(model, 0))
-    assert all(".layers.11." in n for n in scoring_names(model, 11))
-    assert all(".q_proj." in n for n in scoring_names(model, 1, ["q_proj"]))
+    assert not any(".layers.10." in n or ".layers.11." in n for n in scoring_names(model, ScoreConfig(layer=0)))
+    assert all(".layers.11." in n for n in scoring_names(model, ScoreConfig(layer=11)))
+    assert all(".q_proj." in n for n in scoring_names(model, ScoreConfig(layer=1, modules=("q_proj",))))
     with pytest.raises(ValueError, match="no LoRA weights"):
-        scoring_names(model, 12)
+        scoring_names(model, ScoreConfig(layer=12))
 
 
 def test_answer_losses_need_only_the_logits_from_the_first_answer_on():
@@ -127,7 +127,7 @@ def test_per_sample_grads_on_the_8bit_base_match_a_loop():
             p.data.normal_(0, 0.05)
     tok = load_tokenizer(":demo:")
     batch = next(batches(demo_splits(num_clients=0).test[:6], tok, 6, 96))
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     err = rel_err(per_sample_grads(model, batch, names), loop_grads(model, batch, names))
     print(f"8-bit base vs single-sample loop: relative error {err:.2e}")
     # float32 on both sides; what is left is float32 reduction order over padded vs
@@ -169,7 +169,7 @@ def scored_setup():
 def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     model, tok, val, train, ckpts, _ = scored_setup
     cfg = ScoreConfig(**{**cfg.__dict__, "batch_size": 5})
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     fast = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg), cfg)
 
     def gamma_loop(records, ckpt, raw):
@@ -210,7 +210,7 @@ def test_moments_outside_the_scoring_layer_do_not_matter(scored_setup):
     model, tok, val, train, ckpts, all_lora = scored_setup
     cfg = ScoreConfig.paper()
     base = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg), cfg)
-    names = set(scoring_names(model))
+    names = set(scoring_names(model, ScoreConfig()))
     others = [n for n in all_lora if n not in names]
     assert others
     perturbed = copy.deepcopy(ckpts)
@@ -251,7 +251,7 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
     from clues_flwr.core.train import train_steps, training
 
     _, opt = train_steps(training(model, tok, records, batch_size=8, lr=1e-3, max_len=96, seed=0), 3)
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     ckpt = trajectory.checkpoint(model, opt, names, adapter_state(model), round=2)
     params = dict(model.named_parameters())
     for n in names:
@@ -302,7 +302,7 @@ def test_gamma_is_the_real_next_adamw_step_with_weight_decay():
     """θ_{t+1} − θ_t = −η Γ: Γ from the checkpoint's moments and λθ_t against the step torch's
     AdamW takes on the same one-sample gradient (float64 model, float32 adapter copy)."""
     model = random_lora_llama(hidden=32, layers=2, vocab=60, seed=11)
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     for seed in range(3):  # a few real steps so that m, v and the step count are not trivial
@@ -382,7 +382,7 @@ def test_scoring_is_deterministic_with_functional_dropout(tmp_path, family, quan
     tok = load_tokenizer(":demo:")
     records = demo_splits(num_clients=0).test[:8]
     batch = next(batches(records, tok, 8, 96))
-    names = scoring_names(model)
+    names = scoring_names(model, ScoreConfig())
     first, second = per_sample_grads(model, batch, names), per_sample_grads(model, batch, names)
     assert first.abs().sum() > 0 and torch.equal(first, second)
     losses = [signal_scores(["perplexity", "ifd"], model, tok, records, batch_size=4, max_len=96) for _ in range(2)]

@@ -97,20 +97,20 @@ class ScoreConfig:
         )
 
 
-def scoring_names(model, layer: int = 0, modules: Sequence[str] = ("q_proj", "v_proj")) -> list[str]:
-    """Names of the LoRA A and B weights of ``modules`` in transformer layer ``layer``.
+def scoring_names(model, cfg: ScoreConfig) -> list[str]:
+    """Names of the LoRA A and B weights of ``cfg.modules`` in transformer layer ``cfg.layer``.
 
     The block list is ``layers`` (Llama, Mistral, Qwen, OPT), ``h`` (GPT-2, Falcon, BLOOM)
     or ``blocks``; ``layers.0.`` is matched with its dots, so layer 0 never picks up 10, 11, ...
     """
-    layer_re = re.compile(rf"(^|\.)(layers|h|blocks)\.{layer}\.")
+    layer_re = re.compile(rf"(^|\.)(layers|h|blocks)\.{cfg.layer}\.")
     names = sorted(
         n
         for n, p in model.named_parameters()
-        if p.requires_grad and layer_re.search(n) and any(f".{m}.lora_" in n for m in modules)
+        if p.requires_grad and layer_re.search(n) and any(f".{m}.lora_" in n for m in cfg.modules)
     )
     if not names:
-        raise ValueError(f"no LoRA weights of {list(modules)} in layer {layer}: is LoRA attached there?")
+        raise ValueError(f"no LoRA weights of {list(cfg.modules)} in layer {cfg.layer}: is LoRA attached there?")
     return names
 
 
@@ -269,7 +269,7 @@ def validation_sums(
     model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
 ) -> list[torch.Tensor]:
     """G_t = Σ_{z' ∈ val} Γ(z'; θ_t) for each checkpoint, once: clients need only these."""
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     raw = not cfg.precondition_validation
     return [gammas(model, tokenizer, validation, c, names, cfg, raw=raw).sum(0) for c in trajectory]
 
@@ -285,7 +285,7 @@ def scores(
     """S(z) = Σ_t η_t ⟨G_t, Γ(z; θ_t)⟩ for every record, [N] in float64."""
     if len(trajectory) != len(val_sums):
         raise ValueError(f"{len(trajectory)} checkpoints but {len(val_sums)} validation sums")
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     total = torch.zeros(len(records), dtype=torch.float64)
     for ckpt, g_val in zip(trajectory, val_sums):
         gamma = gammas(model, tokenizer, records, ckpt, names, cfg)
@@ -308,7 +308,7 @@ def left_out_scores(
     The validation records belong to the clean reference every signal is standardised
     against, but each is one of the terms of G_t, and its own term ⟨Γ, Γ⟩ would align it
     with itself; left out, its score is one a clean record outside the set gets."""
-    names = scoring_names(model, cfg.layer, cfg.modules)
+    names = scoring_names(model, cfg)
     val_sums, own = [], torch.zeros(len(validation), dtype=torch.float64)
     for ckpt in trajectory:
         record_side = gammas(model, tokenizer, validation, ckpt, names, cfg)

@@ -269,7 +269,7 @@ class CluesClient:
         request = _decoded(TraceRequest, msg, "trace")
         site = self.site(context)
         set_adapter_state(site.model, request.adapter)
-        names = scoring_names(site.model, request.score.layer, request.score.modules)
+        names = scoring_names(site.model, request.score)
         weight = 1 if site_policy(context).dp_epsilon else len(site.records)
         seed = request.train.seed + 1009 * request.server_round + TRACE_SEED
         loop = _loop(site, site.records, request.train, seed)

@@ -126,7 +126,7 @@ def prepare(run: dict, nodes: int) -> Bench:
     )
     trajectory = stage.trace(grid, ArrayRecord(initial))[None]
     set_adapter_state(model, initial)
-    names = scoring_names(model, cfg.score.layer, cfg.score.modules)
+    names = scoring_names(model, cfg.score)
     return Bench(cfg, model, tokenizer, initial, public, sites, trajectory, names)
 
 
