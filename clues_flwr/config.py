@@ -117,6 +117,11 @@ class SelectionConfig:
         require("histogram-bins", self.histogram_bins, ok, f"from 2 to {most}, the sites' default max-histogram-bins")
         one_of("histogram-fit", self.histogram_fit, FITS)
 
+    @property
+    def rule(self) -> str:
+        """The rule the score phase applies: a set keep ratio decides alone."""
+        return "keep-ratio" if self.keep_ratio else self.threshold_rule
+
 
 @dataclass(frozen=True)
 class TuneConfig:

@@ -217,7 +217,7 @@ class CluesSelection:
         stats = references(scores) if len(scores) > 1 else {}
         reference = combined(scores, stats, sel.combination)
         anchors = reference[self.reference.anchor_slice]
-        return standard(anchors, reference, self._rule(), sel.target_recall, sel.histogram_bins)
+        return standard(anchors, reference, self.selection.rule, sel.target_recall, sel.histogram_bins)
 
     def _request(self, initial: dict[str, torch.Tensor], side: ReferenceScores) -> ScoreRequest:
         """What a site is sent to score with: per signal what it scores with, the histogram
@@ -255,7 +255,7 @@ class CluesSelection:
         messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
         say(f"score: {self.selection.method} on {len(nodes)} site(s)")
         sel = self.selection
-        rule = self._rule()
+        rule = self.selection.rule
         bins = sel.histogram_bins if rule == "histogram" else 0
         decode = lambda node, content: ScoreReply.decode(content, bins)  # noqa: E731
         scored: dict[int, ScoreReply] = exchange(grid, messages, "score", report.failures, decode, **self._phase())
@@ -324,10 +324,6 @@ class CluesSelection:
             )
 
     # ---- helpers ----------------------------------------------------------------------
-
-    def _rule(self) -> str:
-        """The rule the score phase applies: a set keep ratio decides alone."""
-        return "keep-ratio" if self.selection.keep_ratio else self.selection.threshold_rule
 
     def _phase(self) -> dict:
         return {"timeout": self.federation.round_timeout, "least": self.federation.min_train_nodes}

@@ -206,20 +206,20 @@ def select(scores: dict, clean: dict[str, list[bool]], rule: Rule, selection: Se
     the histogram rule sees only each site's histogram over ``selection``'s bins and falls
     back as the app does. Confusion counts add up across sites."""
     name, value = rule
-    ratio = value if name == "keep-ratio" else 0.0
     fixed = dataclasses.replace(
         selection,
+        keep_ratio=value if name == "keep-ratio" else 0.0,
+        threshold_rule=selection.threshold_rule if name == "keep-ratio" else name,
         histogram_fit=value if name == "histogram" else selection.histogram_fit,
         target_recall=value if name == "anchor-quantile" else selection.target_recall,
     )
-    applied = name
-    public = standard(scores["anchors"], reference_scores(scores), applied, fixed.target_recall, fixed.histogram_bins)
-    histograms = [histogram(scores[k].tolist(), public.edges) for k in clean] if public.edges else []
-    tau, _, _ = global_threshold(public, histograms, applied, fixed.histogram_fit, fixed.target_recall)
+    held = standard(scores["anchors"], reference_scores(scores), fixed.rule, fixed.target_recall, fixed.histogram_bins)
+    histograms = [histogram(scores[k].tolist(), held.edges) for k in clean] if held.edges else []
+    tau, _, _ = global_threshold(held, histograms, fixed.rule, fixed.histogram_fit, fixed.target_recall)
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
     kept = {}
     for k, truth in clean.items():
-        c = confusion(keep(scores[k], tau, ratio).tolist(), truth)
+        c = confusion(keep(scores[k], tau, fixed.keep_ratio).tolist(), truth)
         counts = {x: counts[x] + c[x] for x in counts}
         kept[k] = c["tp"] + c["fp"]
     return {"rule": rule_label(rule), "tau": tau, "kept": kept, "counts": counts, **selection_scores(counts)}
