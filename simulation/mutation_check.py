@@ -175,7 +175,7 @@ def main() -> None:
     chosen = [m for m in MUTANTS if args.only in m.name]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp) / "project"
-        shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(".git", "runs", "results", "__pycache__"))
+        shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "results", "__pycache__"))
         survived = []
         for mutant in chosen:
             killed = run(mutant, workdir)
