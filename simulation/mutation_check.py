@@ -175,7 +175,8 @@ def main() -> None:
     chosen = [m for m in MUTANTS if args.only in m.name]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp) / "project"
-        shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "results", "__pycache__"))
+        skip = shutil.ignore_patterns(".git", ".venv*", "runs", "results", "__pycache__")
+        shutil.copytree(ROOT, workdir, ignore=skip)
         survived = []
         for mutant in chosen:
             killed = run(mutant, workdir)
