@@ -118,16 +118,14 @@ class Standard:
         """As a report row and the run state keep it."""
         return {
             "threshold": self.threshold,
-            "histogram-edges": self.edges,
+            "edges": self.edges,
             "anchor-scores": self.anchor_scores,
             "reference-scores": self.reference_scores,
         }
 
     @classmethod
     def from_row(cls, row: Mapping) -> "Standard":
-        return cls(
-            list(row["anchor-scores"]), list(row["reference-scores"]), list(row["histogram-edges"]), row["threshold"]
-        )
+        return cls(list(row["anchor-scores"]), list(row["reference-scores"]), list(row["edges"]), row["threshold"])
 
 
 def _finite(scores, what: str) -> torch.Tensor:

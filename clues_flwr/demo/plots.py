@@ -58,7 +58,7 @@ def plot_selection(selection: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     inner = 0.0  # the tallest bin within the edges: the axis is scaled to it, not to the pile below
     for node, row in selection["clients"].items():
-        edges = row["histogram-edges"]
+        edges = row["edges"]
         if not edges:  # an anchor rule: no site sent a histogram
             continue
         width = edges[1] - edges[0]

@@ -460,6 +460,10 @@ class ScoreReply:
         epsilon = _real(metrics["dp-epsilon"], "dp-epsilon", 0)
         return cls(total, histogram, non_finite, epsilon, bool(mismatch), seconds, label)
 
+    def row(self) -> dict:
+        """What the site sent, as the selection report shows it beside its counts."""
+        return {"histogram": self.histogram, "non-finite": self.non_finite, "dp-epsilon": self.dp_epsilon}
+
 
 # ---- the threshold query -------------------------------------------------------------------
 

@@ -297,8 +297,7 @@ class CluesSelection:
         for node, reply in kept.items():
             score = scored[node]
             name = report.failures.names[node]
-            row = {"site": name, "kept": reply.kept, "total": reply.total, "histogram": score.histogram}
-            row.update({"non-finite": score.non_finite, "dp-epsilon": score.dp_epsilon, **(reply.confusion or {})})
+            row = {"site": name, "kept": reply.kept, "total": reply.total, **score.row(), **(reply.confusion or {})}
             row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)], **applied[side_of(node)])
             report.clients[node] = row
             took = f" in {score.seconds:.1f} s" if score.seconds is not None else ""
