@@ -138,8 +138,9 @@ def _restore(context: Context) -> None:
     _tag(context, SELECTION_KEY, int(tag["run-id"]), tag["records"])
 
 
-def _stored(context: Context, key: str, records: Sequence[Record], what: str) -> torch.Tensor:
-    """The tensor ``key`` left on this node, if it was computed in this run on ``records``."""
+def _stored(context: Context, key: str, digest: str, count: int, what: str) -> torch.Tensor:
+    """The tensor ``key`` left on this node, if it was computed in this run on the ``count``
+    records whose fingerprint is ``digest``."""
     if key == SELECTION_KEY and key not in context.state:
         _restore(context)
     if key not in context.state:
@@ -149,9 +150,9 @@ def _stored(context: Context, key: str, records: Sequence[Record], what: str) ->
     tag = context.state.get(f"{TAG_KEY}/{key}")
     if tag is None or int(tag["run-id"]) != int(context.run_id):
         raise RuntimeError(f"the {what} on this node is from another run: this run's score phase did not reach it")
-    if tag["records"] != fingerprint(records):
+    if tag["records"] != digest:
         raise RuntimeError(
-            f"the {what} on this node was computed on other records than the {len(records)} given: "
+            f"the {what} on this node was computed on other records than the {count} given: "
             "a site must hand the same records, in the same order, to every phase"
         )
     return context.state[key].to_torch_state_dict()[key]
@@ -175,7 +176,7 @@ def selected_records(records: list[Record], config: ConfigRecord, context: Conte
         if any("quality" not in r for r in records):
             raise ValueError("selection 'oracle' needs a quality label on every record")
         return [r for r in records if r["quality"] == "high"]
-    mask = _stored(context, SELECTION_KEY, records, f"{selection} selection").tolist()
+    mask = _stored(context, SELECTION_KEY, fingerprint(records), len(records), f"{selection} selection").tolist()
     return [r for r, k in zip(records, mask) if k]
 
 
@@ -208,8 +209,8 @@ def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message
     if site_policy(context).dp_epsilon:
         if SELECTION_KEY not in context.state:
             _restore(context)
-        released = context.state.get(RELEASED_KEY)
-        metrics[WEIGHT_KEY] = max(int(released["kept"]) if released is not None and "kept" in released else 1, 1)
+        released = context.state.get(RELEASED_KEY, ConfigRecord())
+        metrics[WEIGHT_KEY] = max(int(released.get("kept", 1)), 1)
     content = RecordDict({"arrays": adapter_arrays(model), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -307,11 +308,8 @@ class CluesClient:
         mismatch = mine != request.prompt_format
         signals = self._signals(request, site, context)
         s = combined(signals, request.references, request.combination)
-        exact = (
-            [*histogram(s.tolist(), request.edges), non_finite(s)]
-            if request.edges
-            else [len(s) - non_finite(s), non_finite(s)]
-        )
+        bad = non_finite(s)
+        exact = [*histogram(s.tolist(), request.edges), bad] if request.edges else [len(s) - bad, bad]
         counts = noisy_counts(exact, policy.dp_epsilon / 2, unseen()) if policy.dp_epsilon else exact
         ledger.release(context, digest, "score", policy.dp_epsilon / 2, max(len(request.edges) - 1, 0))
         context.state[SCORES_KEY] = ArrayRecord(
@@ -347,7 +345,7 @@ class CluesClient:
         digest = fingerprint(site.records)
         ledger = Ledger.of(context)
         ledger.may_threshold(digest, int(context.run_id))
-        s = _stored(context, SCORES_KEY, site.records, "scores")
+        s = _stored(context, SCORES_KEY, digest, len(site.records), "scores")
         stored = context.state[SCORES_KEY].to_torch_state_dict()
         signals = {k.removeprefix("signal/"): v for k, v in stored.items() if k.startswith("signal/")}
         mask = keep(s, request.threshold, request.keep_ratio)
@@ -360,19 +358,18 @@ class CluesClient:
         for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}"):
             del context.state[key]  # applied once: the scores go, only the mask stays
         context.state[RELEASED_KEY] = ConfigRecord({"total": total, "kept": sent})
-        labels = [r.get("quality") == "high" for r in site.records]
         reply = ThresholdReply(sent, total)
         if policy.labels and site.records and all("quality" in r for r in site.records):
-            reply.confusion = confusion(mask.tolist(), labels)
+            reply.confusion = confusion(mask.tolist(), [r["quality"] == "high" for r in site.records])
+        entry = ledger.entry(digest)
         what = f"kept {kept}/{len(site.records)}"
         if policy.dp_epsilon:
-            spent = ledger.entry(digest)["epsilon"]
-            what += f" (sent under DP: kept {sent} of {total}; ε = {spent:g} of {policy.dp_budget:g} spent)"
+            what += f" (sent under DP: kept {sent} of {total}; ε = {entry['epsilon']:g} of {policy.dp_budget:g} spent)"
         say(f"{self.name(context)}: {what}")
         report = site_file(context, "report", ".json")
         if report is not None:
             sent_counts = {"kept": sent, "total": total}
-            site_report.write(report, site, s, signals, mask, request, ledger.entry(digest), sent_counts)
+            site_report.write(report, site, s, signals, mask, request, entry, sent_counts)
         return Message(content=reply.encode(), reply_to=msg)
 
     @staticmethod

@@ -303,8 +303,8 @@ class TraceReply:
         content = RecordDict({"arrays": ArrayRecord(self.adapter), "metrics": MetricRecord(metrics)})
         if self.moments is not None:
             content[_MOMENTS] = ArrayRecord(_moments_record(*self.moments))
-        for key, record in encode_trajectory(self.trajectory or []).items() if self.trajectory else ():
-            content[key] = record
+        if self.trajectory:
+            content.update(encode_trajectory(self.trajectory))
         return content
 
     @classmethod

@@ -184,7 +184,7 @@ class CluesTuning(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         true_round = self._true(server_round)
         where = f"tune round {true_round}"
-        ok = usable(replies, self._sent, where, self.report.failures, self._train_decoder())
+        ok = usable(replies, self._sent, where, self.report.failures, self._decode_train)
         usable_replies = [m for _, m, weight in uniform(ok, where, self.report.failures) if weight > 0]
         if len(usable_replies) < self.min_train_nodes:
             self.report.failures.add(
@@ -202,14 +202,10 @@ class CluesTuning(Strategy):
     def _true(self, flower_round: int) -> int:
         return flower_round + self.first_round - 1
 
-    def _train_decoder(self):
+    def _decode_train(self, node: int, content) -> int:
         """A tuning reply's weight, checked: at most the records the site said it scored."""
-
-        def decode(node: int, content) -> int:
-            most = int(self.report.clients.get(node, {}).get("total", MAX_RECORDS))
-            return decode_train_reply(content, self._global, self.weighted_by_key, most)
-
-        return decode
+        most = int(self.report.clients.get(node, {}).get("total", MAX_RECORDS))
+        return decode_train_reply(content, self._global, self.weighted_by_key, most)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         true_round = self._true(server_round)
