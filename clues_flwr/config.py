@@ -51,14 +51,13 @@ def setting(default: Any, help: str, key: str | None = None) -> Any:
 class SelectionConfig:
     """Which records each site keeps: the scorer, its trajectory and the threshold rule."""
 
-    method: str = setting(
+    selection: str = setting(
         "clues+perplexity+end-loss+head-loss+ifd",
-        "the score: one signal or several joined by `+` (each standardised against the public clean reference, "
+        "the selection: one signal or several joined by `+` (each standardised against the public clean reference, "
         "then combined by `combination`): `clues` (traced), the loss profile at the initial adapter `perplexity` "
         "(mean answer loss), `end-loss` (the end-of-answer token), `peak-loss` (the largest token loss), "
         "`head-loss` (the first answer token); `ifd`, FedDQC's `ira`, `datainf`, `random`; "
         "or alone `none` (train on everything) or `oracle` (clean records by their label; benchmarks)",
-        key="selection",
     )
     combination: str = setting(
         "sum",
@@ -95,13 +94,13 @@ class SelectionConfig:
     )
 
     def __post_init__(self):
-        parts = self.method.split("+")
+        parts = self.selection.split("+")
         if len(parts) == 1:
-            one_of("selection", self.method, SELECTIONS)
+            one_of("selection", self.selection, SELECTIONS)
         else:
             require(
                 "selection",
-                self.method,
+                self.selection,
                 set(parts) <= set(SIGNALS) and len(set(parts)) == len(parts),
                 f"signals joined by '+', each once, from {', '.join(map(repr, SIGNALS))}",
             )
@@ -348,9 +347,9 @@ NODE_KEYS: dict[str, str] = {
     "data-subset": "the subset (configuration) of a folder or hub dataset; default none",
     "num-threads": "torch threads per app process of this node; default 1 on a machine with at most 4 cores, "
     "else `OMP_NUM_THREADS` (Ray sets it per simulated site), else torch's own choice",
-    "site-label": "opt-in: the name this site gives itself in its own console lines; sent with its score reply, "
-    "it also names the site in the server's lines and report (unset: the demo uses the `data-path` file's name, "
-    "else the partition)",
+    "site-label": "opt-in: the name this site goes by in every line, its own console's and the server's, and in "
+    "the run's report; sent with its trace and score replies. Unset: a simulated site (`partition-id`, no "
+    "`data-path`) sends `partition N`, any other sends nothing and is `node <id>` on both sides",
     "max-histogram-bins": "the most histogram bins this site counts over in one score query; a query asking for more "
     f"is refused; default {SitePolicy.max_histogram_bins}",
     "max-scorings": "the most runs in which this site scores one set of records (a resumed run is one more); past "
@@ -432,7 +431,7 @@ def reference() -> str:
         "",
         "Each SuperNode reads these from its own node config (`flower-supernode ... --node-config "
         "'data-path=\"/data/site.jsonl\" num-threads=4'`); they stay on the site, except a `site-label`, "
-        "which goes with the score reply. In simulation Flower sets `partition-id` and `num-partitions`, "
+        "which goes with the trace and score replies. In simulation Flower sets `partition-id` and `num-partitions`, "
         "which pick the site's pool when there is no `data-path`.",
         "",
         "| key | meaning |",

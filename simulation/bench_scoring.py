@@ -177,19 +177,19 @@ def random_trajectory(model, names: list[str], n: int, seed: int) -> list[Checkp
 # --- the three scorers -------------------------------------------------------------------
 
 
-def batched(model, tok, train, val, traj, cfg):
+def batched(model, tok, train, val, traj, cfg, max_len):
     """The library: validation sums once per checkpoint, then batched training Γ."""
-    return scores(model, tok, train, traj, validation_sums(model, tok, val, traj, cfg), cfg)
+    return scores(model, tok, train, traj, validation_sums(model, tok, val, traj, cfg, max_len), cfg, max_len)
 
 
-def gamma_one(model, tok, record, ckpt, names, cfg, raw=False) -> torch.Tensor:
+def gamma_one(model, tok, record, ckpt, names, cfg, max_len, raw=False) -> torch.Tensor:
     """Γ(z; θ_t) of one record as the official code gets it: a batch of one through the
     model's own loss (logits at every position), ``loss.backward()`` into every LoRA
     weight, then the scoring layer's ``.grad`` read out. For one record the model's loss
     is the mean over its answer tokens, S's per-sample loss. The adapter of ``ckpt`` must
     already be loaded."""
     scoring_mode(model)
-    batch = to_device(next(batches([record], tok, 1, cfg.max_len)), model)
+    batch = to_device(next(batches([record], tok, 1, max_len)), model)
     params = dict(model.named_parameters())
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else nullcontext():
@@ -200,7 +200,7 @@ def gamma_one(model, tok, record, ckpt, names, cfg, raw=False) -> torch.Tensor:
     return gamma_from_grads(g, ckpt, names, cfg, raw)[0].double()
 
 
-def official(model, tok, train, val, traj, cfg):
+def official(model, tok, train, val, traj, cfg, max_len):
     """Batch of one; per checkpoint the validation Γ are cached as a list, then each
     training Γ is dotted with every cached vector."""
     names = scoring_names(model, cfg)
@@ -208,14 +208,14 @@ def official(model, tok, train, val, traj, cfg):
     out = torch.zeros(len(train), dtype=torch.float64)
     for ckpt in traj:
         set_adapter_state(model, ckpt.adapter)
-        cache = [gamma_one(model, tok, z, ckpt, names, cfg, raw=raw_val) for z in val]
+        cache = [gamma_one(model, tok, z, ckpt, names, cfg, max_len, raw=raw_val) for z in val]
         for i, z in enumerate(train):
-            g = gamma_one(model, tok, z, ckpt, names, cfg)
+            g = gamma_one(model, tok, z, ckpt, names, cfg, max_len)
             out[i] += ckpt.lr * sum(float(v @ g) for v in cache)
     return out
 
 
-def algorithm1(model, tok, train, val, traj, cfg):
+def algorithm1(model, tok, train, val, traj, cfg, max_len):
     """The appendix's loop: sample, then checkpoint, then every validation sample's
     gradient recomputed where it is used."""
     names = scoring_names(model, cfg)
@@ -224,9 +224,9 @@ def algorithm1(model, tok, train, val, traj, cfg):
     for i, z in enumerate(train):
         for ckpt in traj:
             set_adapter_state(model, ckpt.adapter)
-            g = gamma_one(model, tok, z, ckpt, names, cfg)
+            g = gamma_one(model, tok, z, ckpt, names, cfg, max_len)
             for zv in val:
-                out[i] += ckpt.lr * float(gamma_one(model, tok, zv, ckpt, names, cfg, raw=raw_val) @ g)
+                out[i] += ckpt.lr * float(gamma_one(model, tok, zv, ckpt, names, cfg, max_len, raw=raw_val) @ g)
     return out
 
 
@@ -252,7 +252,7 @@ def tolerances(model) -> tuple[float, float]:
     return STRICT, STRICT
 
 
-def check(model, tok, train, val, traj, cfg, s_batched, s_official, s_alg1) -> dict:
+def check(model, tok, train, val, traj, cfg, max_len, s_batched, s_official, s_alg1) -> dict:
     """Relative errors between the methods on the records they share; asserts agreement.
 
     A float32 model on the CPU computes identically in batches and one by one, so all must
@@ -270,7 +270,7 @@ def check(model, tok, train, val, traj, cfg, s_batched, s_official, s_alg1) -> d
     }
     if across > same:
         one = ScoreConfig(**{**cfg.__dict__, "batch_size": 1})
-        s_one = batched(model, tok, train[:k], val, traj, one)
+        s_one = batched(model, tok, train[:k], val, traj, one, max_len)
         errs["library_batch1_vs_official"] = rel_err(s_one, s_official[:k], spread)
     progress("  rel. err  " + ", ".join(f"{k_} {v:.1e}" for k_, v in errs.items()))
     assert errs["alg1_vs_official"] <= same and errs.get("library_batch1_vs_official", 0) <= same, errs
@@ -294,26 +294,26 @@ def count_params(model) -> int:
 def bench(model, tok, train, val, args) -> dict:
     """All three scorers on one model, each after a small warm-up, then the check and
     the training yardstick."""
-    cfg = ScoreConfig.paper(batch_size=args.batch_size, max_len=args.max_len)
+    cfg, max_len = ScoreConfig.paper(batch_size=args.batch_size), args.max_len
     names = scoring_names(model, cfg)
     traj = random_trajectory(model, names, args.checkpoints, args.seed + 1)
     n, t, sub = len(train), len(traj), train[: args.alg1_samples]
 
-    batched(model, tok, train[: args.batch_size], val[:2], traj[:1], cfg)
-    sums, t_val = timed(validation_sums, model, tok, val, traj, cfg)
-    s_batched, t_train = timed(scores, model, tok, train, traj, sums, cfg)
+    batched(model, tok, train[: args.batch_size], val[:2], traj[:1], cfg, max_len)
+    sums, t_val = timed(validation_sums, model, tok, val, traj, cfg, max_len)
+    s_batched, t_train = timed(scores, model, tok, train, traj, sums, cfg, max_len)
     t_batched = t_val + t_train
     progress(f"  batched   {t_batched:8.2f} s ({t_val:.2f} s validation sums)")
 
-    official(model, tok, train[:1], val[:1], traj[:1], cfg)
-    s_official, t_official = timed(official, model, tok, train, val, traj, cfg)
+    official(model, tok, train[:1], val[:1], traj[:1], cfg, max_len)
+    s_official, t_official = timed(official, model, tok, train, val, traj, cfg, max_len)
     progress(f"  official  {t_official:8.2f} s")
 
-    algorithm1(model, tok, train[:1], val[:1], traj[:1], cfg)
-    s_alg1, t_alg1 = timed(algorithm1, model, tok, sub, val, traj, cfg)
+    algorithm1(model, tok, train[:1], val[:1], traj[:1], cfg, max_len)
+    s_alg1, t_alg1 = timed(algorithm1, model, tok, sub, val, traj, cfg, max_len)
     progress(f"  alg1      {t_alg1:8.2f} s on {len(sub)} records")
 
-    errs = check(model, tok, train, val, traj, cfg, s_batched, s_official, s_alg1)
+    errs = check(model, tok, train, val, traj, cfg, max_len, s_batched, s_official, s_alg1)
     train_s = train_seconds_per_sample(model, tok, train, args)
     progress(f"  training  {train_s:8.4f} s per sample")
     rate = {"batched": n / t_batched, "official": n / t_official, "alg1": len(sub) / t_alg1}
@@ -342,11 +342,11 @@ def bench(model, tok, train, val, args) -> dict:
 def bench_llama7b(tok, train, val, args) -> dict:
     """Batched scoring throughput and peak GPU memory on a 7B-shaped 8-bit base."""
     model = llama7b_model(args.seed)
-    cfg = ScoreConfig.paper(batch_size=args.batch_size, max_len=args.max_len)
+    cfg, max_len = ScoreConfig.paper(batch_size=args.batch_size), args.max_len
     traj = random_trajectory(model, scoring_names(model, cfg), args.checkpoints, args.seed + 1)
-    batched(model, tok, train[: args.batch_size], val[:2], traj[:1], cfg)
+    batched(model, tok, train[: args.batch_size], val[:2], traj[:1], cfg, max_len)
     torch.cuda.reset_peak_memory_stats()
-    _, seconds = timed(batched, model, tok, train, val, traj, cfg)
+    _, seconds = timed(batched, model, tok, train, val, traj, cfg, max_len)
     peak = torch.cuda.max_memory_allocated()
     progress(f"  batched   {seconds:8.2f} s, peak {peak / 2**30:.2f} GiB")
     return {

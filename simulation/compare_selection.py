@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
-    p.add_argument("--selections", nargs="+", default=["none", SelectionConfig.method, "oracle"])
+    p.add_argument("--selections", nargs="+", default=["none", SelectionConfig.selection, "oracle"])
     p.add_argument("--seeds", type=int, nargs="+", help="one federation per seed each (default: the run's seed)")
     p.add_argument("--out", type=Path, default=Path("runs/compare_selection"))
     args = p.parse_args()

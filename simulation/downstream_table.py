@@ -25,7 +25,7 @@ SETUPS = {
     "ties": {"mode": "federated", "aggregation": "ties"},
     "merge": {"mode": "merge", "aggregation": "ties"},
 }
-DEFAULT = SelectionConfig.method
+DEFAULT = SelectionConfig.selection
 SELECTIONS = ["none", "oracle", "perplexity", "ifd", "ira", "datainf", "clues", "clues+perplexity", DEFAULT]
 NAMES = {
     "none": "mixed data",

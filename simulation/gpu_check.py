@@ -50,7 +50,7 @@ import torch
 
 from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.data import to_device
-from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
+from clues_flwr.core.scoring import ScoreConfig, along, gamma_from_grads, per_sample_grads, scoring_mode, scoring_names
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import checkpoint
 from clues_flwr.harness.bench import parse_set, run_config
@@ -194,12 +194,13 @@ def batched_scores(model, train_batches, val_batches, trajectory, names, cfg):
     def gammas(batches, ckpt, raw=False):
         return torch.cat([gamma_from_grads(per_sample_grads(model, b, names), ckpt, names, cfg, raw) for b in batches])
 
-    total = 0
-    for ckpt in trajectory:
-        set_adapter_state(model, ckpt.adapter)
-        g_val = gammas(val_batches, ckpt, raw=not cfg.precondition_validation).sum(0)
-        total = total + ckpt.lr * (gammas(train_batches, ckpt).double() @ g_val.double()).cpu()
-    return total
+    def aligned():
+        for ckpt in trajectory:
+            set_adapter_state(model, ckpt.adapter)
+            g_val = gammas(val_batches, ckpt, raw=not cfg.precondition_validation).sum(0)
+            yield gammas(train_batches, ckpt).double() @ g_val.double()
+
+    return along(trajectory, aligned())
 
 
 def gamma_one(model, batch, ckpt, names, cfg, raw=False):
@@ -240,7 +241,7 @@ def score(model, trajectory, args, gen) -> dict:
     samples/s counts training records scored over the whole trajectory, validation cost
     included. ``rel_err`` (RMS difference over the official scores' spread) shows the two
     compute the same scores."""
-    cfg = ScoreConfig(batch_size=args.batch, max_len=args.seq_len)
+    cfg = ScoreConfig(batch_size=args.batch)  # the batches are already cut to seq-len
     names = scoring_names(model, cfg)
     train_b, val_b = synthetic_batches(args.score_samples, args, gen), synthetic_batches(args.score_val, args, gen)
     batched_scores(model, train_b[:1], val_b[:1], trajectory[:1], names, cfg)

@@ -109,11 +109,11 @@ def test_the_reference_writes_defaults_as_the_run_config_takes_them():
 def test_keys_shared_by_sections_take_one_value():
     cfg = AppConfig.from_run_config({"seed": 7, "max-seq-len": 64})
     assert cfg.model.seed == cfg.train.seed == cfg.data.seed == 7
-    assert cfg.train.max_seq_len == cfg.score.max_len == 64
+    assert cfg.train.max_seq_len == 64
 
 
 def test_sections_travel_as_records_and_back():
-    score = ScoreConfig(layer=2, modules=("q_proj",), cosine=False, batch_size=4, max_len=40)
+    score = ScoreConfig(layer=2, modules=("q_proj",), cosine=False, batch_size=4)
     assert from_mapping(ScoreConfig, json.loads(json.dumps(to_record(score)))) == score
     train = TrainConfig(learning_rate=1e-4, local_steps=3, seed=5)
     assert from_mapping(TrainConfig, {**to_record(train), "phase": "tune"}) == train

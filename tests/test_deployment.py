@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from clues_flwr.core.data import split_heldout
 from clues_flwr.demo.dataset import demo_splits
+from clues_flwr.model import demo_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -347,7 +348,8 @@ def test_a_site_killed_during_a_tuning_round_is_named_and_the_run_goes_on(deploy
         assert dead and "tune" in dead[0]["where"] and "Unavailable" in dead[0]["reason"], metrics["failures"]
         assert all(f["node"] == victim.node_id for f in metrics["failures"]), metrics["failures"]
         summary = [line for line in out.splitlines() if "[clues]" in line and "failure" in line]
-        assert summary and f"{dead[0]['site']}: " in summary[-1] and dead[0]["site"].startswith("site "), out[-3000:]
+        assert dead[0]["site"] == f"node {victim.node_id}", "no label set: named by its node ID on both sides"
+        assert summary and f"{dead[0]['site']}: " in summary[-1], out[-3000:]
         selection = json.loads((run_dir / "selection.json").read_text())
         assert len(selection["clients"]) == 3  # all three were scored before the kill
         assert deployment.nodes()[victim.node_id] == "offline"
@@ -421,7 +423,7 @@ def test_a_soak_with_sites_restarting_and_the_superlink_crashing_loses_no_round(
     stop(deployment.superlink, signal.SIGKILL)  # the SuperLink and its ServerApp, without warning
     proc.wait(timeout=120)
     first = first_log.read_text(errors="replace")
-    kept_first = dict(re.findall(r"\[clues\]   (site \d+): scored \d+ records in [\d.]+ s, kept (\d+)", first))
+    kept_first = dict(re.findall(r"\[clues\]   (node \d+): scored \d+ records in [\d.]+ s, kept (\d+)", first))
     assert len(kept_first) == 2, first[-3000:]
     partial = list(runs.glob("*.partial"))
     assert len(partial) == 1, f"one resumable run folder, found {partial}"
@@ -440,3 +442,133 @@ def test_a_soak_with_sites_restarting_and_the_superlink_crashing_loses_no_round(
     assert all(f["node"] == sites[1].node_id for f in metrics["failures"]), metrics["failures"]
     assert not any("selection" in r for r in reasons), "a restarted site kept its selection"
     assert len(list(runs.iterdir())) == 1, "the resumed folder is the run's only one"
+
+
+GUIDE = ROOT / "docs" / "deployment.md"
+
+
+def guide_blocks() -> dict[str, list[str]]:
+    """The guide's code blocks (bash and TOML), by the heading of the section they are in."""
+    sections = re.split(r"^## ", GUIDE.read_text(), flags=re.MULTILINE)[1:]
+    return {
+        section.splitlines()[0]: re.findall(r"^```(?:bash|toml)\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+        for section in sections
+    }
+
+
+def on_loopback(text: str, swaps: dict[str, str]) -> str:
+    """A guide command with its example names and paths swapped for this machine's; each
+    must be in the command, so a changed guide fails here rather than running something else."""
+    for example, here in swaps.items():
+        assert example in text, f"docs/deployment.md no longer has {example!r} in:\n{text}"
+        text = text.replace(example, here)
+    return text
+
+
+def test_the_deployment_guide_runs_as_written(tmp_path):
+    """docs/deployment.md §1-§7, command by command: its openssl, SuperLink, ssh-keygen,
+    `flwr config list`, `register`, trial-data, SuperNode, `flwr run` (the own-data form) and
+    stop commands, run by bash with only the example host, ports and paths swapped for
+    127.0.0.1 and this test's folder. Both sites go by their `site-label` in every line."""
+    blocks = guide_blocks()
+    step = lambda title, i=0: blocks[title][i]  # noqa: E731
+    port, base = free_port(), tmp_path
+    env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+    assert_free = socket.socket()
+    try:
+        assert_free.bind(("127.0.0.1", 9094))  # §6's first SuperNode takes Flower's default Runtime API port
+    except OSError:
+        pytest.fail("port 9094 is in use here, and the guide's first SuperNode command needs it")
+    finally:
+        assert_free.close()
+
+    def bash(command: str, cwd: Path = base, timeout: float = 120) -> str:
+        return run_checked(["bash", "-euo", "pipefail", "-c", command], cwd, env, timeout)
+
+    try:
+        bash(step("1. Certificates (on the SuperLink machine)"))
+        bash(on_loopback(step("2. Start the SuperLink"), {"--host 0.0.0.0 --port 8000": f"--port {port}"}))
+        context = ssl.create_default_context(cafile=str(base / "certificates" / "ca.crt"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the SuperLink did not come up:\n" + tail(base / "superlink.log")
+                time.sleep(0.5)
+        keygen = step("3. A key pair per site (at the site)")
+        bash(keygen)
+        bash(on_loopback(keygen, {"site1": "site2"}))
+        bash("flwr config list")  # §4: creates $FLWR_HOME/config.toml
+        config = base / "flwr-home" / "config.toml"
+        assert config.is_file(), "`flwr config list` did not create config.toml"
+        connection = on_loopback(
+            step("4. The operator's connection"),
+            {
+                "superlink.example.org:8000": f"127.0.0.1:{port}",
+                "/absolute/path/to/certificates": str(base / "certificates"),
+            },
+        )
+        config.write_text(config.read_text() + "\n" + connection)
+        register = step("5. Register the sites' keys")
+        bash(register)
+        bash(on_loopback(register, {"site1": "site2"}))
+
+        supernode, second, trial = blocks["6. One SuperNode per site"]
+        bash(trial, timeout=300)
+        shutil.copy(base / "certificates" / "ca.crt", base / "ca.crt")  # "Send ca.crt to every site"
+        at = {"superlink.example.org:8000": f"127.0.0.1:{port}"}
+        bash(on_loopback(supernode, {**at, "/site/data.jsonl": str(base / "site1.jsonl")}))
+        bash(on_loopback(second, {**at, "/site2/data.jsonl": str(base / "site2.jsonl"), "9095": str(free_port())}))
+        deadline = time.monotonic() + 90
+        while True:
+            out = bash("flwr supernode list clues --format json")
+            nodes = json.loads(out[out.index("{") :])["nodes"]
+            if sum(n["status"] == "online" for n in nodes) == 2:
+                break
+            assert time.monotonic() < deadline, f"the two SuperNodes are not online: {nodes}\n" + tail(
+                base / "supernode.log"
+            )
+            time.sleep(1)
+
+        runs = base / "runs"
+        own_data = on_loopback(
+            step("7. Run", 1),
+            {
+                "/srv/clues/runs": str(runs),
+                "/srv/models/my-model": str(demo_model_path()),
+                "/srv/clues/public": str(base),  # the trial block's validation, anchors and test files
+            },
+        )
+        quick = ' --run-config "trace-rounds=1 local-steps=2 num-server-rounds=1"'  # the guide's run, shorter
+        out = bash(own_data + quick, cwd=ROOT, timeout=900)
+        found = re.search(r"\[clues\] run folder: (\S+)", out)
+        assert found, out[-4000:]
+        run_dir = Path(found.group(1))
+        assert run_dir.parent == runs, out[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [r["round"] for r in metrics["rounds"]] == [0, 1] and metrics["failures"] == [], metrics
+        selection = json.loads((run_dir / "selection.json").read_text())
+        assert sorted(row["site"] for row in selection["clients"].values()) == ["site1", "site2"]
+        assert "[clues]   site1: scored " in out and "[clues]   site2: scored " in out, out[-3000:]
+        assert "[clues] site1: kept " in (base / "supernode.log").read_text(), tail(base / "supernode.log")
+        assert "[clues] site2: kept " in (base / "supernode2.log").read_text(), tail(base / "supernode2.log")
+        assert "completed" in bash("flwr ls clues"), "the run's final status"
+    finally:  # the guide's stop commands, then whatever they left behind
+        family = []
+        for pid_file in base.glob("*.pid"):
+            try:
+                root = psutil.Process(int(pid_file.read_text()))
+                family += [root, *root.children(recursive=True)]
+            except (psutil.NoSuchProcess, ValueError):
+                pass
+        for name in ("supernode", "supernode2", "superlink"):
+            subprocess.run(["bash", "-c", f'kill "$(cat {name}.pid)"'], cwd=base, env=env, capture_output=True)
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert 'kill "$(cat superlink.pid)"' in GUIDE.read_text() and 'kill "$(cat supernode.pid)"' in GUIDE.read_text()

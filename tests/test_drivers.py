@@ -146,9 +146,9 @@ def test_a_drivers_selection_is_the_apps(tmp_path):
     clients = json.loads((folder / "selection.json").read_text())["clients"]
     app_kept = [clients[str(node)]["kept"] for node in demo_nodes(2)]
     b = bench.prepare(run, 2)
-    assert b.config.selection.method == "clues+perplexity+end-loss+head-loss+ifd"
+    assert b.config.selection.selection == "clues+perplexity+end-loss+head-loss+ifd"
     assert b.config.selection.threshold_rule == "histogram"
-    signals = tuple(b.config.selection.method.split("+"))
+    signals = tuple(b.config.selection.selection.split("+"))
     scores = bench.baseline_set_scores(b, list(signals[1:]))
     scores["clues"] = bench.variant_scores(bench.raw_gradients(b, b.sets()), b.trajectory, b.names, b.config.score)
     combined = bench.combined_scores(scores, "sum", signals)

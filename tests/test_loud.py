@@ -9,7 +9,7 @@ from helpers import SMALL
 
 from clues_flwr import CluesClient
 from clues_flwr.demo import client_app, server_app
-from clues_flwr.demo.task import demo_site, site_name
+from clues_flwr.demo.task import demo_site
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
 
@@ -47,7 +47,7 @@ def test_a_client_app_without_a_train_handler_fails_the_run(tmp_path, one_thread
     """A project that registered CLUES's handlers but no ``@app.train()``: every tuning reply
     is an error, and the run ends with one saying so instead of a quiet "done"."""
     app = ClientApp()
-    CluesClient(demo_site, site_name).register(app)
+    CluesClient(demo_site).register(app)
     cfg = config(tmp_path)
     with pytest.raises(RuntimeError, match="no tuning round aggregated in 2 round\\(s\\): error reply"):
         server_app.run_clues(LocalGrid(app, demo_nodes(2), cfg), cfg)

@@ -98,14 +98,14 @@ def their_client_app(trained: list, train_mods=()) -> ClientApp:
 
 
 def selection_stage(model, tok) -> CluesSelection:
-    cfg = ScoreConfig(modules=("c_attn",), batch_size=8, max_len=48)
+    cfg = ScoreConfig(modules=("c_attn",), batch_size=8)
     return CluesSelection.from_records(
         model,
         tok,
         sums(12, seed=90),
         sums(6, seed=91),
         score=cfg,
-        selection=SelectionConfig(method="clues+perplexity", trace_rounds=2),
+        selection=SelectionConfig(selection="clues+perplexity", trace_rounds=2),
         train=TrainConfig(learning_rate=1e-2, local_steps=3, batch_size=8, max_seq_len=48),
     )
 

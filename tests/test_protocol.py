@@ -57,6 +57,7 @@ def valid():
         [0.0, 1.0, 2.0],
         "template",
         ScoreConfig(),
+        96,
         {"perplexity": (0.0, 1.0), "ifd": (1.0, 2.0)},
         adapter=ADAPTER,
     )

@@ -22,10 +22,13 @@ from clues_flwr.core.scoring import (
     validation_sums,
 )
 from clues_flwr.core.threshold import anchor_threshold
+from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.demo.state import load_checkpoint, save_checkpoint
 from clues_flwr.model import ModelSpec, build, load_tokenizer
+
+MAX_LEN = TrainConfig().max_seq_len  # tokens per record, as a run traces, scores and tunes them
 
 
 def random_lora_llama(hidden, layers, vocab, seed, dtype=torch.float64):
@@ -170,7 +173,7 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     model, tok, val, train, ckpts, _ = scored_setup
     cfg = ScoreConfig(**{**cfg.__dict__, "batch_size": 5})
     names = scoring_names(model, ScoreConfig())
-    fast = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg), cfg)
+    fast = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg, MAX_LEN), cfg, MAX_LEN)
 
     def gamma_loop(records, ckpt, raw):
         from clues_flwr.core.adapter import set_adapter_state
@@ -178,7 +181,7 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
         set_adapter_state(model, ckpt.adapter)
         rows = []
         for r in records:
-            g = loop_grads(model, next(batches([r], tok, 1, cfg.max_len)), names)
+            g = loop_grads(model, next(batches([r], tok, 1, MAX_LEN)), names)
             rows.append(g if raw else precondition(g, ckpt, names, cfg))
         out = torch.cat(rows).double()
         return torch.nn.functional.normalize(out, dim=1) if cfg.cosine else out
@@ -194,7 +197,7 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     print(f"{cfg.precondition} cos={cfg.cosine}: relative error of S(z) {err:.2e}")
     assert err <= 1e-12  # measured 2e-16 to 3e-16
     # each validation record scored against the others only, as the clean reference holds it
-    val_sums, left_out = left_out_scores(model, tok, val, ckpts, cfg)
+    val_sums, left_out = left_out_scores(model, tok, val, ckpts, cfg, MAX_LEN)
     brute_out = torch.zeros(len(val), dtype=torch.float64)
     for ckpt in ckpts:
         g_rec, g_sum = gamma_loop(val, ckpt, raw=False), gamma_loop(val, ckpt, raw=not cfg.precondition_validation)
@@ -203,13 +206,13 @@ def test_scores_equal_the_brute_force_double_loop(scored_setup, cfg):
     err = rel_err(left_out, brute_out)
     print(f"  left-out validation scores: relative error {err:.2e}")
     assert err <= 1e-12
-    assert all(torch.equal(a, b) for a, b in zip(val_sums, validation_sums(model, tok, val, ckpts, cfg)))
+    assert all(torch.equal(a, b) for a, b in zip(val_sums, validation_sums(model, tok, val, ckpts, cfg, MAX_LEN)))
 
 
 def test_moments_outside_the_scoring_layer_do_not_matter(scored_setup):
     model, tok, val, train, ckpts, all_lora = scored_setup
     cfg = ScoreConfig.paper()
-    base = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg), cfg)
+    base = scores(model, tok, train, ckpts, validation_sums(model, tok, val, ckpts, cfg, MAX_LEN), cfg, MAX_LEN)
     names = set(scoring_names(model, ScoreConfig()))
     others = [n for n in all_lora if n not in names]
     assert others
@@ -218,11 +221,13 @@ def test_moments_outside_the_scoring_layer_do_not_matter(scored_setup):
         for n in others:
             c.exp_avg[n] = c.exp_avg[n] * 50 + 1.0
             c.exp_avg_sq[n] = c.exp_avg_sq[n] * 0 + 3.0
-    again = scores(model, tok, train, perturbed, validation_sums(model, tok, val, perturbed, cfg), cfg)
+    again_sums = validation_sums(model, tok, val, perturbed, cfg, MAX_LEN)
+    again = scores(model, tok, train, perturbed, again_sums, cfg, MAX_LEN)
     assert torch.equal(base, again)
     one = next(iter(names))
     perturbed[0].exp_avg_sq[one] = perturbed[0].exp_avg_sq[one] * 0 + 3.0
-    changed = scores(model, tok, train, perturbed, validation_sums(model, tok, val, perturbed, cfg), cfg)
+    changed_sums = validation_sums(model, tok, val, perturbed, cfg, MAX_LEN)
+    changed = scores(model, tok, train, perturbed, changed_sums, cfg, MAX_LEN)
     assert not torch.allclose(base, changed)
 
 

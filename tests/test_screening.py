@@ -103,10 +103,10 @@ def test_labelled_unlabelled_and_tiny_sites_federate_together(tmp_path, one_thre
     selection = json.loads((folder / "selection.json").read_text())
     clients = selection["clients"]
     assert "tp" not in clients["300"] and "tp" in clients["100"], "labels are sent only where records carry them"
-    assert "f1" in selection and selection["labelled-sites"] == ["site 1", "site 2"], "F1 over the labelled sites"
-    assert any(w.startswith("site 4 sends no held-out loss") for w in selection["warnings"]), "the one-record site"
+    assert "f1" in selection and selection["labelled-sites"] == ["partition 0", "partition 1"], "F1 over the labelled"
+    assert any(w.startswith("node 301 sends no held-out loss") for w in selection["warnings"]), "the one-record site"
     mismatched = [w for w in selection["warnings"] if "prompts are formatted otherwise" in w]
-    assert len(mismatched) == 1 and mismatched[0].startswith("site 5"), selection["warnings"]
+    assert len(mismatched) == 1 and mismatched[0].startswith("node 302"), selection["warnings"]
 
 
 def corrupts(how):
@@ -141,7 +141,7 @@ def test_a_site_whose_every_reply_is_corrupted_fails_alone_and_the_run_finishes(
     folder = server_app.run_clues(LocalGrid(client_app.app, nodes, cfg, after=corrupts(how)), cfg)
     metrics = json.loads((folder / "metrics.json").read_text())
     failures = metrics["failures"]
-    assert {(f["node"], f["site"]) for f in failures} == {(101, "site 2")}, "named as in every other line"
+    assert {(f["node"], f["site"]) for f in failures} == {(101, "node 101")}, "no reply decoded, so no label"
     assert {f["where"].split()[0] for f in failures} >= {"trace", "score", "evaluate"}, failures
     assert sorted(json.loads((folder / "selection.json").read_text())["clients"]) == ["100", "102"]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]

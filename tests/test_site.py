@@ -1,5 +1,5 @@
 """A site's records are built once per process, its keep mask is tied to them and to the
-run, and it names itself to the server only when it opts in."""
+run, and it has one name on both sides: the label it sends, or its node ID."""
 
 import json
 
@@ -73,15 +73,21 @@ def test_a_keep_mask_is_refused_on_other_records_or_in_another_run(tmp_path, one
         selected_records(records, config, fresh)
 
 
-def test_sites_are_numbered_unless_they_choose_a_label(tmp_path, caplog, one_thread):
-    nodes = demo_nodes(2)
+def test_a_site_has_one_name_in_its_own_lines_and_the_servers(tmp_path, caplog, one_thread):
+    """Its label where it chose one, a simulated site's partition, else its node ID."""
+    nodes = demo_nodes(3)
     nodes[101]["site-label"] = "riverside"
+    own = tmp_path / "own.jsonl"
+    pool = task.local_split(Context(run_id=0, node_id=102, node_config=nodes[102], state=RecordDict(), run_config={}))
+    own.write_text("".join(json.dumps(r) + "\n" for r in pool[0]))
+    nodes[102] = {"data-path": str(own)}
     with caplog.at_level("INFO"):
         _, folder = run(tmp_path, nodes)
     clients = json.loads((folder / "selection.json").read_text())["clients"]
-    assert clients["100"]["site"] == "site 1" and clients["101"]["site"] == "riverside"
-    assert "site 1: scored 36 records" in caplog.text and "riverside: scored 36 records" in caplog.text
-    assert "partition 0" not in json.dumps(clients), "the site's own console name stays on the site"
+    assert [clients[n]["site"] for n in ("100", "101", "102")] == ["partition 0", "riverside", "node 102"]
+    for name in ("partition 0", "riverside", "node 102"):
+        assert f"{name}: kept " in caplog.text, f"the site's own line names it {name}"
+        assert f"  {name}: scored " in caplog.text, f"the server's line names it {name}"
     assert (folder / "rounds.png").stat().st_size > 1000
 
 

@@ -171,7 +171,7 @@ def test_a_node_that_never_answers_is_named_and_the_round_goes_on(tmp_path, monk
     _, folder = run(tmp_path, before=dies_in_round_2, **{"round-timeout": 90.0})
     metrics = load(folder, "metrics.json")
     assert metrics["failures"] == [
-        {"where": "tune round 2", "node": 101, "site": "site 2", "reason": "no reply before the round's timeout"}
+        {"where": "tune round 2", "node": 101, "site": "partition 1", "reason": "no reply before the round's timeout"}
     ]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and "train-loss" in metrics["rounds"][2]
     assert timeouts and set(timeouts) == {90.0}, "every phase waits round-timeout seconds"
@@ -209,7 +209,8 @@ def test_client_that_keeps_nothing_takes_no_weight(tmp_path):
     tune = [r for r in grid.replies if r.metadata.message_type == "train" and r.metadata.src_node_id == 100][-1]
     assert tune.content["metrics"]["num-examples"] == 0
     assert load(folder, "metrics.json")["failures"] == []
-    assert any("site 1 kept none of its" in w for w in load(folder, "selection.json")["warnings"]), "node 100 is site 1"
+    warnings = load(folder, "selection.json")["warnings"]
+    assert any("partition 0 kept none of its" in w for w in warnings), "node 100 is partition 0, by its label"
 
 
 @pytest.mark.parametrize("poison", ["nan", "shape", "key"])
@@ -331,7 +332,7 @@ def test_baseline_scorers_select_by_the_anchor_threshold_without_a_trace(tmp_pat
     assert types.count("query.clues_score") == NUM_NODES
     assert not any("moments" in r.content for r in grid.replies), "baselines need no trace"
     summary = load(folder, "selection.json")
-    assert summary["method"] == selection and len(summary["clients"]) == NUM_NODES
+    assert summary["selection"] == selection and len(summary["clients"]) == NUM_NODES
     for node, c in summary["clients"].items():
         assert c["tp"] + c["fp"] == c["kept"] and sum(c["histogram"]) == c["total"] == 36
         assert len(c["anchor-scores"]) == NUM_ANCHORS and len(c["reference-scores"]) == NUM_ANCHORS + NUM_VALIDATION

@@ -19,7 +19,7 @@ import inspect
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -75,16 +75,12 @@ class ScoreConfig:
             "help": "records per scoring batch (CLUES and baselines); no optimizer state, so it may exceed batch-size",
         },
     )
-    max_len: int = field(
-        default=96, metadata={"key": "max-seq-len", "help": "tokens per scored record: the key training reads too"}
-    )
 
     def __post_init__(self):
         require("score-layer", self.layer, self.layer >= 0, "a layer index, 0 or more")
         require("score-modules", self.modules, bool(self.modules), "at least one module name, e.g. q_proj")
         one_of("precondition", self.precondition, PRECONDITIONERS)
         require("score-batch-size", self.batch_size, self.batch_size >= 1, "at least 1")
-        require("max-seq-len", self.max_len, self.max_len >= 2, "at least 2")
 
     @classmethod
     def paper(cls, **kw) -> "ScoreConfig":
@@ -252,26 +248,41 @@ def gammas(
     ckpt: Checkpoint,
     names: Sequence[str],
     cfg: ScoreConfig,
+    max_len: int,
     raw: bool = False,
 ) -> torch.Tensor:
-    """Γ(z; θ_t) of every record, [N, d]; ``raw`` skips preconditioning."""
+    """Γ(z; θ_t) of every record, [N, d]; ``raw`` skips preconditioning. ``max_len`` is the
+    run's ``max-seq-len`` (``TrainConfig.max_seq_len``): a record is scored on the tokens it
+    is traced and tuned on."""
     set_adapter_state(model, ckpt.adapter)
     return per_record(
         lambda batch: gamma_from_grads(per_sample_grads(model, batch, names), ckpt, names, cfg, raw),
         records,
         tokenizer,
         cfg.batch_size,
-        cfg.max_len,
+        max_len,
     )
 
 
 def validation_sums(
-    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
+    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig, max_len: int
 ) -> list[torch.Tensor]:
     """G_t = Σ_{z' ∈ val} Γ(z'; θ_t) for each checkpoint, once: clients need only these."""
     names = scoring_names(model, cfg)
     raw = not cfg.precondition_validation
-    return [gammas(model, tokenizer, validation, c, names, cfg, raw=raw).sum(0) for c in trajectory]
+    return [gammas(model, tokenizer, validation, c, names, cfg, max_len, raw=raw).sum(0) for c in trajectory]
+
+
+def along(trajectory: Sequence[Checkpoint], aligned: Iterable[torch.Tensor]) -> torch.Tensor:
+    """S = Σ_t η_t · a_t in float64, ``aligned`` giving a_t (the records' alignment with G_t)
+    checkpoint by checkpoint: the one sum over the trajectory every CLUES score is."""
+    total = None
+    for ckpt, a in zip(trajectory, aligned, strict=True):
+        term = ckpt.lr * a.double().cpu()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("an empty trajectory scores nothing")
+    return total
 
 
 def scores(
@@ -281,16 +292,19 @@ def scores(
     trajectory: Sequence[Checkpoint],
     val_sums: Sequence[torch.Tensor],
     cfg: ScoreConfig,
+    max_len: int,
 ) -> torch.Tensor:
     """S(z) = Σ_t η_t ⟨G_t, Γ(z; θ_t)⟩ for every record, [N] in float64."""
     if len(trajectory) != len(val_sums):
         raise ValueError(f"{len(trajectory)} checkpoints but {len(val_sums)} validation sums")
     names = scoring_names(model, cfg)
-    total = torch.zeros(len(records), dtype=torch.float64)
-    for ckpt, g_val in zip(trajectory, val_sums):
-        gamma = gammas(model, tokenizer, records, ckpt, names, cfg)
-        total += ckpt.lr * (gamma.double() @ g_val.double().to(gamma.device)).cpu()
-    return total
+
+    def aligned():
+        for ckpt, g_val in zip(trajectory, val_sums):
+            gamma = gammas(model, tokenizer, records, ckpt, names, cfg, max_len).double()
+            yield gamma @ g_val.double().to(gamma.device)
+
+    return along(trajectory, aligned())
 
 
 def left_out(record_side: torch.Tensor, sum_side: torch.Tensor) -> torch.Tensor:
@@ -301,7 +315,7 @@ def left_out(record_side: torch.Tensor, sum_side: torch.Tensor) -> torch.Tensor:
 
 
 def left_out_scores(
-    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig
+    model, tokenizer, validation: Sequence[Record], trajectory: Sequence[Checkpoint], cfg: ScoreConfig, max_len: int
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(G_t per checkpoint, S of every validation record with itself left out of G_t).
 
@@ -309,14 +323,18 @@ def left_out_scores(
     against, but each is one of the terms of G_t, and its own term ⟨Γ, Γ⟩ would align it
     with itself; left out, its score is one a clean record outside the set gets."""
     names = scoring_names(model, cfg)
-    val_sums, own = [], torch.zeros(len(validation), dtype=torch.float64)
-    for ckpt in trajectory:
-        record_side = gammas(model, tokenizer, validation, ckpt, names, cfg)
-        sum_side = (
-            record_side
-            if cfg.precondition_validation
-            else gammas(model, tokenizer, validation, ckpt, names, cfg, raw=True)
-        )
-        val_sums.append(sum_side.sum(0))
-        own += ckpt.lr * left_out(record_side, sum_side).cpu()
+    val_sums = []
+
+    def aligned():
+        for ckpt in trajectory:
+            record_side = gammas(model, tokenizer, validation, ckpt, names, cfg, max_len)
+            sum_side = (
+                record_side
+                if cfg.precondition_validation
+                else gammas(model, tokenizer, validation, ckpt, names, cfg, max_len, raw=True)
+            )
+            val_sums.append(sum_side.sum(0))
+            yield left_out(record_side, sum_side)
+
+    own = along(trajectory, aligned())
     return val_sums, own

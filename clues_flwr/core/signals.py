@@ -16,9 +16,19 @@ from typing import NamedTuple
 
 import torch
 
+from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.data import Record, batches, encode_answer, per_record, to_device
 from clues_flwr.core.pollution import HIGH
-from clues_flwr.core.scoring import answer_logits, answer_losses_of, per_sample_grads, scoring_mode, token_losses
+from clues_flwr.core.scoring import (
+    ScoreConfig,
+    answer_logits,
+    answer_losses_of,
+    per_sample_grads,
+    scores,
+    scoring_mode,
+    token_losses,
+)
+from clues_flwr.core.trajectory import Checkpoint
 
 GradStream = Callable[[], Iterable[torch.Tensor]]
 
@@ -305,3 +315,42 @@ def signal_scores(
                 raise ValueError("datainf needs direction=: compute it once with datainf_direction")
             out[m] = datainf_scores(model, tokenizer, records, direction, names, batch_size=batch_size, max_len=max_len)
     return {m: out[m] for m in methods}
+
+
+def scores_by_signal(
+    signals: Sequence[str],
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    score: ScoreConfig,
+    max_len: int,
+    *,
+    adapter: dict[str, torch.Tensor] | None = None,
+    trajectory: Sequence[Checkpoint] = (),
+    val_sums: Sequence[torch.Tensor] = (),
+    direction: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Every record's scores by each of ``signals``, as a site and the server both score:
+    CLUES along ``trajectory`` with the validation sums G_t, every other signal at
+    ``adapter`` (DataInf along ``direction``, ``random`` from ``seed``). The model is left
+    at the last adapter it scored at."""
+    out = {}
+    if "clues" in signals:
+        out["clues"] = scores(model, tokenizer, records, trajectory, val_sums, score, max_len)
+    others = [s for s in signals if s != "clues"]
+    if others:
+        set_adapter_state(model, adapter)
+        out.update(
+            signal_scores(
+                others,
+                model,
+                tokenizer,
+                records,
+                batch_size=score.batch_size,
+                max_len=max_len,
+                seed=seed,
+                direction=direction,
+            )
+        )
+    return {s: out[s] for s in signals}

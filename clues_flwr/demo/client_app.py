@@ -12,14 +12,14 @@ from clues_flwr.config import from_mapping
 from clues_flwr.core.adapter import set_adapter_state
 from clues_flwr.core.metrics import eval_loss
 from clues_flwr.core.train import TrainConfig, train_steps
-from clues_flwr.demo.task import demo_site, local_split, site_name
+from clues_flwr.demo.task import demo_site, local_split
 from clues_flwr.demo.threads import threads_mod
 from clues_flwr.demo.timing import timing_mod
 from clues_flwr.flower.client import CluesClient, evaluate_reply, selected_records, train_reply, training_loop
 from clues_flwr.model import ModelSpec, cached
 
 app = ClientApp(mods=[threads_mod, timing_mod])
-CluesClient(demo_site, site_name).register(app)
+CluesClient(demo_site).register(app)
 
 
 @app.train()

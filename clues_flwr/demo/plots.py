@@ -79,7 +79,7 @@ def plot_selection(selection: dict, path: Path) -> None:
         shown.add(key)
         ax.plot(row["anchor-scores"], [0] * len(row["anchor-scores"]), "k|", markersize=14)
         ax.axvline(row["threshold"], color="k", linestyle="--", linewidth=1)
-    ax.set_xlabel(f"{score_name(selection['method'])}  (ticks: anchors, dashed: τ)")
+    ax.set_xlabel(f"{score_name(selection['selection'])}  (ticks: anchors, dashed: τ)")
     ax.set_ylabel("share of the site's records")
     if inner:
         ax.set_ylim(top=1.3 * inner)

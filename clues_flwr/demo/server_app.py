@@ -45,7 +45,7 @@ def run_clues(grid: Grid, run, run_id: int = 0) -> Path:
     report = SelectionReport.of(cfg.selection, folder.saved.report if folder.saved else None)
     saved = folder.saved.reference if folder.saved else None
     sections = {"score": cfg.score, "selection": cfg.selection, "train": cfg.train, "tune": cfg.tune}
-    if cfg.selection.method not in ("none", "oracle") and rounds.first <= rounds.last:
+    if cfg.selection.selection not in ("none", "oracle") and rounds.first <= rounds.last:
         stage = CluesSelection.from_records(
             model, tokenizer, public["validation"], public["anchor"], federation=cfg.federation, **sections
         )

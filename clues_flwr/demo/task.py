@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 
@@ -18,17 +17,6 @@ from clues_flwr.flower.log import say
 from clues_flwr.model import ModelSpec, cached
 from clues_flwr.partition import splits_for
 from clues_flwr.sources import load_records, parse_mapping
-
-
-def site_name(context: Context) -> str:
-    """How the site's own console names it: its ``site-label``, its ``data-path`` file's stem,
-    or its partition."""
-    node = context.node_config
-    if node.get("site-label"):
-        return str(node["site-label"])
-    if node.get("data-path"):
-        return Path(str(node["data-path"])).stem
-    return f"partition {node['partition-id']}" if "partition-id" in node else "(unnamed)"
 
 
 def load_site(node: dict, data: DataConfig) -> list[Record]:

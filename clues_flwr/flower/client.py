@@ -30,8 +30,8 @@ from clues_flwr.core.combine import combined
 from clues_flwr.core.data import Record, prompt_format
 from clues_flwr.core.metrics import confusion
 from clues_flwr.core.privacy import SitePolicy, noisy_counts, unseen
-from clues_flwr.core.scoring import scores, scoring_names
-from clues_flwr.core.signals import signal_scores
+from clues_flwr.core.scoring import scoring_names
+from clues_flwr.core.signals import scores_by_signal
 from clues_flwr.core.threshold import histogram, keep, non_finite
 from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import checkpoint, moments
@@ -91,13 +91,33 @@ class Site:
     heldout: Sequence[int] = ()
 
 
+def simulated(context: Context) -> bool:
+    """A simulated site (Flower's ``partition-id``, no ``data-path``): it holds the
+    researcher's own split of one dataset, not a site's private records."""
+    return "partition-id" in context.node_config and "data-path" not in context.node_config
+
+
 def site_policy(context: Context) -> SitePolicy:
-    """The site's own limits, from its node config. A simulated site (Flower's
-    ``partition-id``, no ``data-path``) holds the researcher's own split, whose labels may be
-    read unless its config says otherwise; any other site's labels stay unread by default."""
+    """The site's own limits, from its node config. A simulated site's labels may be read
+    unless its config says otherwise; any other site's labels stay unread by default."""
     node = dict(context.node_config)
-    node.setdefault("allow-labels", "partition-id" in node and "data-path" not in node)
+    node.setdefault("allow-labels", simulated(context))
     return from_mapping(SitePolicy, node)
+
+
+def site_label(context: Context) -> str | None:
+    """The name a site gives itself and sends with its trace and score replies: its
+    ``site-label`` (opt-in), a simulated site's ``partition N``, else none."""
+    label = str(context.node_config.get(LABEL_KEY, ""))
+    if not label and simulated(context):
+        label = f"partition {context.node_config['partition-id']}"
+    return label or None
+
+
+def site_name(context: Context) -> str:
+    """How a site is named in every line, its own console's and the server's alike: its
+    label, else its node ID (which the server sees too)."""
+    return site_label(context) or f"node {context.node_id}"
 
 
 def fingerprint(records: Sequence[Record]) -> str:
@@ -252,12 +272,10 @@ class CluesClient:
     site : Callable[[Context], Site]
         The site's PEFT model, tokenizer and records for a message's context; called by
         every handler, so build them once per process (as the demo's ``task.site`` does).
-    name : Callable[[Context], str], optional
-        How the site's own console names it (the name never leaves the site).
     """
 
-    def __init__(self, site: Callable[[Context], Site], name: Callable[[Context], str] = lambda context: "this site"):
-        self.site, self.name = site, name
+    def __init__(self, site: Callable[[Context], Site]):
+        self.site = site
 
     def register(self, app: ClientApp) -> None:
         app.train(TRACE_ACTION)(self.trace)
@@ -278,15 +296,17 @@ class CluesClient:
         if request.phase == "trace":
             losses, opt = train_steps(loop, every)
             m, v, step = moments(site.model, opt, names)
-            reply = TraceReply(adapter_state(site.model), sum(losses) / len(losses), weight, step, moments=(m, v))
+            loss = sum(losses) / len(losses)
+            reply = TraceReply(adapter_state(site.model), loss, weight, step, moments=(m, v), label=site_label(context))
             return Message(content=reply.encode(), reply_to=msg)
         trajectory, losses = [], []  # merge mode: one optimizer, one data order, a checkpoint every local-steps
         for step, (loss, opt) in enumerate(islice(loop, request.trace_rounds * every), start=1):
             losses.append(loss)
             if step % every == 0:
                 trajectory.append(checkpoint(site.model, opt, names, adapter_state(site.model), round=step // every))
+        loss, step = sum(losses) / len(losses), trajectory[-1].step
         reply = TraceReply(
-            adapter_state(site.model), sum(losses) / len(losses), weight, trajectory[-1].step, trajectory=trajectory
+            adapter_state(site.model), loss, weight, step, trajectory=trajectory, label=site_label(context)
         )
         return Message(content=reply.encode(), reply_to=msg)
 
@@ -327,11 +347,11 @@ class CluesClient:
             dp_epsilon=policy.dp_epsilon,
             prompt_mismatch=mismatch,
             seconds=None if policy.dp_epsilon else time.monotonic() - begun,
-            label=str(context.node_config.get(LABEL_KEY, "")) or None,  # opt-in: how the server names this site
+            label=site_label(context),
         )
         if mismatch:
             say(
-                f"{self.name(context)}: warning: its records' prompts ({mine}) differ from the server's "
+                f"{site_name(context)}: warning: its records' prompts ({mine}) differ from the server's "
                 f"({request.prompt_format})"
             )
         return Message(content=reply.encode(), reply_to=msg)
@@ -365,7 +385,7 @@ class CluesClient:
         what = f"kept {kept}/{len(site.records)}"
         if policy.dp_epsilon:
             what += f" (sent under DP: kept {sent} of {total}; ε = {entry['epsilon']:g} of {policy.dp_budget:g} spent)"
-        say(f"{self.name(context)}: {what}")
+        say(f"{site_name(context)}: {what}")
         report = site_file(context, "report", ".json")
         if report is not None:
             sent_counts = {"kept": sent, "total": total}
@@ -375,28 +395,20 @@ class CluesClient:
     @staticmethod
     def _signals(request: ScoreRequest, site: Site, context: Context) -> dict[str, torch.Tensor]:
         """Each signal's scores of every record: CLUES along the trajectory, the others at
-        the adapter the request carries (the loss signals from one forward pass)."""
-        out = {}
-        if "clues" in request.signals:
-            out["clues"] = scores(
-                site.model, site.tokenizer, site.records, request.trajectory, request.val_sums, request.score
-            )
-        others = [n for n in request.signals if n != "clues"]
-        if others:
-            set_adapter_state(site.model, request.adapter)
-            out.update(
-                signal_scores(
-                    others,
-                    site.model,
-                    site.tokenizer,
-                    site.records,
-                    batch_size=request.score.batch_size,
-                    max_len=request.score.max_len,
-                    seed=request.seed + context.node_id,
-                    direction=request.direction,
-                )
-            )
-        return {n: out[n] for n in request.signals}
+        the adapter the request carries."""
+        return scores_by_signal(
+            request.signals,
+            site.model,
+            site.tokenizer,
+            site.records,
+            request.score,
+            request.max_len,
+            adapter=request.adapter,
+            trajectory=request.trajectory or (),
+            val_sums=request.val_sums or (),
+            direction=request.direction,
+            seed=request.seed + context.node_id,
+        )
 
 
 def _decoded(cls, msg: Message, what: str):

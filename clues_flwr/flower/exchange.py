@@ -27,14 +27,22 @@ Decode = Callable[[int, RecordDict], Any]
 
 class Failures(list):
     """Every reply a phase could not use: ``{"where", "node", "site", "reason"}`` rows, said
-    as they come, each site by its name in ``names`` (``site 3``, or the label it chose)."""
+    as they come, each site by its name in ``names``: the label it sent (``client.site_label``),
+    else ``node <id>``, as the site's own console names it."""
 
     def __init__(self, rows=()):
         super().__init__(rows)
         self.names: dict[int, str] = {}
 
+    def learn(self, labels: dict[int, str | None]) -> None:
+        """The labels sites sent with their replies (None: the site has none)."""
+        self.names.update({node: label for node, label in labels.items() if label})
+
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
     def add(self, where: str, node: int | None, reason: str) -> None:
-        who = "server" if node is None else self.names.get(node, f"node {node}")
+        who = "server" if node is None else self.name(node)
         say(f"{where}: {who}: {reason}")
         self.append({"where": where, "node": node, "site": who, "reason": reason})
 

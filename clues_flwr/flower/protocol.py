@@ -253,6 +253,20 @@ def decode_trajectory(
 # ---- the trace ------------------------------------------------------------------------------
 
 
+def _with_label(content: RecordDict, label: str | None) -> RecordDict:
+    """``content`` with the site's label, when it has one (``client.site_label``)."""
+    if label:
+        content[LABEL_KEY] = ConfigRecord({LABEL_KEY: label})
+    return content
+
+
+def _label(content: RecordDict) -> str | None:
+    if LABEL_KEY not in content:
+        return None
+    record = content[LABEL_KEY]
+    return _text(record.get(LABEL_KEY) if isinstance(record, ConfigRecord) else None, LABEL_KEY, None, LABEL_LENGTH)
+
+
 @dataclass
 class TraceRequest:
     """A trace round (or, ``trace-local``, a whole local trajectory in merge mode)."""
@@ -297,6 +311,7 @@ class TraceReply:
     adam_step: int
     moments: tuple[dict, dict] | None = None
     trajectory: list[Checkpoint] | None = None
+    label: str | None = None
 
     def encode(self) -> RecordDict:
         metrics = {"train-loss": self.train_loss, WEIGHT_KEY: self.num_examples, "adam-step": self.adam_step}
@@ -305,7 +320,7 @@ class TraceReply:
             content[_MOMENTS] = ArrayRecord(_moments_record(*self.moments))
         if self.trajectory:
             content.update(encode_trajectory(self.trajectory))
-        return content
+        return _with_label(content, self.label)
 
     @classmethod
     def decode(cls, content: RecordDict, reference: Mapping[str, torch.Tensor], local: bool = False) -> TraceReply:
@@ -319,6 +334,7 @@ class TraceReply:
         reply = cls(
             adapter, _real(metrics["train-loss"], "train-loss"), weight, _count(metrics["adam-step"], "adam-step")
         )
+        reply.label = _label(content)
         if local:
             reply.trajectory = decode_trajectory(content, reference)[0]
         else:
@@ -331,7 +347,8 @@ class TraceReply:
 
 @dataclass
 class ScoreRequest:
-    """What a site scores its records with: the scoring settings and, per signal, what it
+    """What a site scores its records with: the scoring settings, the tokens per record
+    (``max_len``, the run's ``max-seq-len``, which its trace used too) and, per signal, what it
     needs (CLUES: the trajectory and the validation sums G_t; the others: the initial
     adapter and a seed, DataInf's direction), how signals combine, each signal's reference mean
     and spread (a combination only), the histogram edges (empty: no histogram asked for)
@@ -342,6 +359,7 @@ class ScoreRequest:
     edges: list[float]
     prompt_format: str
     score: ScoreConfig
+    max_len: int
     references: dict[str, tuple[float, float]] = field(default_factory=dict)
     trajectory: list[Checkpoint] | None = None
     val_sums: list[torch.Tensor] | None = None
@@ -350,16 +368,17 @@ class ScoreRequest:
     seed: int = 0
 
     @property
-    def method(self) -> str:
+    def selection(self) -> str:
         return "+".join(self.signals)
 
     def encode(self) -> RecordDict:
         content = RecordDict()
         config: dict[str, Any] = {
-            "method": self.method,
+            "selection": self.selection,
             "combination": self.combination,
             "histogram-edges": list(self.edges),
             "prompt-format": self.prompt_format,
+            "max-seq-len": self.max_len,
             "seed": self.seed,
         }
         config.update({f"reference-{n}": list(stats) for n, stats in self.references.items()})
@@ -376,10 +395,10 @@ class ScoreRequest:
     @classmethod
     def decode(cls, content: RecordDict) -> ScoreRequest:
         config = _config(content)
-        signals = _text(_field(config, "method"), "method").split("+")
+        signals = _text(_field(config, "selection"), "selection").split("+")
         unknown = [s for s in signals if s not in SIGNALS]
         if unknown or len(set(signals)) != len(signals):
-            raise Malformed(f"method {config['method']!r}: signals from {', '.join(SIGNALS)}, each once")
+            raise Malformed(f"selection {config['selection']!r}: signals from {', '.join(SIGNALS)}, each once")
         edges = _reals(config.get("histogram-edges", []), "histogram-edges")  # the site's policy checks the rest
         references = {}
         if len(signals) > 1:
@@ -394,9 +413,12 @@ class ScoreRequest:
             edges,
             _text(config.get("prompt-format", "template"), "prompt-format"),
             _section(ScoreConfig, content.get(_SCORE_CONFIG), _SCORE_CONFIG),
+            _count(_field(config, "max-seq-len"), "max-seq-len", 2**20),
             references,
             seed=int(_real(_field(config, "seed"), "seed", -(2**62), 2**62)),
         )
+        if request.max_len < 2:
+            raise Malformed(f"max-seq-len = {request.max_len}: a record needs at least 2 tokens")
         if "clues" in signals:
             request.trajectory, request.val_sums = decode_trajectory(content)
             if not request.val_sums:
@@ -435,9 +457,7 @@ class ScoreReply:
         if self.seconds is not None:
             metrics["seconds"] = self.seconds
         content = RecordDict({"metrics": MetricRecord(metrics)})
-        if self.label:
-            content[LABEL_KEY] = ConfigRecord({LABEL_KEY: self.label})
-        return content
+        return _with_label(content, self.label)
 
     @classmethod
     def decode(cls, content: RecordDict, bins: int) -> ScoreReply:
@@ -451,14 +471,8 @@ class ScoreReply:
             raise Malformed(f"histogram counts add up to {sum(histogram) + non_finite}, not to the total {total}")
         mismatch = _count(metrics["prompt-mismatch"], "prompt-mismatch", 1)
         seconds = _real(metrics["seconds"], "seconds", 0) if "seconds" in metrics else None
-        label = None
-        if LABEL_KEY in content:
-            record = content[LABEL_KEY]
-            label = _text(
-                record.get(LABEL_KEY) if isinstance(record, ConfigRecord) else None, LABEL_KEY, None, LABEL_LENGTH
-            )
         epsilon = _real(metrics["dp-epsilon"], "dp-epsilon", 0)
-        return cls(total, histogram, non_finite, epsilon, bool(mismatch), seconds, label)
+        return cls(total, histogram, non_finite, epsilon, bool(mismatch), seconds, _label(content))
 
     def row(self) -> dict:
         """What the site sent, as the selection report shows it beside its counts."""
@@ -569,13 +583,13 @@ WIRE: dict[str, tuple[str, str]] = {  # reply: (when, what), field by field
         "a trace round",
         "the trained LoRA adapter; the scoring layer's AdamW moments `exp_avg`, `exp_avg_sq` (merge mode: the whole "
         "local trajectory, per checkpoint the adapter, the moments and AdamW's settings); `train-loss`; "
-        f"`{WEIGHT_KEY}` (the site's record count; 1 under DP); `adam-step`",
+        f"`{WEIGHT_KEY}` (the site's record count; 1 under DP); `adam-step`; `{LABEL_KEY}` as below",
     ),
     "query.clues_score": (
         "once per run",
         "`total`, `histogram` (counts over the server's edges; empty under a rule with no histogram), `non-finite`, "
         "all noised under DP; `dp-epsilon`; `prompt-mismatch` (0 or 1); `seconds` (scoring time; not sent under DP); "
-        f"`{LABEL_KEY}` when the site's node config sets one",
+        f"`{LABEL_KEY}` when the site's node config sets one (a simulated site's: `partition N`)",
     ),
     "query.clues_threshold": (
         "once per run, after the score query",

@@ -14,7 +14,7 @@ from clues_flwr.core.combine import references
 from clues_flwr.core.data import Record
 from clues_flwr.core.scoring import ScoreConfig, left_out_scores
 from clues_flwr.core.scoring import scores as clues_scores
-from clues_flwr.core.signals import datainf_direction, signal_scores
+from clues_flwr.core.signals import datainf_direction, scores_by_signal
 from clues_flwr.core.threshold import Standard
 from clues_flwr.core.trajectory import Checkpoint
 
@@ -41,25 +41,47 @@ class Reference:
     def anchor_slice(self) -> slice:
         return slice(len(self.validation), len(self.validation) + len(self.anchors))
 
-    def clues(self, trajectory: list[Checkpoint], score: ScoreConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """G_t per checkpoint and the reference's CLUES scores along ``trajectory`` (each
-        validation record with itself left out of G_t)."""
-        val_sums, own = left_out_scores(self.model, self.tokenizer, self.validation, trajectory, score)
-        others = clues_scores(self.model, self.tokenizer, [*self.anchors, *self.clean], trajectory, val_sums, score)
-        return val_sums, torch.cat([own, others])
-
-    def baseline(self, methods: list[str], adapter: dict, score: ScoreConfig, seed: int):
-        """The reference's scores by each baseline signal at ``adapter``, and DataInf's
-        direction (else None)."""
-        set_adapter_state(self.model, adapter)
-        sizes = {"batch_size": score.batch_size, "max_len": score.max_len}
-        direction = (
-            datainf_direction(self.model, self.tokenizer, self.validation, **sizes) if "datainf" in methods else None
-        )
-        scored = signal_scores(
-            methods, self.model, self.tokenizer, self.records, seed=seed, direction=direction, **sizes
-        )
-        return scored, direction
+    def scored(
+        self,
+        signals: list[str],
+        adapter: dict[str, torch.Tensor],
+        trajectory: list[Checkpoint] | None,
+        score: ScoreConfig,
+        max_len: int,
+        seed: int,
+    ) -> tuple[list[torch.Tensor] | None, dict[str, torch.Tensor], torch.Tensor | None]:
+        """G_t (CLUES only, else None), the reference's scores by each of ``signals`` and
+        DataInf's direction (else None). CLUES scores along ``trajectory``, each validation
+        record with itself left out of G_t; the other signals at ``adapter``, DataInf along
+        the direction of the public validation set, which the sites are sent too."""
+        out, val_sums, direction = {}, None, None
+        others = [n for n in signals if n != "clues"]
+        if others:
+            if "datainf" in others:
+                set_adapter_state(self.model, adapter)
+                direction = datainf_direction(
+                    self.model, self.tokenizer, self.validation, batch_size=score.batch_size, max_len=max_len
+                )
+            out.update(
+                scores_by_signal(
+                    others,
+                    self.model,
+                    self.tokenizer,
+                    self.records,
+                    score,
+                    max_len,
+                    adapter=adapter,
+                    direction=direction,
+                    seed=seed,
+                )
+            )
+        if "clues" in signals:
+            val_sums, own = left_out_scores(self.model, self.tokenizer, self.validation, trajectory, score, max_len)
+            rest = [*self.anchors, *self.clean]
+            out["clues"] = torch.cat(
+                [own, clues_scores(self.model, self.tokenizer, rest, trajectory, val_sums, score, max_len)]
+            )
+        return val_sums, {n: out[n] for n in signals}, direction
 
 
 @dataclasses.dataclass

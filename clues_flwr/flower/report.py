@@ -23,13 +23,13 @@ class SelectionReport:
 
     Parameters
     ----------
-    method, threshold_rule : str
-        The scorer (``clues``, ``clues+perplexity``, a baseline) and the threshold rule.
+    selection, threshold_rule : str
+        The selection (``clues``, ``clues+perplexity``, a baseline) and the threshold rule.
     target_recall, keep_ratio : float
         The anchor-quantile target (also the histogram rule's fallback) and the fixed share
         (0: the threshold).
     clients : dict[int, dict]
-        Per node: ``site`` (its number, 1…n), ``kept``, ``total``, the score histogram, τ, the
+        Per node: ``site`` (its label, else ``node <id>``), ``kept``, ``total``, the score histogram, τ, the
         histogram edges, the anchor scores and, for labelled records, ``tp fp fn tn``.
     trace : dict[int, dict]
         The trace rounds' aggregated metrics.
@@ -40,7 +40,7 @@ class SelectionReport:
         a histogram rule that fell back to the anchors.
     """
 
-    method: str
+    selection: str
     threshold_rule: str
     target_recall: float
     keep_ratio: float
@@ -70,7 +70,7 @@ class SelectionReport:
     @classmethod
     def of(cls, selection: SelectionConfig, state: dict[str, Any] | None = None) -> "SelectionReport":
         """The report for ``selection``: empty, or as a run state saved it."""
-        report = cls(selection.method, selection.threshold_rule, selection.target_recall, selection.keep_ratio)
+        report = cls(selection.selection, selection.threshold_rule, selection.target_recall, selection.keep_ratio)
         if state:
             report.clients = {int(n): row for n, row in state["selection"].get("clients", {}).items()}
             report.trace = {int(r): m for r, m in state["trace"].items()}
@@ -82,7 +82,7 @@ class SelectionReport:
     def to_json(self) -> dict[str, Any]:
         """``selection.json``: the rule, the sites, and precision/recall/F1 when labelled."""
         out = {
-            "method": self.method,
+            "selection": self.selection,
             "threshold-rule": self.threshold_rule,
             "target-recall": self.target_recall,
             "keep-ratio": self.keep_ratio,

@@ -81,13 +81,8 @@ class CluesSelection:
         tune: TuneConfig = TuneConfig(),
         federation: FederationConfig = FederationConfig(),
     ):
-        if selection.method in ("none", "oracle"):
-            raise ValueError(f"selection {selection.method!r} has no score phase: tune on every record or by label")
-        if score.max_len != train.max_seq_len:
-            raise ValueError(
-                f"max-seq-len differs between scoring ({score.max_len}) and training ({train.max_seq_len}): "
-                "records would be scored on other tokens than they were traced and tuned on"
-            )
+        if selection.selection in ("none", "oracle"):
+            raise ValueError(f"selection {selection.selection!r} has no score phase: tune on every record or by label")
         check_max_len(reference.validation, reference.tokenizer, train.max_seq_len)
         self.reference = reference
         self.score, self.selection, self.train, self.mode, self.federation = (
@@ -97,7 +92,7 @@ class CluesSelection:
             tune.mode,
             federation,
         )
-        self.signals = selection.method.split("+")
+        self.signals = selection.selection.split("+")
         self.reference_scores: ReferenceScores | None = None  # a federated trajectory's, for the run state
 
     @classmethod
@@ -138,11 +133,10 @@ class CluesSelection:
 
     def _run(self, grid, initial_arrays, report, resume, on_trace) -> SelectionReport:
         report.clients, report.warnings = {}, []
-        nodes = wait_for_nodes(grid, self.federation.min_available_nodes, self.federation.round_timeout)
-        report.failures.names.update({node: f"site {i}" for i, node in enumerate(nodes, start=1)})
+        self._nodes(grid)  # enough sites, within the round timeout, before the first phase
         initial = initial_arrays.to_torch_state_dict()
         if "clues" not in self.signals:
-            say(f"score: {self.selection.method} at the initial adapter (no trace)")
+            say(f"score: {self.selection.selection} at the initial adapter (no trace)")
             sides = {None: self._reference_scores(initial, None)}
         elif resume is not None:
             say("resume: scoring again on the saved trajectory and reference scores")
@@ -189,6 +183,7 @@ class CluesSelection:
         messages = [Message(content, dst_node_id=n, message_type=TRACE_MESSAGE) for n in self._nodes(grid)]
         decode = lambda node, c: TraceReply.decode(c, initial, local=True)  # noqa: E731
         replies = exchange(grid, messages, "trace", report.failures, decode, **self._phase())
+        report.failures.learn({node: reply.label for node, reply in replies.items()})
         return {node: reply.trajectory for node, reply in replies.items()}
 
     # ---- score ------------------------------------------------------------------------
@@ -200,16 +195,9 @@ class CluesSelection:
         scores along ``trajectory``; the other signals at the adapter every site starts from,
         as the paper applies the baselines before any training (DataInf's direction comes
         from the public validation set, so sites and the server share it)."""
-        val_sums, scores = None, {}
-        others = [n for n in self.signals if n != "clues"]
-        baseline, direction = (
-            self.reference.baseline(others, initial, self.score, self.train.seed) if others else ({}, None)
+        val_sums, scores, direction = self.reference.scored(
+            self.signals, initial, trajectory, self.score, self.train.max_seq_len, self.train.seed
         )
-        for name in self.signals:
-            if name == "clues":
-                val_sums, scores[name] = self.reference.clues(trajectory, self.score)
-            else:
-                scores[name] = baseline[name]
         return ReferenceScores(trajectory, val_sums, scores, direction, self._standard(scores))
 
     def _standard(self, scores: dict[str, torch.Tensor]) -> Standard:
@@ -229,6 +217,7 @@ class CluesSelection:
             side.standard.edges,
             prompt_format(self.reference.anchors),
             self.score,
+            self.train.max_seq_len,
             side.stats if len(self.signals) > 1 else {},
             trajectory=side.trajectory if clues else None,
             val_sums=side.val_sums if clues else None,
@@ -253,15 +242,13 @@ class CluesSelection:
         initial = initial_arrays.to_torch_state_dict()
         contents = {key: self._request(initial, side).encode() for key, side in sides.items()}
         messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
-        say(f"score: {self.selection.method} on {len(nodes)} site(s)")
+        say(f"score: {self.selection.selection} on {len(nodes)} site(s)")
         sel = self.selection
         rule = self.selection.rule
         bins = sel.histogram_bins if rule == "histogram" else 0
         decode = lambda node, content: ScoreReply.decode(content, bins)  # noqa: E731
         scored: dict[int, ScoreReply] = exchange(grid, messages, "score", report.failures, decode, **self._phase())
-        for node, reply in scored.items():
-            if reply.label:
-                report.failures.names[node] = reply.label
+        report.failures.learn({node: reply.label for node, reply in scored.items()})
         taus, applied = {}, {}
         for key, side in sides.items():
             fitted = [n for n in scored if side_of(n) == key]
@@ -271,7 +258,7 @@ class CluesSelection:
                     side.standard, histograms, rule, sel.histogram_fit, sel.target_recall
                 )
                 taus[key] = tau
-                applied[key] = {"rule": used, "fitted-on": [report.failures.names[n] for n in fitted] if bins else []}
+                applied[key] = {"rule": used, "fitted-on": [report.failures.name(n) for n in fitted] if bins else []}
                 if note:
                     report.warnings.append(note)
         shown = sorted({round(t, 6) for t in taus.values() if t is not None})
@@ -296,7 +283,7 @@ class CluesSelection:
         )
         for node, reply in kept.items():
             score = scored[node]
-            name = report.failures.names[node]
+            name = report.failures.name(node)
             row = {"site": name, "kept": reply.kept, "total": reply.total, **score.row(), **(reply.confusion or {})}
             row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)], **applied[side_of(node)])
             report.clients[node] = row

@@ -69,6 +69,7 @@ class TraceStrategy(FedAvg):
             self.failures.add(where, None, f"only {len(ok)} usable replies, {self.min_train_nodes} needed")
             return None, None
         traced = [reply for _, _, reply in ok]
+        self.failures.learn({node: reply.label for node, _, reply in ok})
         weights = [float(r.num_examples) for r in traced]
         adapter = fedavg([r.adapter for r in traced], weights)
         ms, vs = zip(*(r.moments for r in traced))

@@ -111,9 +111,9 @@ class CluesTuning(Strategy):
     strategy : Strategy
         The strategy that tunes (its own sampling, aggregation and evaluation).
     report : SelectionReport
-        The selection stage's report: the method sent as ``clues-selection``, the sites that
+        The selection stage's report: its selection, sent as ``clues-selection``, the sites that
         hold a selection (others are left out of tuning), and where failures are reported.
-        ``SelectionReport.of(SelectionConfig(method="none"))`` (or ``"oracle"``) tunes every
+        ``SelectionReport.of(SelectionConfig(selection="none"))`` (or ``"oracle"``) tunes every
         site without a score phase.
     first_round : int, optional
         The true number of Flower's first round: a resumed run continues where it stopped, and
@@ -147,7 +147,7 @@ class CluesTuning(Strategy):
     def summary(self) -> None:
         first = self.first_round
         say(
-            f"tune: {self.report.method} selection, then {type(self.strategy).__name__}"
+            f"tune: {self.report.selection} selection, then {type(self.strategy).__name__}"
             + (f", from round {first}" if first > 1 else "")
         )
         self.strategy.summary()
@@ -171,7 +171,7 @@ class CluesTuning(Strategy):
         self._configured += 1
         true_round = self._true(server_round)
         self._global = arrays.to_torch_state_dict()
-        config = tuning_config(config, self.report.method)
+        config = tuning_config(config, self.report.selection)
         messages = list(self.strategy.configure_train(true_round, arrays, config, grid))
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
@@ -228,7 +228,7 @@ class CluesTuning(Strategy):
         for node, _, weight in ok:
             if not weight and node not in self._unweighted:
                 self._unweighted.add(node)
-                name = self.report.failures.names.get(node, f"node {node}")
+                name = self.report.failures.name(node)
                 self.report.warnings.append(
                     f"{name} sends no held-out loss (too few held-out records): not in the mean"
                 )

@@ -28,8 +28,8 @@ from clues_flwr.core.combine import combined, references
 from clues_flwr.core.data import Record
 from clues_flwr.core.metrics import auroc, best_f1, confusion, selection_scores
 from clues_flwr.core.pollution import HIGH
-from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, gammas, left_out, scoring_names
-from clues_flwr.core.signals import datainf_direction, signal_scores
+from clues_flwr.core.scoring import ScoreConfig, along, gamma_from_grads, gammas, left_out, scoring_names
+from clues_flwr.core.signals import datainf_direction, scores_by_signal
 from clues_flwr.core.threshold import global_threshold, histogram, keep, standard
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo import client_app
@@ -120,7 +120,7 @@ def prepare(run: dict, nodes: int) -> Bench:
         public["validation"],
         public["anchor"],
         score=cfg.score,
-        selection=dataclasses.replace(cfg.selection, method="clues"),
+        selection=dataclasses.replace(cfg.selection, selection="clues"),
         train=cfg.train,
         federation=dataclasses.replace(cfg.federation, min_available_nodes=nodes, min_train_nodes=nodes),
     )
@@ -133,9 +133,12 @@ def prepare(run: dict, nodes: int) -> Bench:
 def raw_gradients(bench: Bench, sets: dict[str, list[Record]]) -> list[dict[str, torch.Tensor]]:
     """Per checkpoint, the raw per-sample gradients [N, d] of every set: the expensive part,
     done once and rescored by every variant."""
-    cfg = dataclasses.replace(bench.config.score, cosine=False)
+    cfg, max_len = dataclasses.replace(bench.config.score, cosine=False), bench.config.train.max_seq_len
     return [
-        {k: gammas(bench.model, bench.tokenizer, recs, c, bench.names, cfg, raw=True) for k, recs in sets.items()}
+        {
+            k: gammas(bench.model, bench.tokenizer, recs, c, bench.names, cfg, max_len, raw=True)
+            for k, recs in sets.items()
+        }
         for c in bench.trajectory
     ]
 
@@ -144,34 +147,49 @@ def variant_scores(raw, trajectory, names, cfg: ScoreConfig) -> dict[str, torch.
     """S for every set from the cached raw gradients, under one variant, the validation
     records' with each left out of G_t (``scoring.left_out_scores``); a shorter
     ``trajectory`` scores with its checkpoints only."""
-    total = dict.fromkeys(raw[0], 0.0)
-    for ckpt, grads in zip(trajectory, raw):
-        val_side = gamma_from_grads(grads["validation"], ckpt, names, cfg, not cfg.precondition_validation).double()
-        g_val = val_side.sum(0)
-        for key in total:
+    val_sides = [
+        gamma_from_grads(grads["validation"], ckpt, names, cfg, not cfg.precondition_validation).double()
+        for ckpt, grads in zip(trajectory, raw)
+    ]
+
+    def aligned(key: str):
+        for ckpt, grads, val_side in zip(trajectory, raw, val_sides):
             gamma = gamma_from_grads(grads[key], ckpt, names, cfg).double()
-            aligned = left_out(gamma, val_side) if key == "validation" else gamma @ g_val
-            total[key] = total[key] + ckpt.lr * aligned
-    return {k: v.cpu() for k, v in total.items()}
+            yield left_out(gamma, val_side) if key == "validation" else gamma @ val_side.sum(0)
+
+    return {key: along(trajectory, aligned(key)) for key in raw[0]}
 
 
-def baseline_set_scores(bench: Bench, methods: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def baseline_set_scores(bench: Bench, signals: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Each baseline signal's scores of the public sets and of every site at the initial
-    adapter, as the app scores them (the loss signals from one forward pass); DataInf's
-    direction from the public validation set."""
+    adapter, as the app scores them; DataInf's direction from the public validation set."""
+    score, max_len = bench.config.score, bench.config.train.max_seq_len
     set_adapter_state(bench.model, bench.initial)
-    sizes = {"batch_size": bench.config.score.batch_size, "max_len": bench.config.score.max_len}
     val = bench.public["validation"]
-    direction = datainf_direction(bench.model, bench.tokenizer, val, **sizes) if "datainf" in methods else None
+    direction = (
+        datainf_direction(bench.model, bench.tokenizer, val, batch_size=score.batch_size, max_len=max_len)
+        if "datainf" in signals
+        else None
+    )
     sets = bench.sets()
     for public in ("validation", "anchors"):  # public and clean: the oracle's 1
         sets[public] = [{**r, "quality": HIGH} for r in sets[public]]
     seed = bench.config.train.seed
     by_set = {
-        k: signal_scores(methods, bench.model, bench.tokenizer, recs, seed=seed + j, direction=direction, **sizes)
+        k: scores_by_signal(
+            signals,
+            bench.model,
+            bench.tokenizer,
+            recs,
+            score,
+            max_len,
+            adapter=bench.initial,
+            direction=direction,
+            seed=seed + j,
+        )
         for j, (k, recs) in enumerate(sets.items())
     }
-    return {m: {k: by_set[k][m] for k in sets} for m in methods}
+    return {m: {k: by_set[k][m] for k in sets} for m in signals}
 
 
 def reference_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 
-from clues_flwr import CluesSelection, CluesTuning, ScoreConfig, SelectionConfig, TrainConfig, adapter_arrays
+from clues_flwr import CluesSelection, CluesTuning, SelectionConfig, TrainConfig, adapter_arrays
 from own_project.task import load_model, sums
 
 app = ServerApp()
@@ -21,19 +21,17 @@ def main(grid: Grid, context: Context):
     model, tokenizer = load_model()
     validation, anchors = sums(30, seed=1000), sums(10, seed=1001)  # public and clean
     initial = adapter_arrays(model)
-    max_len = 48  # their records are short: trace, score and tune on the same tokens
     selection = CluesSelection.from_records(
         model,
         tokenizer,
         validation,
         anchors,
-        score=ScoreConfig(max_len=max_len),
-        selection=SelectionConfig(method="clues+perplexity", trace_rounds=int(run["trace-rounds"])),
+        selection=SelectionConfig(selection="clues+perplexity", trace_rounds=int(run["trace-rounds"])),
         train=TrainConfig(
             learning_rate=float(run["learning-rate"]),
             local_steps=int(run["local-steps"]),
             batch_size=8,
-            max_seq_len=max_len,
+            max_seq_len=48,  # their records are short: traced, scored and tuned on the same 48 tokens
         ),
     )
     report = selection.run(grid, initial)
