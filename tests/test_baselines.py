@@ -197,7 +197,7 @@ def test_oracle_and_random():
     a, b = random_scores(50, seed=3), random_scores(50, seed=4)
     assert a.dtype == torch.float64 and torch.equal(a, random_scores(50, seed=3)) and not torch.equal(a, b)
     assert 0 <= float(a.min()) and float(a.max()) < 1
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="signal must be one of"):
         signal_scores(["cherry"], None, None, records, batch_size=1, max_len=8)
 
 

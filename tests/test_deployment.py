@@ -121,6 +121,20 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
 
 
+def wait_healthy(port: int, ca: Path, log: Path, proc: subprocess.Popen | None = None) -> None:
+    """The SuperLink up, and serving TLS with a certificate the CA vouches for, for 127.0.0.1."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context):
+                return
+        except OSError:
+            assert proc is None or proc.poll() is None, "flower-superlink exited at start:\n" + tail(log)
+            assert time.monotonic() < deadline, "flower-superlink did not come up:\n" + tail(log)
+            time.sleep(0.5)
+
+
 @dataclass
 class Site:
     name: str
@@ -182,17 +196,7 @@ class Deployment:
                 "--disable-runtime-dependency-installation",
             ],
         )
-        # Up, and serving TLS with a certificate the CA vouches for, for 127.0.0.1.
-        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", timeout=2, context=context):
-                    break
-            except OSError:
-                assert self.superlink.poll() is None, "flower-superlink exited at start:\n" + tail(self.superlink_log)
-                assert time.monotonic() < deadline, "flower-superlink did not come up:\n" + tail(self.superlink_log)
-                time.sleep(0.5)
+        wait_healthy(self.port, self.certs / "ca.crt", self.superlink_log, self.superlink)
 
     def flwr(self, *args: str, timeout: float = 60) -> str:
         return run_checked(["flwr", *args], self.base, self.env, timeout)
@@ -475,6 +479,7 @@ def test_the_deployment_guide_runs_as_written(tmp_path):
     port, base = free_port(), tmp_path
     env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONUNBUFFERED": "1"}
     assert_free = socket.socket()
+    assert_free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a closed run's TIME_WAIT is fine
     try:
         assert_free.bind(("127.0.0.1", 9094))  # §6's first SuperNode takes Flower's default Runtime API port
     except OSError:
@@ -488,15 +493,7 @@ def test_the_deployment_guide_runs_as_written(tmp_path):
     try:
         bash(step("1. Certificates (on the SuperLink machine)"))
         bash(on_loopback(step("2. Start the SuperLink"), {"--host 0.0.0.0 --port 8000": f"--port {port}"}))
-        context = ssl.create_default_context(cafile=str(base / "certificates" / "ca.crt"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=2, context=context):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the SuperLink did not come up:\n" + tail(base / "superlink.log")
-                time.sleep(0.5)
+        wait_healthy(port, base / "certificates" / "ca.crt", base / "superlink.log")
         keygen = step("3. A key pair per site (at the site)")
         bash(keygen)
         bash(on_loopback(keygen, {"site1": "site2"}))
@@ -542,7 +539,7 @@ def test_the_deployment_guide_runs_as_written(tmp_path):
             },
         )
         quick = ' --run-config "trace-rounds=1 local-steps=2 num-server-rounds=1"'  # the guide's run, shorter
-        out = bash(own_data + quick, cwd=ROOT, timeout=900)
+        out = bash(own_data.rstrip() + quick, cwd=ROOT, timeout=900)
         found = re.search(r"\[clues\] run folder: (\S+)", out)
         assert found, out[-4000:]
         run_dir = Path(found.group(1))
@@ -554,7 +551,8 @@ def test_the_deployment_guide_runs_as_written(tmp_path):
         assert "[clues]   site1: scored " in out and "[clues]   site2: scored " in out, out[-3000:]
         assert "[clues] site1: kept " in (base / "supernode.log").read_text(), tail(base / "supernode.log")
         assert "[clues] site2: kept " in (base / "supernode2.log").read_text(), tail(base / "supernode2.log")
-        assert "completed" in bash("flwr ls clues"), "the run's final status"
+        listed = bash("flwr ls clues --format json")  # §7: each run's final status
+        assert "finished:completed" in listed, listed
     finally:  # the guide's stop commands, then whatever they left behind
         family = []
         for pid_file in base.glob("*.pid"):

@@ -56,7 +56,7 @@ def test_the_default_selection_drops_junk_sites(tmp_path, caplog):
     clients = json.loads((folder / "selection.json").read_text())["clients"]
     for junk in ("200", "201"):
         assert clients[junk]["kept"] <= 0.05 * clients[junk]["total"], (junk, clients[junk])
-    assert f"noise: kept {clients['200']['kept']}/" in caplog.text, "named by its file"
+    assert f"node 200: kept {clients['200']['kept']}/" in caplog.text, "no label: named by its node ID"
     assert "partition 1: kept" in caplog.text
     demo_kept = sum(clients[str(n)]["kept"] for n in range(100, 100 + DEMO_SITES))
     demo_clean = sum(clients[str(n)]["tp"] + clients[str(n)]["fn"] for n in range(100, 100 + DEMO_SITES))

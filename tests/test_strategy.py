@@ -78,8 +78,15 @@ def test_clients_send_only_counts(tmp_path):
     bins = SelectionConfig().histogram_bins
     queries = [r for r in grid.replies if r.metadata.message_type.startswith("query.")]
     assert {r.metadata.message_type for r in queries} == {"query.clues_score", "query.clues_threshold"}
+    labels = {node: {"site-label": {"site-label": f"partition {i}"}} for i, node in enumerate(sorted(grid.contexts))}
+
+    def strings(reply) -> dict:
+        return {name: dict(record) for name, record in reply.content.config_records.items()}
+
     for reply in queries:  # the score phase: counts only, no tensor, no per-record value
-        assert not reply.content.array_records and not reply.content.config_records
+        assert not reply.content.array_records
+        expected = labels[reply.metadata.src_node_id] if reply.metadata.message_type == "query.clues_score" else {}
+        assert strings(reply) == expected, "the only string: a simulated site's label"
         for metrics in reply.content.metric_records.values():
             for key, value in metrics.items():
                 if isinstance(value, list):
@@ -91,7 +98,8 @@ def test_clients_send_only_counts(tmp_path):
                     assert isinstance(value, int) and key in counts
     for reply in grid.replies:
         content = reply.content
-        assert not content.config_records, "no strings leave a client"
+        labelled = reply.metadata.message_type in ("query.clues_score", "train.clues_trace")
+        assert strings(reply) == (labels[reply.metadata.src_node_id] if labelled else {}), "no other string leaves"
         for name, arrays in content.array_records.items():
             for key, array in arrays.items():
                 assert ".lora_" in key, f"{name}/{key} is not an adapter or moment tensor"
@@ -115,7 +123,8 @@ def test_a_combination_sends_each_signals_reference_mean_and_spread_and_no_publi
     reference = [*public["validation"], *public["anchor"]]
     assert len(reference) == NUM_VALIDATION + NUM_ANCHORS
     set_adapter_state(model, initial_adapter(cfg.model))
-    scored = signal_scores(signals, model, tok, reference, batch_size=cfg.score.batch_size, max_len=cfg.score.max_len)
+    sizes = {"batch_size": cfg.score.batch_size, "max_len": cfg.train.max_seq_len}
+    scored = signal_scores(signals, model, tok, reference, **sizes)
     for name in signals:
         mean, spread = config[f"reference-{name}"]
         assert mean == pytest.approx(float(scored[name].mean()), rel=1e-9)
@@ -477,8 +486,8 @@ def test_a_stopped_run_resumes_to_the_same_result_without_gap_or_duplicate(tmp_p
             trained.add((msg.metadata.message_type, msg.content["config"]["server-round"]))
 
     anchor_scorings = []
-    scores_anchors = Reference.clues
-    monkeypatch.setattr(Reference, "clues", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
+    scores_anchors = Reference.scored
+    monkeypatch.setattr(Reference, "scored", lambda *a: anchor_scorings.append(1) or scores_anchors(*a))
     grid = LocalGrid(client_app.app, small_sites(), resumed_cfg, before=note_training)
     folder = server_app.run_clues(grid, resumed_cfg)
     assert not anchor_scorings, "the saved G_t and anchor scores are reused, not recomputed"

@@ -282,7 +282,7 @@ def oracle_scores(records: Sequence[Record]) -> torch.Tensor:
 
 
 def signal_scores(
-    methods: Sequence[str],
+    signals: Sequence[str],
     model,
     tokenizer,
     records: Sequence[Record],
@@ -293,19 +293,19 @@ def signal_scores(
     direction: torch.Tensor | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Scores of every record by each of ``methods``; the loss signals share one forward
+    """Scores of every record by each of ``signals``; the loss signals share one forward
     pass (two when IFD or IRA is among them). DataInf needs ``direction`` from
     ``datainf_direction`` (the one the anchors were scored with)."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in signals if m not in METHODS]
     if unknown:
-        raise ValueError(f"method must be one of {METHODS}, got {unknown[0]!r}")
+        raise ValueError(f"signal must be one of {METHODS}, got {unknown[0]!r}")
     out: dict[str, torch.Tensor] = {}
-    losses = [m for m in methods if m in LOSS_SIGNALS]
+    losses = [m for m in signals if m in LOSS_SIGNALS]
     if losses:
         unprompted = any(m in UNPROMPTED for m in losses)
         profile = loss_profile(model, tokenizer, records, batch_size, max_len, unprompted)
         out.update({m: LOSS_SIGNALS[m](profile) for m in losses})
-    for m in methods:
+    for m in signals:
         if m == "random":
             out[m] = random_scores(len(records), seed)
         elif m == "oracle":
@@ -314,7 +314,7 @@ def signal_scores(
             if direction is None:
                 raise ValueError("datainf needs direction=: compute it once with datainf_direction")
             out[m] = datainf_scores(model, tokenizer, records, direction, names, batch_size=batch_size, max_len=max_len)
-    return {m: out[m] for m in methods}
+    return {m: out[m] for m in signals}
 
 
 def scores_by_signal(

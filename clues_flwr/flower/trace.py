@@ -7,11 +7,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clues_flwr.core.aggregation import fedavg
 from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.exchange import Failures, usable
@@ -60,28 +59,46 @@ class TraceStrategy(FedAvg):
         return self._sent
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """Every reply decoded (one that does not is its site's failure); the adapters and the
-        moments averaged by the same weights in float64 (FedAvg's own aggregation sums in
-        float32, which moves τ on the demo by 4e-5); the metrics by FedAvg's own function."""
+        """Every reply decoded (one that does not is its site's failure), then FedAvg's own
+        aggregation of what was decoded: each reply's adapter and scoring-layer moments in one
+        float64 ArrayRecord of a message of its own (the reply stays as it came), so that the
+        moments are averaged by the adapters' weights and the sums are taken in float64 (in
+        float32 they move τ on the demo by 4e-5). The aggregate is the round's checkpoint."""
         where = f"trace round {server_round}"
         ok = usable(replies, self._sent, where, self.failures, lambda node, c: TraceReply.decode(c, self._global))
         if len(ok) < self.min_train_nodes:
             self.failures.add(where, None, f"only {len(ok)} usable replies, {self.min_train_nodes} needed")
             return None, None
-        traced = [reply for _, _, reply in ok]
         self.failures.learn({node: reply.label for node, _, reply in ok})
-        weights = [float(r.num_examples) for r in traced]
-        adapter = fedavg([r.adapter for r in traced], weights)
-        ms, vs = zip(*(r.moments for r in traced))
+        decoded = []
+        for node, msg, reply in ok:
+            m, v = reply.moments
+            tensors = {k: t.double() for k, t in {**reply.adapter, **_prefixed(M, m), **_prefixed(V, v)}.items()}
+            content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": msg.content["metrics"]})
+            decoded.append(Message(content, dst_node_id=node, message_type=TRACE_MESSAGE))
+        arrays, metrics = super().aggregate_train(server_round, decoded)
+        mean = {k: t.float() for k, t in arrays.to_torch_state_dict().items()}
+        adapter = {k: mean[k] for k in self._global}
         self.trajectory.append(
             Checkpoint(
                 adapter=adapter,
-                exp_avg=fedavg(ms, weights),
-                exp_avg_sq=fedavg(vs, weights),
-                step=max(r.adam_step for r in traced),
+                exp_avg=_unprefixed(M, mean),
+                exp_avg_sq=_unprefixed(V, mean),
+                step=max(reply.adam_step for _, _, reply in ok),
                 lr=self.train.learning_rate,
                 weight_decay=self.train.weight_decay,
                 round=server_round,
             )
         )
-        return ArrayRecord(adapter), self.train_metrics_aggr_fn([m.content for _, m, _ in ok], self.weighted_by_key)
+        return ArrayRecord(adapter), metrics
+
+
+M, V = "exp_avg/", "exp_avg_sq/"  # the moments' names beside the adapter's in one record
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: t for k, t in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
