@@ -50,7 +50,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.data import batches, to_device
 from clues_flwr.core.scoring import ScoreConfig, gamma_from_grads, scores, scoring_mode, scoring_names, validation_sums
-from clues_flwr.core.train import train_steps, training
+from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.harness.measure import timed
@@ -281,9 +281,9 @@ def check(model, tok, train, val, traj, cfg, max_len, s_batched, s_official, s_a
 def train_seconds_per_sample(model, tok, records, args) -> float:
     """One LoRA training step's cost per sample (forward, backward, AdamW), the yardstick
     a site compares scoring with; timed after one warm-up step."""
-    kw = dict(batch_size=args.batch_size, lr=1e-4, max_len=args.max_len, seed=0)
-    train_steps(training(model, tok, records, **kw), 1)
-    _, seconds = timed(lambda: train_steps(training(model, tok, records, **kw), args.train_steps))
+    train = TrainConfig(learning_rate=1e-4, batch_size=args.batch_size, max_seq_len=args.max_len)
+    train_steps(training(model, tok, records, train, seed=0), 1)
+    _, seconds = timed(lambda: train_steps(training(model, tok, records, train, seed=0), args.train_steps))
     return seconds / (args.train_steps * args.batch_size)
 
 

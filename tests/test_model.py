@@ -13,7 +13,7 @@ from clues_flwr.config import from_mapping
 from clues_flwr.core.adapter import adapter_state, set_adapter_state
 from clues_flwr.core.data import batches
 from clues_flwr.core.metrics import answer_accuracy, eval_loss
-from clues_flwr.core.train import train_steps, training
+from clues_flwr.core.train import TrainConfig, train_steps, training
 from clues_flwr.demo.dataset import demo_splits
 from clues_flwr.model import ModelSpec, build, load_base, load_tokenizer
 
@@ -40,7 +40,7 @@ def test_8bit_lora_model_trains(model8):
     records = demo_splits(num_clients=1, pool_size=64, pollution_ratios=(0.0,)).pools[0]
     before = eval_loss(model, tok, records, batch_size=16, max_len=96)
     frozen = base.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
-    losses, _ = train_steps(training(model, tok, records, batch_size=16, lr=3e-3, max_len=96, seed=0), 12)
+    losses, _ = train_steps(training(model, tok, records, TrainConfig(learning_rate=3e-3), seed=0), 12)
     after = eval_loss(model, tok, records, batch_size=16, max_len=96)
     assert after < 0.8 * before, (before, after, losses)
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -93,7 +93,7 @@ def test_full_precision_and_accuracy_metric():
     tok = load_tokenizer(":demo:")
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
     records = demo_splits(num_clients=1, pool_size=32, pollution_ratios=(0.0,)).pools[0]
-    train_steps(training(model, tok, records, batch_size=16, lr=1e-2, max_len=96, seed=0), 60)
+    train_steps(training(model, tok, records, TrainConfig(learning_rate=1e-2), seed=0), 60)
     # After memorising 32 records, greedy answers match a good share of them, and a
     # record whose reference answer is wrong is never "matched".
     assert answer_accuracy(model, tok, records, batch_size=16, max_new_tokens=16) > 0.3
@@ -144,7 +144,11 @@ def test_adapter_state_is_a_snapshot(model8):
     first = {k: v.clone() for k, v in before.items()}
     train_steps(
         training(
-            model, tok, demo_splits(num_clients=1, pool_size=16).pools[0], batch_size=8, lr=1e-2, max_len=96, seed=0
+            model,
+            tok,
+            demo_splits(num_clients=1, pool_size=16).pools[0],
+            TrainConfig(learning_rate=1e-2, batch_size=8),
+            0,
         ),
         2,
     )

@@ -255,7 +255,7 @@ def test_checkpoint_round_trips_and_moments_are_taken_by_name(tmp_path):
     records = demo_splits(num_clients=1, pool_size=32).pools[0]
     from clues_flwr.core.train import train_steps, training
 
-    _, opt = train_steps(training(model, tok, records, batch_size=8, lr=1e-3, max_len=96, seed=0), 3)
+    _, opt = train_steps(training(model, tok, records, TrainConfig(learning_rate=1e-3, batch_size=8), seed=0), 3)
     names = scoring_names(model, ScoreConfig())
     ckpt = trajectory.checkpoint(model, opt, names, adapter_state(model), round=2)
     params = dict(model.named_parameters())

@@ -55,27 +55,21 @@ def endless_batches(
 
 
 def training(
-    model,
-    tokenizer,
-    records: Sequence[Record],
-    batch_size: int,
-    lr: float,
-    max_len: int,
-    seed: int,
-    weight_decay: float = TrainConfig.weight_decay,
-    optimizer: torch.optim.AdamW | None = None,
+    model, tokenizer, records: Sequence[Record], train: TrainConfig, seed: int
 ) -> Iterator[tuple[float, torch.optim.AdamW]]:
-    """AdamW steps on the trainable (LoRA) parameters for as long as the caller takes them,
-    yielding (loss, optimizer) after each. One data order runs through the whole loop, so a
-    caller that snapshots checkpoints every k steps still sees every record once per epoch.
+    """AdamW steps on the trainable (LoRA) parameters, with ``train``'s learning rate, weight
+    decay, batch size and max-seq-len, for as long as the caller takes them, yielding (loss,
+    optimizer) after each. One data order (from ``seed``, not ``train.seed``: each round and
+    phase derives its own) runs through the whole loop, so a caller that snapshots checkpoints
+    every k steps still sees every record once per epoch.
     """
     if not records:
         raise ValueError("no training records: the client's data is empty")
     torch.manual_seed(seed)  # LoRA dropout: the same round trains the same in any runtime
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     model.train()
-    for batch in endless_batches(records, tokenizer, batch_size, max_len, seed):
+    for batch in endless_batches(records, tokenizer, train.batch_size, train.max_seq_len, seed):
         loss = model(**to_device(batch, model)).loss
         loss.backward()
         opt.step()

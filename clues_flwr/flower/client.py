@@ -208,16 +208,7 @@ def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_
 
 
 def _loop(site: Site, records: list[Record], train: TrainConfig, seed: int):
-    return training(
-        site.model,
-        site.tokenizer,
-        records,
-        train.batch_size,
-        train.learning_rate,
-        train.max_seq_len,
-        seed,
-        train.weight_decay,
-    )
+    return training(site.model, site.tokenizer, records, train, seed)
 
 
 def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message:

@@ -14,6 +14,7 @@ import numpy as np
 from clues_flwr.config import SelectionConfig
 from clues_flwr.core.metrics import selection_scores
 from clues_flwr.flower.exchange import Failures
+from clues_flwr.flower.log import say
 from clues_flwr.flower.protocol import CONFUSION
 
 
@@ -78,6 +79,17 @@ class SelectionReport:
             report.failures.names.update({n: row["site"] for n, row in report.clients.items() if "site" in row})
             report.warnings = list(state["selection"].get("warnings", []))
         return report
+
+    def say_scores(self) -> None:
+        """The selection's precision, recall and F1 on the console, where sites sent labels."""
+        summary = self.to_json()
+        if "f1" in summary:
+            sites = summary["labelled-sites"]
+            over = "" if len(sites) == len(self.clients) else f" over the labelled sites {', '.join(sites)}"
+            say(
+                "selection (positive = clean){over}: precision {precision:.1f}, recall {recall:.1f}, "
+                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(over=over, **summary)
+            )
 
     def to_json(self) -> dict[str, Any]:
         """``selection.json``: the rule, the sites, and precision/recall/F1 when labelled."""

@@ -232,33 +232,53 @@ class CluesSelection:
         """Two queries: every site scores its records and sends a histogram; the server sets
         τ (by the anchors, or from the pooled histograms), then every site keeps S(z) ≥ τ (or
         its top ``keep-ratio``) and sends counts. Every reply is decoded, and one that does not
-        decode is that site's failure."""
-        shared = None in sides
+        decode is that site's failure. ``sides`` is keyed None (one trajectory for all) or by
+        node (merge mode: each site's own)."""
+        scored = self._score_query(grid, initial_arrays, sides, report)
+        taus, applied = self._thresholds(scored, sides, report)
+        kept = self._threshold_query(grid, scored, taus, sides, report)
+        for node, reply in kept.items():
+            side, score, name = _side(sides, node), scored[node], report.failures.name(node)
+            row = {"site": name, "kept": reply.kept, "total": reply.total, **score.row(), **(reply.confusion or {})}
+            row.update(sides[side].standard.row(), threshold=taus[side], **applied[side])
+            report.clients[node] = row
+            took = f" in {score.seconds:.1f} s" if score.seconds is not None else ""
+            say(f"  {name}: scored {row['total']} records{took}, kept {row['kept']}")
+            if score.prompt_mismatch:
+                report.warnings.append(
+                    f"{name}: its records' prompts are formatted otherwise than the server's public records' "
+                    f"({prompt_format(self.reference.anchors)} here): its scores and τ are not on one scale"
+                )
+        report.warnings += guards(report.clients, self.selection.keep_ratio)
+        for warning in report.warnings:
+            say(f"warning: {warning}")
+        report.say_scores()
 
-        def side_of(node: int) -> int | None:
-            return None if shared else node
-
-        nodes = self._nodes(grid) if shared else list(sides)
+    def _score_query(self, grid, initial_arrays, sides, report) -> dict[int, ScoreReply]:
+        nodes = self._nodes(grid) if None in sides else list(sides)
         initial = initial_arrays.to_torch_state_dict()
         contents = {key: self._request(initial, side).encode() for key, side in sides.items()}
-        messages = [Message(contents[side_of(n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
+        messages = [Message(contents[_side(sides, n)], dst_node_id=n, message_type=SCORE_MESSAGE) for n in nodes]
         say(f"score: {self.selection.selection} on {len(nodes)} site(s)")
-        sel = self.selection
-        rule = self.selection.rule
-        bins = sel.histogram_bins if rule == "histogram" else 0
+        bins = self._bins()
         decode = lambda node, content: ScoreReply.decode(content, bins)  # noqa: E731
-        scored: dict[int, ScoreReply] = exchange(grid, messages, "score", report.failures, decode, **self._phase())
+        scored = exchange(grid, messages, "score", report.failures, decode, **self._phase())
         report.failures.learn({node: reply.label for node, reply in scored.items()})
-        taus, applied = {}, {}
+        return scored
+
+    def _thresholds(self, scored: dict[int, ScoreReply], sides, report) -> tuple[dict, dict]:
+        """τ per side, fitted on the histograms of the sites scored on it, and the rule used."""
+        sel, taus, applied = self.selection, {}, {}
         for key, side in sides.items():
-            fitted = [n for n in scored if side_of(n) == key]
+            fitted = [n for n in scored if _side(sides, n) == key]
             if fitted:
                 histograms = [scored[n].histogram for n in fitted]
                 tau, used, note = global_threshold(
-                    side.standard, histograms, rule, sel.histogram_fit, sel.target_recall
+                    side.standard, histograms, sel.rule, sel.histogram_fit, sel.target_recall
                 )
                 taus[key] = tau
-                applied[key] = {"rule": used, "fitted-on": [report.failures.name(n) for n in fitted] if bins else []}
+                names = [report.failures.name(n) for n in fitted] if self._bins() else []
+                applied[key] = {"rule": used, "fitted-on": names}
                 if note:
                     report.warnings.append(note)
         shown = sorted({round(t, 6) for t in taus.values() if t is not None})
@@ -269,50 +289,33 @@ class CluesSelection:
             else f"score: threshold τ = {', '.join(f'{t:.4g}' for t in shown)} ({', '.join(used)}); "
             "every site applies it"
         )
+        return taus, applied
+
+    def _threshold_query(self, grid, scored: dict[int, ScoreReply], taus, sides, report) -> dict[int, ThresholdReply]:
         messages = [
             Message(
-                ThresholdRequest(taus[side_of(n)], sel.keep_ratio).encode(),
+                ThresholdRequest(taus[_side(sides, n)], self.selection.keep_ratio).encode(),
                 dst_node_id=n,
                 message_type=THRESHOLD_MESSAGE,
             )
             for n in scored
         ]
         decode = lambda node, content: ThresholdReply.decode(content, scored[node].total)  # noqa: E731
-        kept: dict[int, ThresholdReply] = exchange(
-            grid, messages, "threshold", report.failures, decode, **self._phase()
-        )
-        for node, reply in kept.items():
-            score = scored[node]
-            name = report.failures.name(node)
-            row = {"site": name, "kept": reply.kept, "total": reply.total, **score.row(), **(reply.confusion or {})}
-            row.update(sides[side_of(node)].standard.row(), threshold=taus[side_of(node)], **applied[side_of(node)])
-            report.clients[node] = row
-            took = f" in {score.seconds:.1f} s" if score.seconds is not None else ""
-            say(f"  {name}: scored {row['total']} records{took}, kept {row['kept']}")
-            if score.prompt_mismatch:
-                report.warnings.append(
-                    f"{name}: its records' prompts are formatted otherwise than the server's public records' "
-                    f"({prompt_format(self.reference.anchors)} here): its scores and τ are not on one scale"
-                )
-        report.warnings += guards(report.clients, sel.keep_ratio)
-        for warning in report.warnings:
-            say(f"warning: {warning}")
-        summary = report.to_json()
-        if "f1" in summary:
-            over = (
-                ""
-                if len(summary["labelled-sites"]) == len(report.clients)
-                else (f" over the labelled sites {', '.join(summary['labelled-sites'])}")
-            )
-            say(
-                "selection (positive = clean){over}: precision {precision:.1f}, recall {recall:.1f}, "
-                "F1 {f1:.1f}, accuracy {accuracy:.1f}".format(over=over, **summary)
-            )
+        return exchange(grid, messages, "threshold", report.failures, decode, **self._phase())
 
     # ---- helpers ----------------------------------------------------------------------
+
+    def _bins(self) -> int:
+        """The histogram's bins a score query asks for: none unless the rule fits one."""
+        return self.selection.histogram_bins if self.selection.rule == "histogram" else 0
 
     def _phase(self) -> dict:
         return {"timeout": self.federation.round_timeout, "least": self.federation.min_train_nodes}
 
     def _nodes(self, grid: Grid) -> list[int]:
         return wait_for_nodes(grid, self.federation.min_available_nodes, self.federation.round_timeout)
+
+
+def _side(sides: dict[int | None, ReferenceScores], node: int) -> int | None:
+    """The key of the side ``node`` was scored on: None when one trajectory serves all."""
+    return None if None in sides else node

@@ -43,10 +43,10 @@ class _Merged(FedAvg):
     """FedAvg whose arrays are merged by one of ``aggregation.AGGREGATIONS``."""
 
     method = "fedavg"
+    density: float | None = None  # TIES alone trims
 
-    def __init__(self, *, ties_density: float = TuneConfig.ties_density, **fedavg_kwargs: Any):
+    def __init__(self, **fedavg_kwargs: Any):
         super().__init__(**fedavg_kwargs)
-        self.ties_density = ties_density
         self._global: dict[str, torch.Tensor] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -60,7 +60,7 @@ class _Merged(FedAvg):
         contents = [m.content for m in valid]
         states = [c[self.arrayrecord_key].to_torch_state_dict() for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        merged = aggregate(self.method, states, weights, base=self._global, density=self.ties_density)
+        merged = aggregate(self.method, states, weights, base=self._global, density=self.density)
         return ArrayRecord(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
@@ -77,6 +77,10 @@ class FedTies(_Merged):
     """
 
     method = "ties"
+
+    def __init__(self, *, ties_density: float, **fedavg_kwargs: Any):
+        super().__init__(**fedavg_kwargs)
+        self.density = ties_density
 
 
 class FedTaskArithmetic(_Merged):
