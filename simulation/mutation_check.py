@@ -33,6 +33,13 @@ class Mutant(NamedTuple):
 
 MUTANTS = [
     Mutant(
+        "S(z) sums the alignments without each checkpoint's learning rate η_t",
+        "clues_flwr/core/scoring.py",
+        "term = ckpt.lr * a.double().cpu()",
+        "term = a.double().cpu()",
+        "tests/test_scoring.py",
+    ),
+    Mutant(
         "pooled: the first site's histogram times the number of sites",
         "clues_flwr/core/fit.py",
         "return np.sum(np.asarray(histograms, dtype=np.float64), axis=0)",

@@ -9,7 +9,7 @@ from helpers import SMALL as BASE
 
 from clues_flwr import selected_records
 from clues_flwr.demo import client_app, server_app, task
-from clues_flwr.flower.client import SELECTION_KEY
+from clues_flwr.flower.client import SELECTION_KEY, site_label, site_name
 from clues_flwr.harness.local_grid import LocalGrid, app_defaults, demo_nodes
 
 SMALL = {**BASE, "fraction-evaluate": 1.0}
@@ -153,3 +153,16 @@ def test_the_site_sees_what_the_selection_did_to_its_data(tmp_path, caplog, one_
     line = f"kept {report['true']['kept']}/{len(train)} (sent under DP: kept {report['sent']['kept']} of "
     assert line in caplog.text
     assert (tmp_path / "state" / "clues-report-node100-run1.png").stat().st_size > 1000
+
+
+def test_site_names_come_from_the_label_the_partition_or_the_node_id():
+    def context(node_config: dict) -> Context:
+        return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+    simulated = {"partition-id": 2, "num-partitions": 4}
+    assert (site_label(context(simulated)), site_name(context(simulated))) == ("partition 2", "partition 2")
+    own = {"data-path": "/site/data.jsonl", "partition-id": 2}  # a file of its own: its partition says nothing
+    assert (site_label(context(own)), site_name(context(own))) == (None, "node 7")
+    assert site_name(context({**own, "site-label": "riverside"})) == "riverside"
+    with pytest.raises(ValueError, match="site-label 'xxxxxxxxxxxxxxxxxxxx'... has 65 characters: at most 64"):
+        site_label(context({"site-label": "x" * 65}))

@@ -44,6 +44,7 @@ from clues_flwr.flower.protocol import (
     CLEAN_LOSS_KEY,
     HELDOUT_LOSS_KEY,
     LABEL_KEY,
+    LABEL_LENGTH,
     SCORE_ACTION,
     THRESHOLD_ACTION,
     TRACE_ACTION,
@@ -107,8 +108,11 @@ def site_policy(context: Context) -> SitePolicy:
 
 def site_label(context: Context) -> str | None:
     """The name a site gives itself and sends with its trace and score replies: its
-    ``site-label`` (opt-in), a simulated site's ``partition N``, else none."""
+    ``site-label`` (opt-in), a simulated site's ``partition N``, else none. One longer than the
+    server accepts is refused here, by name, rather than making every reply malformed."""
     label = str(context.node_config.get(LABEL_KEY, ""))
+    if len(label) > LABEL_LENGTH:
+        raise ValueError(f"site-label {label[:20]!r}... has {len(label)} characters: at most {LABEL_LENGTH}")
     if not label and simulated(context):
         label = f"partition {context.node_config['partition-id']}"
     return label or None
