@@ -151,9 +151,10 @@ def _keep_on_disk(context: Context, mask: torch.Tensor, kept_sent: int) -> None:
 
 
 def _restore(context: Context) -> None:
-    """The keep mask from ``state-dir`` back into ``context.state``, when this run left one."""
+    """The keep mask from ``state-dir`` back into ``context.state``, when it is not in memory
+    (a restarted SuperNode) and this run left one."""
     path = site_file(context, "selection", ".safetensors")
-    if path is None or not path.exists():
+    if SELECTION_KEY in context.state or path is None or not path.exists():
         return
     with safe_open(path, "pt") as f:
         tag, mask = f.metadata(), f.get_tensor(SELECTION_KEY)
@@ -162,10 +163,10 @@ def _restore(context: Context) -> None:
     _tag(context, SELECTION_KEY, int(tag["run-id"]), tag["records"])
 
 
-def _stored(context: Context, key: str, digest: str, count: int, what: str) -> torch.Tensor:
-    """The tensor ``key`` left on this node, if it was computed in this run on the ``count``
-    records whose fingerprint is ``digest``."""
-    if key == SELECTION_KEY and key not in context.state:
+def _stored(context: Context, key: str, digest: str, count: int, what: str) -> dict[str, torch.Tensor]:
+    """The tensors ``key`` left on this node, if they were computed in this run on the
+    ``count`` records whose fingerprint is ``digest``."""
+    if key == SELECTION_KEY:
         _restore(context)
     if key not in context.state:
         restartable = key != SELECTION_KEY or site_file(context, "selection", "")
@@ -179,7 +180,7 @@ def _stored(context: Context, key: str, digest: str, count: int, what: str) -> t
             f"the {what} on this node was computed on other records than the {count} given: "
             "a site must hand the same records, in the same order, to every phase"
         )
-    return context.state[key].to_torch_state_dict()[key]
+    return context.state[key].to_torch_state_dict()
 
 
 def selected_records(records: list[Record], config: ConfigRecord, context: Context) -> list[Record]:
@@ -200,19 +201,21 @@ def selected_records(records: list[Record], config: ConfigRecord, context: Conte
         if any("quality" not in r for r in records):
             raise ValueError("selection 'oracle' needs a quality label on every record")
         return [r for r in records if r["quality"] == "high"]
-    mask = _stored(context, SELECTION_KEY, fingerprint(records), len(records), f"{selection} selection").tolist()
+    stored = _stored(context, SELECTION_KEY, fingerprint(records), len(records), f"{selection} selection")
+    mask = stored[SELECTION_KEY].tolist()
     return [r for r, k in zip(records, mask) if k]
 
 
-def training_loop(site: Site, records: list[Record], config: ConfigRecord, seed_offset: int = 0):
+def round_seed(train: TrainConfig, server_round: int) -> int:
+    """Every round shuffles with a seed of its own, derived from the run's."""
+    return train.seed + 1009 * server_round
+
+
+def training_loop(site: Site, records: list[Record], config: ConfigRecord):
     """``training`` on ``records`` with the server's hyperparameters (a ``TrainConfig`` in
-    ``config``); every round shuffles with its own seed, the trace apart by ``seed_offset``."""
+    ``config``) and the round's own seed."""
     train = from_mapping(TrainConfig, config)
-    return _loop(site, records, train, train.seed + 1009 * int(config["server-round"]) + seed_offset)
-
-
-def _loop(site: Site, records: list[Record], train: TrainConfig, seed: int):
-    return training(site.model, site.tokenizer, records, train, seed)
+    return training(site.model, site.tokenizer, records, train, round_seed(train, int(config["server-round"])))
 
 
 def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message:
@@ -222,8 +225,7 @@ def train_reply(msg: Message, context: Context, model, metrics: dict) -> Message
     (a noisy 0 would drop a site that trained, and whether it trained is not released)."""
     metrics = dict(metrics)
     if site_policy(context).dp_epsilon:
-        if SELECTION_KEY not in context.state:
-            _restore(context)
+        _restore(context)
         released = context.state.get(RELEASED_KEY, ConfigRecord())
         metrics[WEIGHT_KEY] = max(int(released.get("kept", 1)), 1)
     content = RecordDict({"arrays": adapter_arrays(model), "metrics": MetricRecord(metrics)})
@@ -285,8 +287,8 @@ class CluesClient:
         set_adapter_state(site.model, request.adapter)
         names = scoring_names(site.model, request.score)
         weight = 1 if site_policy(context).dp_epsilon else len(site.records)
-        seed = request.train.seed + 1009 * request.server_round + TRACE_SEED
-        loop = _loop(site, site.records, request.train, seed)
+        seed = round_seed(request.train, request.server_round) + TRACE_SEED
+        loop = training(site.model, site.tokenizer, site.records, request.train, seed)
         every = request.train.local_steps
         if request.phase == "trace":
             losses, opt = train_steps(loop, every)
@@ -360,16 +362,17 @@ class CluesClient:
         digest = fingerprint(site.records)
         ledger = Ledger.of(context)
         ledger.may_threshold(digest, int(context.run_id))
-        s = _stored(context, SCORES_KEY, digest, len(site.records), "scores")
-        stored = context.state[SCORES_KEY].to_torch_state_dict()
+        stored = _stored(context, SCORES_KEY, digest, len(site.records), "scores")
+        s = stored[SCORES_KEY]
         signals = {k.removeprefix("signal/"): v for k, v in stored.items() if k.startswith("signal/")}
         mask = keep(s, request.threshold, request.keep_ratio)
         kept, total = int(mask.sum()), int(context.state[RELEASED_KEY]["total"])
         sent = min(noisy_counts([kept], policy.dp_epsilon / 2, unseen())[0], total) if policy.dp_epsilon else kept
         ledger.release(context, digest, "threshold", policy.dp_epsilon / 2)
-        context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: mask.to(torch.int8)})
+        bits = mask.to(torch.int8)
+        context.state[SELECTION_KEY] = ArrayRecord({SELECTION_KEY: bits})
         _tag(context, SELECTION_KEY, int(context.run_id), digest)
-        _keep_on_disk(context, mask.to(torch.int8), sent)
+        _keep_on_disk(context, bits, sent)
         for key in (SCORES_KEY, f"{TAG_KEY}/{SCORES_KEY}"):
             del context.state[key]  # applied once: the scores go, only the mask stays
         context.state[RELEASED_KEY] = ConfigRecord({"total": total, "kept": sent})

@@ -151,21 +151,33 @@ def _config(content: RecordDict) -> ConfigRecord:
 def _adapter(content: RecordDict, reference: Mapping[str, torch.Tensor] | None, key: str = "arrays") -> dict:
     if key not in content or not isinstance(content[key], ArrayRecord):
         raise Malformed("no adapter")
-    state = content[key].to_torch_state_dict()
-    if reference is not None:
-        problem = check_state(state, reference)
-        if problem:
-            raise Malformed(f"adapter rejected: {problem}")
+    return _fits(content[key].to_torch_state_dict(), reference, "adapter")
+
+
+def _fits(state: dict, reference: Mapping[str, torch.Tensor] | None, key: str) -> dict:
+    """``state``, if it can be aggregated with ``reference`` (same keys, shapes, finite)."""
+    problem = check_state(state, reference) if reference is not None else None
+    if problem:
+        raise Malformed(f"{key} rejected: {problem}")
     return state
 
 
 # ---- moments and trajectories ---------------------------------------------------------------
 
 
+def moment_tensors(exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor]) -> dict:
+    """Both moments under one set of names, as one ArrayRecord holds them (``moments_of``
+    splits them again)."""
+    return {**{f"exp_avg/{k}": v for k, v in exp_avg.items()}, **{f"exp_avg_sq/{k}": v for k, v in exp_avg_sq.items()}}
+
+
+def moments_of(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(exp_avg, exp_avg_sq) from what ``moment_tensors`` wrote (other tensors beside them ignored)."""
+    return _strip(tensors, "exp_avg/"), _strip(tensors, "exp_avg_sq/")
+
+
 def _moments_record(exp_avg: Mapping[str, torch.Tensor], exp_avg_sq: Mapping[str, torch.Tensor]) -> dict:
-    tensors = {f"exp_avg/{k}": v for k, v in exp_avg.items()}
-    tensors.update({f"exp_avg_sq/{k}": v for k, v in exp_avg_sq.items()})
-    return {k: v.float().contiguous() for k, v in tensors.items()}
+    return {k: v.float().contiguous() for k, v in moment_tensors(exp_avg, exp_avg_sq).items()}
 
 
 def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -174,7 +186,7 @@ def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 def _moments(tensors: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor], key: str):
     """(m, v) with the same parameter names, each shaped like that LoRA parameter, v ≥ 0."""
-    m, v = _strip(tensors, "exp_avg/"), _strip(tensors, "exp_avg_sq/")
+    m, v = moments_of(tensors)
     if not m or set(m) != set(v):
         raise Malformed(f"{key}: exp_avg and exp_avg_sq name different parameters")
     for name in m:
@@ -232,11 +244,7 @@ def decode_trajectory(
     for t in range(n):
         key = f"{_CHECKPOINT}{t}"
         tensors = _tensors(content.get(key), key)
-        own = _strip(tensors, "adapter/")
-        if adapter is not None:
-            problem = check_state(own, adapter)
-            if problem:
-                raise Malformed(f"{key}: adapter rejected: {problem}")
+        own = _fits(_strip(tensors, "adapter/"), adapter, f"{key} adapter")
         if not (lr[t] >= 0 and decay[t] >= 0 and 0 <= beta1[t] < 1 and 0 <= beta2[t] < 1 and eps[t] > 0):
             raise Malformed(f"{key}: AdamW settings out of range")
         m, v = _moments(tensors, own, key)
@@ -579,19 +587,19 @@ def decode_evaluate_reply(content: RecordDict, weight_key: str) -> int:
 # ---- what a site sends, for docs/privacy.md ----------------------------------------------------
 
 WIRE: dict[str, tuple[str, str]] = {  # reply: (when, what), field by field
-    "train.clues_trace": (
+    TRACE_MESSAGE: (
         "a trace round",
         "the trained LoRA adapter; the scoring layer's AdamW moments `exp_avg`, `exp_avg_sq` (merge mode: the whole "
         "local trajectory, per checkpoint the adapter, the moments and AdamW's settings); `train-loss`; "
         f"`{WEIGHT_KEY}` (the site's record count; 1 under DP); `adam-step`; `{LABEL_KEY}` as below",
     ),
-    "query.clues_score": (
+    SCORE_MESSAGE: (
         "once per run",
         "`total`, `histogram` (counts over the server's edges; empty under a rule with no histogram), `non-finite`, "
         "all noised under DP; `dp-epsilon`; `prompt-mismatch` (0 or 1); `seconds` (scoring time; not sent under DP); "
         f"`{LABEL_KEY}` when the site's node config sets one (a simulated site's: `partition N`)",
     ),
-    "query.clues_threshold": (
+    THRESHOLD_MESSAGE: (
         "once per run, after the score query",
         "`kept` (noised under DP), `total` (as sent with the scores); `tp`, `fp`, `fn`, `tn` only when the site "
         "allows its labels to be read and DP is off",

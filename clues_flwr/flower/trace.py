@@ -15,7 +15,7 @@ from clues_flwr.core.train import TrainConfig
 from clues_flwr.core.trajectory import Checkpoint
 from clues_flwr.flower.exchange import Failures, usable
 from clues_flwr.flower.log import say
-from clues_flwr.flower.protocol import TRACE_MESSAGE, TraceReply
+from clues_flwr.flower.protocol import TRACE_MESSAGE, TraceReply, moment_tensors, moments_of
 
 
 class TraceStrategy(FedAvg):
@@ -73,17 +73,18 @@ class TraceStrategy(FedAvg):
         decoded = []
         for node, msg, reply in ok:
             m, v = reply.moments
-            tensors = {k: t.double() for k, t in {**reply.adapter, **_prefixed(M, m), **_prefixed(V, v)}.items()}
+            tensors = {k: t.double() for k, t in {**reply.adapter, **moment_tensors(m, v)}.items()}
             content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": msg.content["metrics"]})
             decoded.append(Message(content, dst_node_id=node, message_type=TRACE_MESSAGE))
         arrays, metrics = super().aggregate_train(server_round, decoded)
         mean = {k: t.float() for k, t in arrays.to_torch_state_dict().items()}
         adapter = {k: mean[k] for k in self._global}
+        exp_avg, exp_avg_sq = moments_of(mean)
         self.trajectory.append(
             Checkpoint(
                 adapter=adapter,
-                exp_avg=_unprefixed(M, mean),
-                exp_avg_sq=_unprefixed(V, mean),
+                exp_avg=exp_avg,
+                exp_avg_sq=exp_avg_sq,
                 step=max(reply.adam_step for _, _, reply in ok),
                 lr=self.train.learning_rate,
                 weight_decay=self.train.weight_decay,
@@ -91,14 +92,3 @@ class TraceStrategy(FedAvg):
             )
         )
         return ArrayRecord(adapter), metrics
-
-
-M, V = "exp_avg/", "exp_avg_sq/"  # the moments' names beside the adapter's in one record
-
-
-def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {prefix + k: t for k, t in tensors.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}

@@ -180,7 +180,8 @@ class CluesTuning(Strategy):
         if self.report.clients:
             dropped = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.report.clients]
             if dropped:
-                say(f"tune round {true_round}: nodes {dropped} have no selection and are left out")
+                names = ", ".join(self.report.failures.name(n) for n in dropped)
+                say(f"tune round {true_round}: {names} hold no selection and are left out")
             messages = [m for m in messages if m.metadata.dst_node_id in self.report.clients]
         self._sent = messages
         return messages
